@@ -1,0 +1,59 @@
+"""Argument validation shared by the public constructors.
+
+Every check raises ``TypeError`` for a value of the wrong kind and ``ValueError``
+for a value out of range, naming the argument, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+
+__all__ = ["check_int", "check_real", "check_choice"]
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"Invalid {name}: {value!r} (expected an int >= {minimum}, got {type(value).__name__})"
+        )
+    if value < minimum:
+        raise ValueError(f"Invalid {name}: {value} (expected an int >= {minimum})")
+    return value
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    nonnegative: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Return ``value`` as a float if it is a finite real number in range."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a real number, got {type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value} (expected a finite number)")
+    if positive and value <= 0:
+        raise ValueError(f"Invalid {name}: {value} (expected a number > 0)")
+    if nonnegative and value < 0:
+        raise ValueError(f"Invalid {name}: {value} (expected a number >= 0)")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    if value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {expected})")
+    return value

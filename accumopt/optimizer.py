@@ -1,0 +1,438 @@
+"""``AccumulatingOptimizer``: gradient accumulation around any ``torch.optim.Optimizer``.
+
+The wrapper is an orchestrator. Each ``step()`` ends one micro-batch and runs
+the same short sequence (see :meth:`AccumulatingOptimizer.step`); each concern
+lives in its own module:
+
+=================  =====================================================
+``buffers``        where the window's gradient sum lives
+``precision``      loss scale (GradScaler) and the non-finite policy
+``clipping``       norm / value / adaptive clipping of the final gradient
+``weights``        layer, group and exclusion weights
+``schedule``       the window and its size K
+``sync``           DDP/FSDP gradient synchronisation
+``stats``          statistics, on the device until asked for
+=================  =====================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from ._checks import check_choice, check_real
+from .buffers import MODES, GradientStore
+from .clipping import Clipper
+from .precision import NONFINITE_POLICIES, Precision
+from .schedule import KSchedule, Window
+from .stats import Statistics
+from .sync import GradSync, unwrap_model
+from .weights import resolve_weights
+
+__all__ = ["AccumulatingOptimizer"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate_optimizer(optimizer: Any) -> None:
+    if isinstance(optimizer, AccumulatingOptimizer):
+        raise TypeError(
+            "Invalid optimizer: an AccumulatingOptimizer (expected the optimizer it should wrap; "
+            "wrapping twice would accumulate twice)"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a torch.optim.Optimizer instance)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("Invalid optimizer: a parameter appears in more than one param group")
+    for p in params:
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"Invalid optimizer: parameter of dtype {p.dtype} (expected floating-point parameters)")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("Invalid optimizer: every parameter has requires_grad=False (nothing to accumulate)")
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__}.step requires a closure, i.e. it re-evaluates the "
+            "loss several times per step (as LBFGS does); an accumulated gradient cannot serve those "
+            "re-evaluations. Use the large batch directly with such optimizers."
+        )
+
+
+def _validate_scheduler(scheduler: Any, owners: tuple[Optimizer, ...]) -> None:
+    if scheduler is None:
+        return
+    if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
+        raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler scheduler)")
+    if not any(scheduler.optimizer is o for o in owners):
+        raise ValueError(
+            "Invalid scheduler: it was built on another optimizer (expected the wrapper or the optimizer it wraps)"
+        )
+
+
+class AccumulatingOptimizer(Optimizer):
+    """Accumulate gradients over ``accumulation_steps`` micro-batches, then step once.
+
+    Drop-in: ``opt = AccumulatingOptimizer(torch.optim.AdamW(...), 8)``, then the
+    plain loop ``loss.backward(); opt.step(); opt.zero_grad()`` with the plain
+    mean loss. Every K-th ``step()`` applies the mean of the K micro-batch
+    gradients with the wrapped optimizer; the others only accumulate. It shares
+    ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer, so
+    LR schedulers, ``GradScaler`` and ``clip_grad_norm_`` accept it.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` whose
+            ``step`` does not require a closure).
+        accumulation_steps: K: an int, a list by epoch, a mapping ``{start: K}``
+            or a callable of the number of updates (see :mod:`accumopt.schedule`).
+        mode: ``"inplace"`` (default, no extra memory: the sum lives in ``.grad``)
+            or ``"buffered"`` (a buffer per parameter; needed to drop a bad
+            micro-batch, to weight micro-batches after backward, and for
+            out-of-memory recovery).
+        accumulate_dtype: dtype of the sum for fp16/bf16 parameters (fp32).
+        scheduler: an LR scheduler stepped once after each applied update.
+            ``ReduceLROnPlateau`` receives the window's mean ``loss=``.
+        scaler: a ``torch.amp.GradScaler`` the wrapper owns: scale constant
+            within a window, unscale/step/update once per window.
+        max_grad_norm: clip the accumulated gradient to this global norm.
+        norm_type: norm for ``max_grad_norm``.
+        clip_value: clip the accumulated gradient elementwise to ``[-v, v]``.
+        agc_clip_factor: unit-wise adaptive gradient clipping factor (AGC).
+        nonfinite: ``"ignore"``, ``"skip"`` (the window), ``"drop"`` (the bad
+            micro-batch; buffered mode) or ``"raise"``.
+        model: the model (names for weights and errors; DDP/FSDP sync control).
+        layer_weights: ``{name or glob pattern: weight}`` (needs ``model``).
+        group_weights: a weight per param group (sequence or mapping by index).
+        exclude: names or patterns of parameters frozen for the run.
+        track_grad_norm: record the pre-clip gradient norm in :meth:`stats`.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf: no sync per micro-step
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        accumulation_steps: int | list[int] | Mapping[int, int] | Callable[[int], int] = 1,
+        *,
+        mode: str = "inplace",
+        accumulate_dtype: torch.dtype = torch.float32,
+        scheduler: Any = None,
+        scaler: "torch.amp.GradScaler | None" = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        clip_value: float | None = None,
+        agc_clip_factor: float | None = None,
+        nonfinite: str = "ignore",
+        model: torch.nn.Module | None = None,
+        layer_weights: Mapping[str, float] | None = None,
+        group_weights: Any = None,
+        exclude: Iterable[str] | None = None,
+        schedule_by: str | None = None,
+        track_grad_norm: bool = False,
+    ) -> None:
+        # Validate everything before touching any state: nothing is half-applied.
+        _validate_optimizer(optimizer)
+        schedule = KSchedule(accumulation_steps, schedule_by)
+        check_choice("mode", mode, MODES)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"Invalid accumulate_dtype: {accumulate_dtype!r} (expected one of {_FLOAT_DTYPES})")
+        if nonfinite == "drop" and mode != "buffered":
+            raise ValueError(
+                "Invalid nonfinite: 'drop' with mode='inplace' (dropping one micro-batch needs its gradient "
+                "apart from the window's: use mode='buffered')"
+            )
+        for name, value in (("max_grad_norm", max_grad_norm), ("clip_value", clip_value), ("agc_clip_factor", agc_clip_factor)):
+            check_real(name, value, positive=True, allow_none=True)
+        check_real("norm_type", norm_type, positive=True) if norm_type != float("inf") else None
+        if scaler is not None:
+            if not isinstance(scaler, torch.amp.GradScaler):
+                raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected a torch.amp.GradScaler)")
+            if not scaler.is_enabled():
+                raise ValueError(
+                    "Invalid scaler: the GradScaler is disabled (for example device 'cuda' without CUDA); "
+                    "pass scaler=None to train without loss scaling"
+                )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
+        _validate_scheduler(scheduler, (optimizer,))  # the wrapper does not exist yet
+        names = None
+        if model is not None:
+            names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+        weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
+
+        # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them).
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state  # type: ignore[assignment]
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
+        self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._zero_grad_profile_name = "AccumulatingOptimizer.zero_grad"
+
+        self._names = names
+        self._store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype, weight_of=weight_of)
+        self._precision = Precision(scaler=scaler, policy=nonfinite)
+        self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
+                                agc_factor=agc_clip_factor, track_norm=track_grad_norm)
+        self._window = Window(schedule)
+        self._sync = GradSync(model)
+        self._stats = Statistics()
+        self.scheduler = scheduler
+        self._pre_weight: float | Tensor | None = None
+        self._pre_scaled = False
+        self._stepped = False
+        self._sync.set(self._window.next_is_last)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, closure: Callable[[], Any] | None = None, *, weight: "float | Tensor | None" = None,
+             loss: "Tensor | float | None" = None) -> Any:
+        """End one micro-batch; apply the accumulated update when the window is complete.
+
+        Args:
+            closure: optional; called once (with grad enabled) to compute this
+                micro-batch's loss and gradient, and its result returned.
+            weight: how much this micro-batch counts (its sample or token count),
+                a number or a 0-dim device tensor; the update is
+                ``sum(w_i g_i) / sum(w_i)``. Default 1. In ``"inplace"`` mode give it
+                to :meth:`backward` instead (or use ``mode="buffered"``).
+            loss: this micro-batch's loss, for statistics and ``ReduceLROnPlateau``
+                (kept on the device; never synchronised here).
+
+        Returns:
+            The closure's result, or None.
+        """
+        result = self._run_closure(closure)
+        weight = self._take_weight(weight)
+        factor, found = self._precision.micro_factor(self, self._store.micro_grads)
+        self._store.accumulate(self._store_scale(weight, factor))
+        counted = weight if found is None else weight * (1.0 - found)  # a dropped micro-batch counts 0
+        self._window.add(counted)
+        self._stats.on_micro_step(counted, result if loss is None else loss, found)
+        self._stepped = False
+        if self._window.full:
+            self._update()
+        self._sync.set(self._window.next_is_last)
+        return result
+
+    def _update(self) -> None:
+        """The real update: mean, unscale, check, clip, step, scheduler, reset."""
+        self._store.finalize(self._window.inv_total())
+        found = self._precision.unscale_and_check(self.optimizer, self._store.grads)
+        norm = self._clipper(list(self._store.params))
+        try:
+            applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite)
+        except BaseException:
+            self._store.reset()  # "raise" policy: the window is discarded, nothing half-applied
+            self._window.close()
+            raise
+        if applied:
+            self._step_scheduler()
+        self._precision.after_update()
+        self._stats.on_update(applied, norm, found)
+        self._store.reset()
+        self._window.close()
+        self._stepped = applied
+
+    def flush(self) -> bool:
+        """Apply the partial window now (end of epoch or data), averaged over the micro-batches seen.
+
+        Returns:
+            Whether an update was applied (False when the window was empty or skipped).
+        """
+        if self._window.count == 0:
+            return False
+        self._update()
+        self._sync.set(self._window.next_is_last)
+        return self._stepped
+
+    def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
+        """``loss.backward()`` with the owned scaler's scale and the micro-batch weight applied.
+
+        Works in both modes; the weight is remembered for the next :meth:`step`.
+        """
+        w = self._check_weight(weight) if weight is not None else None
+        scaled = loss if w is None else loss * w
+        self._precision.scale_loss(scaled).backward(**kwargs)
+        if w is not None:
+            self._pre_weight = w if self._pre_weight is None else self._pre_weight + w
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
+        if self._window.count == 0 or not self._store.has_inplace():
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+            return
+        for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
+            p.grad = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the K schedule the current epoch (takes effect when the current window closes)."""
+        self._window.set_epoch(epoch)
+
+    # --------------------------------------------------------------- properties
+    @property
+    def accumulation_steps(self) -> int:
+        """K of the current window."""
+        return self._window.k
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches accumulated in the current window."""
+        return self._window.count
+
+    @property
+    def num_updates(self) -> int:
+        """Real updates applied so far."""
+        return self._stats.updates
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last ``step()`` (or ``flush()``) applied an update."""
+        return self._stepped
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the next backward pass closes the window (and so should reduce gradients)."""
+        return self._window.next_is_last
+
+    def stats(self) -> dict[str, Any]:
+        """Statistics; the only call that reads device values (one sync)."""
+        out = self._stats.snapshot()
+        out.update(accumulation_steps=self._window.k, pending=self._window.count,
+                   buffer_bytes=self._store.buffer_bytes())
+        return out
+
+    # -------------------------------------------------------- optimizer plumbing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer and give its parameters buffers."""
+        self.optimizer.add_param_group(param_group)
+        self._store.refresh()
+
+    def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
+        """Register a hook run before each real update (``hook(wrapper, args, kwargs)``)."""
+        return self.optimizer.register_step_pre_hook(lambda _opt, args, kwargs: hook(self, args, kwargs))
+
+    def register_step_post_hook(self, hook: Callable) -> RemovableHandle:
+        """Register a hook run after each real update (``hook(wrapper, args, kwargs)``)."""
+        return self.optimizer.register_step_post_hook(lambda _opt, args, kwargs: hook(self, args, kwargs))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe)."""
+        sd = self.optimizer.state_dict()
+        sd["accumulation"] = {
+            "version": 1,
+            "window": self._window.state(),
+            "sums": self._store.state(),
+            "stats": self._stats.state(),
+            "scaler": self._precision.scaler.state_dict() if self._precision.scaler is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only."""
+        from .checkpoint import validate_state_dict
+
+        sd = dict(state_dict)
+        acc = sd.pop("accumulation", None)
+        validate_state_dict(self, sd, acc)
+        self.optimizer.load_state_dict(sd)
+        if acc is None:
+            self._store.reset()
+            self._window.count, self._window.total = 0, 0.0
+            return
+        self._window.load(acc["window"])
+        self._store.load(acc["sums"])
+        self._stats.load(acc["stats"])
+        if acc.get("scaler") is not None and self._precision.scaler is not None:
+            self._precision.scaler.load_state_dict(acc["scaler"])
+        if acc.get("scheduler") is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(acc["scheduler"])
+        self._sync.set(self._window.next_is_last)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (f"AccumulatingOptimizer(accumulation_steps={self._window.k}, mode={self._store.mode!r}, "
+                f"optimizer={self.optimizer!r})")
+
+    # ------------------------------------------------------------------ helpers
+    def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        if self._precision.scaler is not None:
+            raise ValueError("Closures are not supported with a GradScaler (GradScaler refuses closures too)")
+        with torch.enable_grad():
+            return closure()
+
+    def _check_weight(self, weight: Any) -> "float | Tensor":
+        if isinstance(weight, Tensor):
+            if weight.numel() != 1:
+                raise ValueError(f"Invalid weight: a tensor of shape {tuple(weight.shape)} (expected one element)")
+            return weight.detach().reshape(())
+        w = check_real("weight", weight, nonnegative=True)
+        return w
+
+    def _take_weight(self, weight: Any) -> "float | Tensor":
+        pre, self._pre_weight = self._pre_weight, None
+        if weight is not None:
+            if pre is not None:
+                raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
+            w = self._check_weight(weight)
+            if self._store.has_inplace() and not (isinstance(w, float) and w == 1.0):
+                raise RuntimeError(
+                    "step(weight=...) in mode='inplace': this micro-batch's gradient is already summed into "
+                    ".grad and cannot be reweighted. Pass the weight before backward with "
+                    "opt.backward(loss, weight=n), or build the wrapper with mode='buffered'."
+                )
+            self._pre_scaled = False
+            return w
+        self._pre_scaled = pre is not None
+        return 1.0 if pre is None else pre
+
+    def _store_scale(self, weight: "float | Tensor", factor: "float | Tensor") -> "float | Tensor":
+        if getattr(self, "grad_scale", None) is not None and self._store.has_inplace():
+            raise RuntimeError(
+                "scaler.step(opt) on every micro-batch with mode='inplace': the scale may change mid-window and "
+                "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
+                "(scaler=...) and call opt.step()."
+            )
+        w = 1.0 if self._pre_scaled else weight
+        if isinstance(factor, float) and factor == 1.0:
+            return w
+        return factor * w
+
+    def _step_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            metric = self._stats.window_mean_loss()
+            if metric is None:
+                raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")
+            self.scheduler.step(metric)
+        else:
+            self.scheduler.step()
+
+    def _describe_nonfinite(self) -> str:
+        for i, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    name = self._names.get(id(p)) if self._names else None
+                    return f"parameter {name!r}" if name else f"param_groups[{i}]['params'][{j}]"
+        return "a parameter"
