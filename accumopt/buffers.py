@@ -37,6 +37,22 @@ class _Group:
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
     _device_cache: dict = field(default_factory=dict)
+    # Which buffers hold a gradient this window (a parameter that got none stays
+    # ``.grad = None``, as in the wrapped optimizer). Host-side bookkeeping only.
+    all_seen: bool = False
+    seen: set = field(default_factory=set)
+    # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse
+    # tensors, so that the optimizer receives a sparse gradient, as without accumulation.
+    sparse: dict = field(default_factory=dict)
+
+    def seen_indices(self) -> list[int] | None:
+        """Indices of the buffers that received a dense gradient this window (None: all)."""
+        return None if self.all_seen else sorted(self.seen)
+
+    def clear(self) -> None:
+        self.all_seen = False
+        self.seen.clear()
+        self.sparse.clear()
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -92,18 +108,19 @@ class GradientStore:
         self._param_groups = param_groups
         self.groups: list[_Group] = []
         self.excluded: list[Tensor] = []
-        self._known: set[int] = set()
         self.refresh()
 
     # ------------------------------------------------------------------ layout
     def refresh(self) -> None:
         """Take in parameters added to the optimizer since the last call."""
         keyed: dict[tuple, list[Tensor]] = {}
+        # Known parameters are recomputed (not remembered by id): ids change across deepcopy/pickle.
+        known = {id(p) for p in self.params} | {id(p) for p in self.excluded}
         for gi, group in enumerate(self._param_groups):
             for p in group["params"]:
-                if id(p) in self._known:
+                if id(p) in known:
                     continue
-                self._known.add(id(p))
+                known.add(id(p))
                 weight = float(self._weight_of(gi, p))
                 if weight == 0.0:
                     self.excluded.append(p)
@@ -149,16 +166,40 @@ class GradientStore:
             params, grads, idx = _present(g.params)
             if not grads:
                 continue
+            if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True)
+                idx, grads = self._accumulate_sparse(g, idx, grads, scale)
+            if idx is None:
+                g.all_seen = True
+            else:
+                g.seen.update(idx)
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
-            if isinstance(scale, Tensor):
+            if grads and isinstance(scale, Tensor):
                 torch._foreach_mul_(grads, g.to_device(scale))
                 torch._foreach_add_(bufs, grads)
-            elif scale == 1.0:
-                torch._foreach_add_(bufs, grads)
-            else:
+            elif grads:
                 torch._foreach_add_(bufs, grads, alpha=scale)
             for p in params:
                 p.grad = None
+
+    @staticmethod
+    def _accumulate_sparse(g: _Group, idx: list[int] | None, grads: list[Tensor],
+                           scale: "float | Tensor") -> tuple[list[int], list[Tensor]]:
+        """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
+        positions = range(len(g.params)) if idx is None else idx
+        dense_idx, dense = [], []
+        for i, t in zip(positions, grads):
+            if not t.is_sparse:
+                dense_idx.append(i)
+                dense.append(t)
+                continue
+            t = t.to(g.buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
+            g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
+        return dense_idx, dense
+
+    def mark_seen(self) -> None:
+        """Count every buffer as holding a gradient (after a cross-rank reduction filled them all)."""
+        for g in self.groups:
+            g.all_seen = True
 
     def has_inplace(self) -> bool:
         """Whether any parameter accumulates in its own ``.grad``."""
@@ -175,14 +216,26 @@ class GradientStore:
                 _, grads, _ = _present(g.params)
                 if grads:
                     _mul_(grads, factor)
-            elif g.same_dtype:
-                _mul_(g.buffers, factor)
-                for p, b in zip(g.params, g.buffers):
-                    p.grad = b
             else:
-                scaled = torch._foreach_mul(g.buffers, factor) if isinstance(factor, Tensor) or factor != 1.0 else g.buffers
-                for p, s in zip(g.params, scaled):
-                    p.grad = s.to(p.dtype)
+                idx = g.seen_indices()
+                params = g.params if idx is None else [g.params[i] for i in idx]
+                bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
+                if not params and not g.sparse:
+                    continue  # no gradient this window: .grad stays None, as without accumulation
+                if not params:
+                    scaled = []
+                elif g.same_dtype:
+                    _mul_(bufs, factor)
+                    scaled = bufs
+                else:
+                    scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
+                for p, s in zip(params, scaled):
+                    p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
+                for i, sp in g.sparse.items():
+                    total = sp * factor
+                    if g.all_seen or i in g.seen:  # dense and sparse gradients in one window: a dense sum
+                        total = g.params[i].grad.to(total.dtype) + total
+                    g.params[i].grad = total.to(g.params[i].dtype)
 
     def grads(self) -> list[Tensor]:
         """The ``.grad`` of every accumulated parameter that has one."""
@@ -193,6 +246,7 @@ class GradientStore:
         for g in self.groups:
             if g.buffers is not None:
                 torch._foreach_zero_(g.buffers)
+                g.clear()
             for p in g.params:
                 p.grad = None
         for p in self.excluded:
@@ -206,7 +260,14 @@ class GradientStore:
             if g.buffers is None:
                 out.extend(None if p.grad is None else p.grad.detach().clone() for p in g.params)
             else:
-                out.extend(b.detach().clone() for b in g.buffers)
+                idx = g.seen_indices()
+                seen = set(range(len(g.params))) if idx is None else set(idx)
+                for i, b in enumerate(g.buffers):
+                    if i in g.sparse:
+                        sp = g.sparse[i].detach().coalesce()
+                        out.append(sp if i not in seen else b.detach() + sp)
+                    else:
+                        out.append(b.detach().clone() if i in seen else None)
         return out
 
     def expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -228,10 +289,13 @@ class GradientStore:
                     e = next(it)
                     p.grad = None if e is None else e.detach().to(p.device, p.dtype).clone()
             else:
-                for p, b in zip(g.params, g.buffers):
+                g.clear()
+                for i, (p, b) in enumerate(zip(g.params, g.buffers)):
                     e = next(it)
-                    if e is None:
-                        b.zero_()
-                    else:
+                    b.zero_()
+                    if e is not None and e.is_sparse:
+                        g.sparse[i] = e.detach().to(b.device, b.dtype).clone()
+                    elif e is not None:
                         b.copy_(e)
+                        g.seen.add(i)
                     p.grad = None

@@ -25,16 +25,30 @@ def _unitwise_norm(x: Tensor) -> Tensor:
 def adaptive_clip_grad_(params: Sequence[Tensor], clip_factor: float, eps: float = 1e-3) -> None:
     """Bound each unit's gradient norm by ``clip_factor * max(|unit weight|, eps)``.
 
-    A unit is a row (output unit) of a weight with 2+ dims, or a whole 1-D tensor.
+    A unit is a row (output unit) of a weight with 2+ dims (all dims but the first,
+    as in the paper's reference code for PyTorch layouts), or a whole 0/1-D tensor.
+    ``eps`` keeps zero-initialised weights from freezing. One pass per parameter,
+    no host synchronisation.
     """
     for p in params:
         g = p.grad
         if g is None:
             continue
-        max_norm = _unitwise_norm(p.detach().to(g.dtype)).clamp_min(eps).mul_(clip_factor)
-        g_norm = _unitwise_norm(g)
-        factor = (max_norm / g_norm.clamp_min(1e-6)).clamp_max(1.0)
-        g.mul_(torch.where(g_norm > max_norm, factor, torch.ones_like(factor)))
+        # norms in at least fp32: bf16/fp16 norms would round the threshold itself
+        dtype = torch.promote_types(g.dtype, torch.float32) if not g.is_complex() else g.dtype
+        max_norm = _unitwise_norm(p.detach().to(dtype)).clamp_min(eps).mul_(clip_factor)
+        g_norm = _unitwise_norm(g.to(dtype))
+        factor = (max_norm / g_norm.clamp_min(1e-6)).clamp_max(1.0)  # 1 where the unit is within bounds
+        g.mul_(factor.to(g.dtype) if g.dtype != dtype else factor)
+
+
+def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
+    """The global norm without clipping (``get_total_norm`` from torch 2.6 on; foreach, no sync)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, norm_type)
+    norms = torch._foreach_norm(grads, norm_type)  # pragma: no cover - torch < 2.6
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
 
 
 class Clipper:
@@ -62,6 +76,7 @@ class Clipper:
         return self.track_norm or any(x is not None for x in (self.max_norm, self.max_value, self.agc_factor))
 
     def __call__(self, params: list[Tensor]) -> Tensor | None:
+        """Clip the ``.grad`` of ``params`` in place (norm, then value, then AGC); return the pre-clip norm."""
         if not self.active:
             return None
         params = [p for p in params if p.grad is not None]
@@ -71,8 +86,7 @@ class Clipper:
         if self.max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
         elif self.track_norm:
-            grads = [p.grad for p in params]
-            norm = torch.nn.utils.get_total_norm(grads, self.norm_type) if hasattr(torch.nn.utils, "get_total_norm") else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, self.norm_type) for g in grads]), self.norm_type)
+            norm = _total_norm([p.grad for p in params], self.norm_type)
         if self.max_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.max_value)
         if self.agc_factor is not None:

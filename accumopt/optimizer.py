@@ -18,6 +18,7 @@ lives in its own module:
 from __future__ import annotations
 
 import inspect
+import os
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
@@ -26,14 +27,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_choice, check_real
+from ._checks import check_choice, check_int, check_real
 from .buffers import MODES, GradientStore
 from .clipping import Clipper
 from .precision import NONFINITE_POLICIES, Precision
-from .schedule import KSchedule, Window
+from .schedule import LR_SCALING_RULES, KSchedule, Window
+from .noise import NoiseScaleEstimator, as_estimator
 from .stats import Statistics
 from .sync import GradSync, unwrap_model
-from .weights import resolve_weights
+from .weights import check_micro_weight, parameter_names, resolve_weights
 
 __all__ = ["AccumulatingOptimizer"]
 
@@ -51,11 +53,16 @@ def _validate_optimizer(optimizer: Any) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("Invalid optimizer: a parameter appears in more than one param group")
-    for p in params:
-        if not (p.is_floating_point() or p.is_complex()):
-            raise ValueError(f"Invalid optimizer: parameter of dtype {p.dtype} (expected floating-point parameters)")
+    first: dict[int, int] = {}
+    for gi, g in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(g["params"]):
+            if id(p) in first:
+                raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] also appears in "
+                                 f"param_groups[{first[id(p)]}] (expected each parameter in one group)")
+            first.setdefault(id(p), gi)
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype} "
+                                 "(expected floating-point or complex parameters)")
     if not any(p.requires_grad for p in params):
         raise ValueError("Invalid optimizer: every parameter has requires_grad=False (nothing to accumulate)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
@@ -73,9 +80,8 @@ def _validate_scheduler(scheduler: Any, owners: tuple[Optimizer, ...]) -> None:
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
         raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler scheduler)")
     if not any(scheduler.optimizer is o for o in owners):
-        raise ValueError(
-            "Invalid scheduler: it was built on another optimizer (expected the wrapper or the optimizer it wraps)"
-        )
+        raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
+                         "(expected one built on the optimizer being wrapped)")
 
 
 class AccumulatingOptimizer(Optimizer):
@@ -111,8 +117,15 @@ class AccumulatingOptimizer(Optimizer):
         model: the model (names for weights and errors; DDP/FSDP sync control).
         layer_weights: ``{name or glob pattern: weight}`` (needs ``model``).
         group_weights: a weight per param group (sequence or mapping by index).
-        exclude: names or patterns of parameters frozen for the run.
+        exclude: names, patterns or parameters frozen for the run (see :mod:`accumopt.weights`).
+        schedule_by: what a K schedule counts, ``"epoch"`` (``set_epoch``) or ``"update"``.
+        lr_scaling: ``None``, ``"linear"`` or ``"sqrt"``: scale the LR with K relative to
+            the first window's K, on top of ``scheduler`` (see :mod:`accumopt.schedule`).
         track_grad_norm: record the pre-clip gradient norm in :meth:`stats`.
+        noise_scale: estimate the gradient noise scale (``True``, an EMA beta, or a
+            :class:`~accumopt.noise.NoiseScaleEstimator`); see :meth:`noise_scale`.
+        log_every: log :meth:`stats` through the ``accumopt`` logger every this many
+            real updates (one sync at that update, only while INFO is enabled).
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf: no sync per micro-step
@@ -136,11 +149,16 @@ class AccumulatingOptimizer(Optimizer):
         group_weights: Any = None,
         exclude: Iterable[str] | None = None,
         schedule_by: str | None = None,
+        lr_scaling: str | None = None,
         track_grad_norm: bool = False,
+        noise_scale: "bool | float | NoiseScaleEstimator" = False,
+        log_every: int | None = None,
     ) -> None:
         # Validate everything before touching any state: nothing is half-applied.
         _validate_optimizer(optimizer)
         schedule = KSchedule(accumulation_steps, schedule_by)
+        if lr_scaling is not None:
+            check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
         check_choice("mode", mode, MODES)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
@@ -163,10 +181,13 @@ class AccumulatingOptimizer(Optimizer):
                 )
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
+        noise = as_estimator(noise_scale)
+        if log_every is not None:
+            check_int("log_every", log_every)
         _validate_scheduler(scheduler, (optimizer,))  # the wrapper does not exist yet
         names = None
         if model is not None:
-            names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+            names = parameter_names(model)
         weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
 
         # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them).
@@ -187,9 +208,11 @@ class AccumulatingOptimizer(Optimizer):
         self._precision = Precision(scaler=scaler, policy=nonfinite)
         self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
                                 agc_factor=agc_clip_factor, track_norm=track_grad_norm)
-        self._window = Window(schedule)
-        self._sync = GradSync(model)
-        self._stats = Statistics()
+        self._window = Window(schedule, lr_scaling, optimizer.param_groups)
+        schedule.bind(self)
+        self._sync = GradSync(model, self._store)
+        self._stats = Statistics(log_every=log_every, report=self.stats)
+        self._noise = noise
         self.scheduler = scheduler
         self._pre_weight: float | Tensor | None = None
         self._pre_scaled = False
@@ -214,9 +237,15 @@ class AccumulatingOptimizer(Optimizer):
         Returns:
             The closure's result, or None.
         """
+        if weight is not None:
+            weight = self._check_step_weight(weight)  # before the closure: a bad weight changes nothing
         result = self._run_closure(closure)
+        if loss is None and result is None and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")  # before any change
         weight = self._take_weight(weight)
         factor, found = self._precision.micro_factor(self, self._store.micro_grads)
+        if self._noise is not None:
+            self._noise.on_micro_step(self, weight, factor, found)
         self._store.accumulate(self._store_scale(weight, factor))
         counted = weight if found is None else weight * (1.0 - found)  # a dropped micro-batch counts 0
         self._window.add(counted)
@@ -229,8 +258,17 @@ class AccumulatingOptimizer(Optimizer):
 
     def _update(self) -> None:
         """The real update: mean, unscale, check, clip, step, scheduler, reset."""
+        self._sync.reduce(self._store, self._window)  # data-parallel: make sums and total global (once)
+        if not isinstance(self._window.total, Tensor) and self._window.total <= 0:
+            n = self._window.count
+            self._store.reset()  # discard the window: nothing half-applied
+            self._window.close()
+            raise ValueError(f"Invalid weights: the {n} micro-batch weights of this window sum to 0 "
+                             "(expected a positive total; the window was discarded)")
         self._store.finalize(self._window.inv_total())
-        found = self._precision.unscale_and_check(self.optimizer, self._store.grads)
+        found = self._precision.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
+        if self._noise is not None:
+            self._noise.on_update(self, self._window.total, found)
         norm = self._clipper(list(self._store.params))
         try:
             applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite)
@@ -241,7 +279,7 @@ class AccumulatingOptimizer(Optimizer):
         if applied:
             self._step_scheduler()
         self._precision.after_update()
-        self._stats.on_update(applied, norm, found)
+        self._stats.on_update(applied, norm, found, self._window.total)
         self._store.reset()
         self._window.close()
         self._stepped = applied
@@ -254,6 +292,7 @@ class AccumulatingOptimizer(Optimizer):
         """
         if self._window.count == 0:
             return False
+        self._sync.prepare_flush()  # its last backward did not synchronise: reduce explicitly
         self._update()
         self._sync.set(self._window.next_is_last)
         return self._stepped
@@ -273,6 +312,7 @@ class AccumulatingOptimizer(Optimizer):
         """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
         if self._window.count == 0 or not self._store.has_inplace():
             self.optimizer.zero_grad(set_to_none=set_to_none)
+            self._pre_weight = None  # its gradient is gone: so is the weight given to backward()
             return
         for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
             p.grad = None
@@ -280,6 +320,7 @@ class AccumulatingOptimizer(Optimizer):
     def set_epoch(self, epoch: int) -> None:
         """Tell the K schedule the current epoch (takes effect when the current window closes)."""
         self._window.set_epoch(epoch)
+        self._sync.set(self._window.next_is_last)  # K may have changed for the next window
 
     # --------------------------------------------------------------- properties
     @property
@@ -308,15 +349,63 @@ class AccumulatingOptimizer(Optimizer):
         return self._window.next_is_last
 
     def stats(self) -> dict[str, Any]:
-        """Statistics; the only call that reads device values (one sync)."""
-        out = self._stats.snapshot()
+        """Statistics as Python numbers; the only call that reads device values (one read per device).
+
+        See ``docs/state.md`` for the keys (counts, losses, gradient norms, effective
+        batch, samples/s, memory, noise scale).
+        """
+        from .checkpoint import _device
+
+        extra = self._noise.values() if self._noise is not None else {}
+        out = self._stats.snapshot(extra, _device(self))
+        if self._noise is not None:
+            value = out.get("noise_scale")
+            if value is not None and not (value > 0 and value != float("inf")):
+                out["noise_scale"] = None  # no usable window yet, or |G|^2 estimated <= 0
+            if out.get("noise_windows") is not None:
+                out["noise_windows"] = int(out["noise_windows"])
         out.update(accumulation_steps=self._window.k, pending=self._window.count,
                    buffer_bytes=self._store.buffer_bytes())
         return out
 
+    get_accumulation_stats = stats
+
+    def noise_scale(self) -> Tensor | None:
+        """The smoothed simple noise scale ``tr(Sigma) / |G|^2`` as a 0-dim device tensor (no sync).
+
+        In the unit of the micro-batch weights (samples when ``weight`` is the sample
+        count, micro-batches by default). None when estimation is off
+        (``noise_scale=False``) or before the first window; NaN until a usable window.
+        """
+        return None if self._noise is None else self._noise.value()
+
+    def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
+        """Write :meth:`state_dict` (and optional ``extra`` plain data) to ``path`` atomically.
+
+        A crash during the save leaves the previous file intact. With DDP and a window
+        pending, call it on every rank (see :meth:`state_dict`); write from one rank.
+        """
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.state_dict(), extra)
+
+    def load(self, path: "str | os.PathLike[str]") -> Any:
+        """Restore a file of :meth:`save` (``weights_only=True``); returns its ``extra``.
+
+        Raises ``ValueError`` for a truncated, corrupted, foreign or unsafe file, and
+        then leaves the optimizer exactly as it was.
+        """
+        from .checkpoint import load_into
+
+        return load_into(self, path)
+
+    save_accumulation_state = save
+    load_accumulation_state = load
+
     # -------------------------------------------------------- optimizer plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and give its parameters buffers."""
+        self._store._weight_of.check_new_group(param_group)  # a bad accumulation_weight: nothing added
         self.optimizer.add_param_group(param_group)
         self._store.refresh()
 
@@ -329,41 +418,35 @@ class AccumulatingOptimizer(Optimizer):
         return self.optimizer.register_step_post_hook(lambda _opt, args, kwargs: hook(self, args, kwargs))
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe)."""
-        sd = self.optimizer.state_dict()
-        sd["accumulation"] = {
-            "version": 1,
-            "window": self._window.state(),
-            "sums": self._store.state(),
-            "stats": self._stats.state(),
-            "scaler": self._precision.scaler.state_dict() if self._precision.scaler is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-        }
-        return sd
+        """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe).
+
+        The entry holds what a bit-identical mid-window resume needs (see
+        :mod:`accumopt.checkpoint`). Like torch's, the optimizer part refers to live
+        state tensors: save or copy it before training on.
+        With a DDP model and a window pending, call it on every rank (it averages the
+        pending sums across ranks, so that rank 0's checkpoint resumes every rank).
+        """
+        from .checkpoint import optimizer_state_dict
+
+        return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only."""
-        from .checkpoint import validate_state_dict
+        """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only.
 
-        sd = dict(state_dict)
-        acc = sd.pop("accumulation", None)
-        validate_state_dict(self, sd, acc)
-        self.optimizer.load_state_dict(sd)
-        if acc is None:
-            self._store.reset()
-            self._window.count, self._window.total = 0, 0.0
-            return
-        self._window.load(acc["window"])
-        self._store.load(acc["sums"])
-        self._stats.load(acc["stats"])
-        if acc.get("scaler") is not None and self._precision.scaler is not None:
-            self._precision.scaler.load_state_dict(acc["scaler"])
-        if acc.get("scheduler") is not None and self.scheduler is not None:
-            self.scheduler.load_state_dict(acc["scheduler"])
-        self._sync.set(self._window.next_is_last)
+        Everything is validated before anything changes (``ValueError``, optimizer
+        unchanged); the argument is neither mutated nor aliased.
+        """
+        from .checkpoint import load_optimizer_state
+
+        load_optimizer_state(self, state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # An LRScheduler built on the wrapper patches ``self.step`` (an instance attribute bound to
+        # *this* object): a copy must not call back into the original. torch drops it the same way.
+        state.pop("step", None)
+        state.pop("_opt_called", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -382,11 +465,18 @@ class AccumulatingOptimizer(Optimizer):
             return closure()
 
     def _check_weight(self, weight: Any) -> "float | Tensor":
-        if isinstance(weight, Tensor):
-            if weight.numel() != 1:
-                raise ValueError(f"Invalid weight: a tensor of shape {tuple(weight.shape)} (expected one element)")
-            return weight.detach().reshape(())
-        w = check_real("weight", weight, nonnegative=True)
+        return check_micro_weight(weight)
+
+    def _check_step_weight(self, weight: Any) -> "float | Tensor":
+        w = self._check_weight(weight)
+        if self._pre_weight is not None:
+            raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
+        if self._store.has_inplace() and not (isinstance(w, float) and w == 1.0):
+            raise ValueError(
+                "Invalid weight: step(weight=...) with mode='inplace': this micro-batch's gradient is already "
+                "summed into .grad and cannot be reweighted. Give the weight before backward with "
+                "opt.backward(loss, weight=n), or build the wrapper with mode='buffered'."
+            )
         return w
 
     def _take_weight(self, weight: Any) -> "float | Tensor":
@@ -394,20 +484,13 @@ class AccumulatingOptimizer(Optimizer):
         if weight is not None:
             if pre is not None:
                 raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
-            w = self._check_weight(weight)
-            if self._store.has_inplace() and not (isinstance(w, float) and w == 1.0):
-                raise RuntimeError(
-                    "step(weight=...) in mode='inplace': this micro-batch's gradient is already summed into "
-                    ".grad and cannot be reweighted. Pass the weight before backward with "
-                    "opt.backward(loss, weight=n), or build the wrapper with mode='buffered'."
-                )
             self._pre_scaled = False
-            return w
+            return weight
         self._pre_scaled = pre is not None
         return 1.0 if pre is None else pre
 
     def _store_scale(self, weight: "float | Tensor", factor: "float | Tensor") -> "float | Tensor":
-        if getattr(self, "grad_scale", None) is not None and self._store.has_inplace():
+        if getattr(self, "found_inf", None) is not None and self._store.has_inplace():  # scaler.step(opt)
             raise RuntimeError(
                 "scaler.step(opt) on every micro-batch with mode='inplace': the scale may change mid-window and "
                 "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
@@ -421,13 +504,14 @@ class AccumulatingOptimizer(Optimizer):
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
             return
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            metric = self._stats.window_mean_loss()
-            if metric is None:
-                raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")
-            self.scheduler.step(metric)
-        else:
-            self.scheduler.step()
+        with self._window.scheduler_lr():  # lr_scaling: the scheduler sees and sets unscaled LRs
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self._stats.window_mean_loss()
+                if metric is None:
+                    raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")
+                self.scheduler.step(metric)
+            else:
+                self.scheduler.step()
 
     def _describe_nonfinite(self) -> str:
         for i, g in enumerate(self.param_groups):

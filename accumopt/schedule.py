@@ -1,4 +1,4 @@
-"""The accumulation window and its size K.
+"""The accumulation window, its size K, and the LR rule for a changing K.
 
 ``accumulation_steps`` may be:
 
@@ -7,78 +7,276 @@
   8 from epoch 2 on), the seed documents' ``accumulation_schedule``;
 * a mapping ``{start: K}``: K from that epoch (or update) on, like Lightning's
   ``GradientAccumulationScheduler``; must contain 0;
-* a callable ``f(num_updates) -> int``: like optax's ``every_k_schedule``.
+* a callable ``f(n) -> int``: like optax's ``every_k_schedule``;
+* a :class:`Schedule` object, such as :class:`accumopt.AdaptiveK`, which decides
+  K itself each time a window closes.
 
-Lists and mappings count epochs by default (``schedule_by="epoch"``), callables
-count real updates (``schedule_by="update"``). The wrapper learns the epoch from
-``opt.set_epoch(epoch)``. K only changes when a window closes.
+What the position counts (``schedule_by``):
+
+* ``"epoch"`` (default for lists and mappings): the epoch the wrapper was told
+  with ``opt.set_epoch(epoch)`` (0 until then).
+* ``"update"`` (default for callables): the number of windows closed so far,
+  i.e. real updates *including* windows skipped for non-finite gradients, so
+  that the schedule cannot stall on a run of skipped windows. ``flush()`` closes
+  a window too.
+
+K only changes when a window closes (or, through ``set_epoch``, while no
+micro-batch is pending): a window always runs with the K it started with.
+
+``lr_scaling`` (``None``, ``"linear"``, ``"sqrt"``) multiplies every group's
+learning rate by ``(K / K0)`` or ``sqrt(K / K0)``, ``K0`` being the first
+window's K, see :class:`LRScaling`.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
 
 from torch import Tensor
 
 from ._checks import check_choice, check_int
 
-__all__ = ["KSchedule", "Window"]
+__all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "Schedule", "Window"]
+
+LR_SCALING_RULES = ("linear", "sqrt")
+
+
+def _as_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``check_int`` that also takes integral numbers such as ``numpy.int64``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        value = int(value)
+    return check_int(name, value, minimum=minimum)
+
+
+class Schedule:
+    """Base class of schedule objects that decide K themselves (e.g. :class:`accumopt.AdaptiveK`).
+
+    :meth:`__call__` is invoked once when the wrapper is built (``updates=0``) and
+    then each time a window closes; it may be invoked again at the same boundary
+    (``set_epoch`` between windows), so it must return the same K for the same
+    ``updates``. Subclasses set ``schedule_by`` ("update" or "epoch").
+    """
+
+    schedule_by = "update"
+
+    def __call__(self, epoch: int, updates: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bind(self, optimizer: Any) -> None:
+        """Called once with the wrapper that uses this schedule."""
+
+    def state_dict(self) -> dict:
+        """Plain-data state for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class KSchedule:
-    """Maps (epoch, number of closed windows) to K."""
+    """Maps (epoch, number of closed windows) to K; validates the specification up front."""
 
     def __init__(self, spec: Any, schedule_by: str | None = None) -> None:
+        if isinstance(spec, KSchedule):
+            spec, schedule_by = spec.spec, schedule_by or spec.schedule_by
         self.spec = spec
-        if isinstance(spec, Mapping):
+        self._points: list[tuple[int, int]] = []
+        if isinstance(spec, Schedule):
+            self.kind = "object"
+            default_by = getattr(spec, "schedule_by", "update")
+        elif isinstance(spec, Mapping):
             if not spec:
                 raise ValueError("Invalid accumulation_steps: {} (expected a non-empty mapping {start: K} containing 0)")
+            points = []
             for start, k in spec.items():
-                check_int("accumulation_steps key", start, minimum=0)
-                check_int(f"accumulation_steps[{start}]", k)
-            if 0 not in spec:
+                points.append((_as_int("accumulation_steps key", start, minimum=0),
+                               _as_int(f"accumulation_steps[{start!r}]", k)))
+            if 0 not in dict(points):
                 raise ValueError(f"Invalid accumulation_steps: {dict(spec)!r} (a mapping must give K from 0 on)")
-            self._points = sorted(spec.items())
+            self._points = sorted(points)
             self.kind = "mapping"
+            default_by = "epoch"
         elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
             if len(spec) == 0:
                 raise ValueError("Invalid accumulation_steps: [] (expected a non-empty list of ints >= 1)")
-            for i, k in enumerate(spec):
-                check_int(f"accumulation_steps[{i}]", k)
-            self._points = list(enumerate(spec))
+            self._points = [(i, _as_int(f"accumulation_steps[{i}]", k)) for i, k in enumerate(spec)]
             self.kind = "list"
-        elif callable(spec) and not isinstance(spec, (int, float)):
+            default_by = "epoch"
+        elif callable(spec) and not isinstance(spec, (numbers.Number, Tensor)):
             self.kind = "callable"
+            default_by = "update"
         else:
-            check_int("accumulation_steps", spec)
+            self.spec = _as_int("accumulation_steps", spec)
             self.kind = "constant"
-        default_by = "update" if self.kind == "callable" else "epoch"
+            default_by = "epoch"
         self.schedule_by = check_choice("schedule_by", schedule_by or default_by, ("epoch", "update"))
+        if self.kind == "object" and schedule_by is not None and schedule_by != default_by:
+            raise ValueError(f"Invalid schedule_by: {schedule_by!r} ({type(spec).__name__} counts {default_by!r})")
+
+    @property
+    def constant(self) -> bool:
+        """Whether K never changes."""
+        return self.kind == "constant"
 
     def __call__(self, epoch: int, updates: int) -> int:
+        """K for a window that starts at ``epoch`` after ``updates`` closed windows."""
         if self.kind == "constant":
             return self.spec
+        if self.kind == "object":
+            return _as_int(f"{type(self.spec).__name__}(...) result", self.spec(epoch, updates))
         position = epoch if self.schedule_by == "epoch" else updates
         if self.kind == "callable":
-            return check_int(f"accumulation_steps({position})", self.spec(position))
+            return _as_int(f"accumulation_steps({position})", self.spec(position))
         k = self._points[0][1]
         for start, value in self._points:
-            if start <= position:
-                k = value
+            if start > position:
+                break
+            k = value
         return k
+
+    def bind(self, optimizer: Any) -> None:
+        """Give a schedule object the wrapper (for example to read its noise scale)."""
+        if self.kind == "object":
+            self.spec.bind(optimizer)
+
+    def state_dict(self) -> dict | None:
+        return self.spec.state_dict() if self.kind == "object" else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.kind == "object" and state is not None:
+            self.spec.load_state_dict(state)
+
+
+def _lr_value(lr: Any) -> float:
+    return float(lr)  # a tensor LR: one read, at a boundary, only with lr_scaling
+
+
+def _set_lr(group: dict, value: float) -> None:
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(value)  # keep the tensor (compiled/captured steps hold it)
+    else:
+        group["lr"] = value
+
+
+class LRScaling:
+    """Scale the learning rate with the effective batch when K changes.
+
+    ``factor(K) = K / K0`` (``"linear"``, Goyal et al. 2017) or ``sqrt(K / K0)``
+    (``"sqrt"``, Krizhevsky 2014; Malladi et al. 2022 for Adam), ``K0`` being the
+    first window's K. The wrapper keeps, per param group, the *unscaled* LR
+    (what the user and the scheduler see) and writes ``unscaled * factor`` into
+    ``param_groups``:
+
+    * at a boundary where K changes the factor is updated from the unscaled value
+      (no accumulated rounding: the previous factor is never divided out);
+    * around the step of a scheduler given to the wrapper (``scheduler=...``), the
+      groups hold the unscaled LR, so both chainable schedulers (StepLR,
+      ExponentialLR, ReduceLROnPlateau) and those that set the LR from
+      ``base_lrs`` (LambdaLR, OneCycleLR, CosineAnnealingWarmRestarts, ...)
+      compute the schedule as without ``lr_scaling``, and the factor is applied on
+      top; ``scheduler.get_last_lr()`` reports the unscaled LR;
+    * an LR written into ``param_groups`` by anything else (a scheduler stepped
+      outside the wrapper, the user) is taken as a *scaled* value: it is kept
+      and its unscaled value recomputed. This composes with chainable schedulers
+      only; give other schedulers to the wrapper.
+
+    Args:
+        rule: ``"linear"`` or ``"sqrt"``.
+        param_groups: the optimizer's param groups (read and written in place).
+        k_ref: K0.
+    """
+
+    def __init__(self, rule: str, param_groups: list[dict], k_ref: int) -> None:
+        self.rule = check_choice("lr_scaling", rule, LR_SCALING_RULES)
+        self.param_groups = param_groups
+        self.k_ref = check_int("k_ref", k_ref)
+        self.factor = 1.0
+        self.base = [_lr_value(g["lr"]) for g in param_groups]
+        self.applied = list(self.base)
+
+    def factor_for(self, k: int) -> float:
+        ratio = k / self.k_ref
+        return ratio if self.rule == "linear" else math.sqrt(ratio)
+
+    def _sync(self) -> None:
+        """Take in LRs changed behind our back (new groups: their LR is unscaled)."""
+        for i, g in enumerate(self.param_groups):
+            lr = _lr_value(g["lr"])
+            if i >= len(self.base):
+                self.base.append(lr)
+                self.applied.append(lr)  # applied at the next boundary
+            elif lr != self.applied[i]:
+                self.base[i] = lr / self.factor
+                self.applied[i] = lr
+
+    def _write(self) -> None:
+        for i, g in enumerate(self.param_groups):
+            value = self.base[i] * self.factor if self.factor != 1.0 else self.base[i]
+            if value != self.applied[i] or _lr_value(g["lr"]) != value:
+                _set_lr(g, value)
+            self.applied[i] = value
+
+    def rescale(self, k: int) -> None:
+        """K of the next window is ``k``: write ``unscaled * factor(k)``."""
+        factor = self.factor_for(k)
+        if factor == self.factor and len(self.base) == len(self.param_groups):
+            return
+        self._sync()
+        self.factor = factor
+        self._write()
+
+    @contextmanager
+    def unscaled(self) -> Iterator[None]:
+        """Groups hold the unscaled LR inside the block (for the scheduler's step)."""
+        self._sync()
+        if self.factor != 1.0:
+            for g, b in zip(self.param_groups, self.base):
+                _set_lr(g, b)
+        try:
+            yield
+        finally:
+            self.base = [_lr_value(g["lr"]) for g in self.param_groups]
+            self.applied = list(self.base)
+            self._write()
+
+    def state(self) -> dict:
+        return {"rule": self.rule, "k_ref": self.k_ref, "factor": self.factor,
+                "base": list(self.base), "applied": list(self.applied)}
+
+    def load(self, state: dict) -> None:
+        self.k_ref = int(state["k_ref"])
+        self.factor = float(state["factor"])
+        self.base = [float(x) for x in state["base"]]
+        self.applied = [float(x) for x in state["applied"]]
 
 
 class Window:
-    """Counts the micro-batches of the current window and the sum of their weights."""
+    """Counts the micro-batches of the current window and the sum of their weights.
 
-    def __init__(self, schedule: KSchedule) -> None:
+    Args:
+        schedule: the K schedule.
+        lr_scaling: optional LR rule (``"linear"``, ``"sqrt"``) applied when K changes.
+        param_groups: the groups whose LR ``lr_scaling`` scales.
+    """
+
+    def __init__(self, schedule: KSchedule, lr_scaling: str | None = None,
+                 param_groups: list[dict] | None = None) -> None:
+        if lr_scaling is not None:
+            check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
+            if param_groups is None:
+                raise ValueError("lr_scaling needs the optimizer's param_groups")
         self.schedule = schedule
         self.epoch = 0
         self.closed = 0  # windows closed so far (applied or skipped)
         self.count = 0  # micro-batches in the current window
         self.total: float | Tensor = 0.0  # their summed weight
+        self.held = False  # open-ended window (MicroBatcher): only flush() closes it
         self.k = schedule(0, 0)
+        self.lr_scaling = None if lr_scaling is None else LRScaling(lr_scaling, param_groups, self.k)
 
     def add(self, weight: "float | Tensor") -> None:
         self.count += 1
@@ -86,12 +284,12 @@ class Window:
 
     @property
     def full(self) -> bool:
-        return self.count >= self.k
+        return not self.held and self.count >= self.k
 
     @property
     def next_is_last(self) -> bool:
         """Whether the next micro-batch closes the window."""
-        return self.count + 1 >= self.k
+        return not self.held and self.count + 1 >= self.k
 
     def inv_total(self) -> "float | Tensor":
         if isinstance(self.total, Tensor):
@@ -102,18 +300,42 @@ class Window:
         self.count = 0
         self.total = 0.0
         self.closed += 1
-        self.k = self.schedule(self.epoch, self.closed)
+        self._set_k(self.schedule(self.epoch, self.closed))
+
+    def discard(self) -> None:
+        """Forget the pending micro-batches without closing the window (the caller resets the sums)."""
+        self.count = 0
+        self.total = 0.0
+
+    def _set_k(self, k: int) -> None:
+        self.k = k
+        if self.lr_scaling is not None:
+            self.lr_scaling.rescale(k)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int("epoch", epoch, minimum=0)
-        if self.count == 0:
-            self.k = self.schedule(self.epoch, self.closed)
+        epoch = _as_int("epoch", epoch, minimum=0)
+        self.epoch = epoch
+        if self.count == 0 and not self.held:
+            self._set_k(self.schedule(self.epoch, self.closed))
+
+    def scheduler_lr(self) -> ContextManager[None]:
+        """Context for the scheduler's step: unscaled LRs inside (see :class:`LRScaling`)."""
+        return nullcontext() if self.lr_scaling is None else self.lr_scaling.unscaled()
 
     def state(self) -> dict:
         total = self.total
-        return {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
-                "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
+        out = {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
+               "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
+        schedule_state = self.schedule.state_dict()
+        if schedule_state is not None:
+            out["schedule"] = schedule_state
+        if self.lr_scaling is not None:
+            out["lr_scaling"] = self.lr_scaling.state()
+        return out
 
     def load(self, state: dict) -> None:
         self.epoch, self.closed, self.count, self.k = (int(state[k]) for k in ("epoch", "closed", "count", "k"))
         self.total = state["total"]
+        self.schedule.load_state_dict(state.get("schedule"))
+        if self.lr_scaling is not None and state.get("lr_scaling") is not None:
+            self.lr_scaling.load(state["lr_scaling"])

@@ -1,19 +1,33 @@
 """Accumulation statistics, kept on the device until :meth:`Statistics.snapshot`.
 
-Counters that the host knows (micro-steps, updates) are Python ints; values the
-device produces (losses, gradient norms, non-finite flags) are accumulated as
-device tensors and read only when the user asks for them.
+Counters that the host knows (micro-steps, updates, skipped updates) are Python
+ints; values the device produces (losses, gradient norms, non-finite flags,
+tensor weights) are accumulated as device tensors with out-of-place adds and read
+only when the user asks (``opt.stats()``): one host read per device, batched.
+
+Optional periodic logging (``log_every=N``) writes one INFO record through the
+``accumopt`` logger every N real updates; building it reads the device values,
+so that update synchronises once (and only while INFO is enabled for the logger).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Statistics"]
+__all__ = ["Statistics", "memory_usage"]
+
+logger = logging.getLogger("accumopt")
+
+# Device-side values: restored by load(), cloned by state(), read together by snapshot().
+_DEVICE_FIELDS = ("dropped", "nonfinite_events", "samples", "window_loss", "window_loss_weight", "last_loss",
+                  "norm_sum", "last_norm", "last_batch")
+_HOST_FIELDS = ("micro_steps", "updates", "skipped", "norm_count")
 
 
 def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
@@ -22,13 +36,66 @@ def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
     return acc + value
 
 
-class Statistics:
-    """Counts and sums for :meth:`AccumulatingOptimizer.stats`."""
+def _rss_bytes() -> tuple[int | None, int | None]:
+    """(current, peak) resident set size of this process, in bytes (None where unknown)."""
+    current = peak = None
+    try:
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import resource
+        import sys
 
-    def __init__(self) -> None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError, AttributeError):
+        pass
+    return current, peak
+
+
+def memory_usage(device: torch.device | None) -> dict[str, Any]:
+    """Memory in bytes: CUDA allocated and peak for a CUDA ``device``, else the process RSS and peak RSS.
+
+    No device synchronisation (the CUDA caching allocator's counters are host values).
+    """
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return {"memory_kind": "cuda", "memory_bytes": torch.cuda.memory_allocated(device),
+                "memory_peak_bytes": torch.cuda.max_memory_allocated(device)}
+    current, peak = _rss_bytes()
+    return {"memory_kind": "rss", "memory_bytes": current, "memory_peak_bytes": peak}
+
+
+def read_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Replace 0-dim tensors in ``values`` by Python floats with one host read per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in values.items():
+        if isinstance(v, Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    out = dict(values)
+    for device, keys in by_device.items():
+        stacked = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in keys])
+        for k, x in zip(keys, stacked.tolist()):  # the sync
+            out[k] = x
+    return out
+
+
+class Statistics:
+    """Counts and sums for :meth:`AccumulatingOptimizer.stats`.
+
+    Args:
+        log_every: log a summary every this many real updates (None: never).
+        report: callable returning the full statistics dict (the wrapper's ``stats``).
+    """
+
+    def __init__(self, log_every: int | None = None, report: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.log_every = log_every
+        self.report = report
         self.micro_steps = 0
         self.updates = 0
         self.skipped = 0
+        self.norm_count = 0
         self.dropped: Tensor | float = 0.0
         self.nonfinite_events: Tensor | float = 0.0
         self.samples: Tensor | float = 0.0
@@ -36,68 +103,144 @@ class Statistics:
         self.window_loss_weight: Tensor | float = 0.0
         self.last_loss: Tensor | float | None = None
         self.norm_sum: Tensor | float = 0.0
-        self.norm_count = 0
-        self.last_norm: Tensor | None = None
-        self._t0: float | None = None
+        self.last_norm: Tensor | float | None = None
+        self.last_batch: Tensor | float | None = None  # summed weight of the last closed window
+        self._t0: float | None = None  # end of the first micro-step seen by this object
+        self._rate_samples: Tensor | float = 0.0  # samples since _t0 (not checkpointed: time restarts)
 
+    # ------------------------------------------------------------------ events
     def on_micro_step(self, weight: Tensor | float, loss: Tensor | float | None, found: Tensor | None) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        """Count one micro-batch (``weight`` 0 when it was dropped). No sync."""
         self.micro_steps += 1
         self.samples = _add(self.samples, weight)
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        else:
+            self._rate_samples = _add(self._rate_samples, weight)
         if found is not None:
             self.dropped = _add(self.dropped, found)
             self.nonfinite_events = _add(self.nonfinite_events, found)
         if loss is not None:
+            if isinstance(loss, Tensor):
+                loss = loss.detach()
             self.window_loss = _add(self.window_loss, loss * weight if isinstance(weight, Tensor) or weight != 1.0 else loss)
             self.window_loss_weight = _add(self.window_loss_weight, weight)
 
     def window_mean_loss(self) -> Tensor | float | None:
+        """Weighted mean loss of the pending window (None when no loss was given)."""
         if isinstance(self.window_loss_weight, float) and self.window_loss_weight == 0.0:
             return None
         return self.window_loss / self.window_loss_weight
 
-    def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None) -> None:
+    def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
+                  total: "Tensor | float | None" = None) -> None:
+        """Count a closed window (applied or skipped); ``total`` is its summed weight. No sync unless logging."""
         if applied:
             self.updates += 1
         else:
             self.skipped += 1
         if found is not None and not applied:
-            self.nonfinite_events = _add(self.nonfinite_events, (found > 0).float())
+            self.nonfinite_events = _add(self.nonfinite_events, (found.detach() > 0).float())
         if norm is not None:
             self.last_norm = norm.detach()
             self.norm_sum = _add(self.norm_sum, self.last_norm)
             self.norm_count += 1
+        if total is not None:
+            self.last_batch = total.detach().clone() if isinstance(total, Tensor) else float(total)
         self.last_loss = self.window_mean_loss()
         self.window_loss = 0.0
         self.window_loss_weight = 0.0
+        if applied and self.log_every and self.updates % self.log_every == 0 and self.report is not None \
+                and logger.isEnabledFor(logging.INFO):
+            s = self.report()  # the one sync of this update (only when logging is on)
+            logger.info("accumopt: update %d (%d micro-steps, %d skipped): loss %s, grad norm %s, K %s, "
+                        "effective batch %s, %.1f samples/s%s", s["updates"], s["micro_steps"], s["skipped_updates"],
+                        _fmt(s.get("last_loss")), _fmt(s.get("last_grad_norm")), s.get("accumulation_steps"),
+                        _fmt(s.get("effective_batch")), s.get("samples_per_second") or 0.0,
+                        "" if s.get("noise_scale") is None else f", noise scale {s['noise_scale']:.4g}")
 
-    def snapshot(self) -> dict[str, Any]:
-        def f(x: Any) -> Any:
-            return x.item() if isinstance(x, Tensor) else x
+    def discard_window(self) -> None:
+        """Forget the pending window's losses (the window was discarded)."""
+        self.window_loss = 0.0
+        self.window_loss_weight = 0.0
 
-        elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
-        samples = f(self.samples)
+    # -------------------------------------------------------------------- read
+    def device_values(self) -> dict[str, Any]:
+        """The raw values (device tensors or numbers), for :func:`read_values`."""
         return {
+            "dropped": self.dropped, "nonfinite": self.nonfinite_events, "samples": self.samples,
+            "rate_samples": self._rate_samples, "last_loss": self.last_loss,
+            "accumulated_loss": self.window_mean_loss(), "last_grad_norm": self.last_norm,
+            "norm_sum": self.norm_sum, "effective_batch": self.last_batch,
+        }
+
+    def snapshot(self, extra: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any]:
+        """Statistics as Python numbers. ``extra`` device values are read in the same sync."""
+        raw = self.device_values()
+        if extra:
+            raw.update(extra)
+        v = read_values(raw)
+        elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        out = {
             "micro_steps": self.micro_steps,
             "updates": self.updates,
             "skipped_updates": self.skipped,
-            "dropped_micro_batches": int(round(f(self.dropped))),
-            "nonfinite_events": int(round(f(self.nonfinite_events))),
-            "samples": samples,
-            "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
-            "last_loss": f(self.last_loss),
-            "last_grad_norm": f(self.last_norm),
-            "mean_grad_norm": f(self.norm_sum) / self.norm_count if self.norm_count else None,
+            "dropped_micro_batches": int(round(v.pop("dropped"))),
+            "nonfinite_events": int(round(v.pop("nonfinite"))),
+            "samples": v.pop("samples"),
+            "samples_per_second": v["rate_samples"] / elapsed if elapsed > 0 else 0.0,
+            "effective_batch": v.pop("effective_batch"),
+            "last_loss": v.pop("last_loss"),
+            "accumulated_loss": v.pop("accumulated_loss"),
+            "last_grad_norm": v.pop("last_grad_norm"),
+            "mean_grad_norm": v["norm_sum"] / self.norm_count if self.norm_count else None,
         }
+        v.pop("rate_samples")
+        v.pop("norm_sum")
+        out.update(v)
+        out.update(memory_usage(device))
+        return out
 
+    # ------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
+        """Plain data (tensors cloned)."""
         def c(x: Any) -> Any:
             return x.detach().clone() if isinstance(x, Tensor) else x
 
-        return {k: c(v) for k, v in vars(self).items() if k != "_t0"}
+        out: dict[str, Any] = {k: getattr(self, k) for k in _HOST_FIELDS}
+        out.update({k: c(getattr(self, k)) for k in _DEVICE_FIELDS})
+        return out
 
-    def load(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            if k in vars(self) and k != "_t0":
-                setattr(self, k, v)
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state` (before any change)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid state dict: the 'stats' entry is a {type(state).__name__} (expected a dict)")
+        for k in _HOST_FIELDS:
+            if k in state and (isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0):
+                raise ValueError(f"Invalid state dict: stats entry {k!r} is {state[k]!r} (expected an int >= 0)")
+        for k in _DEVICE_FIELDS:
+            v = state.get(k)
+            if v is not None and not isinstance(v, (Tensor, float, int)):
+                raise ValueError(f"Invalid state dict: stats entry {k!r} is a {type(v).__name__} "
+                                 "(expected a tensor or a number)")
+
+    def load(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restore :meth:`state` (tensors copied onto ``device``; the argument is not aliased)."""
+        def c(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.detach().to(device).clone() if device is not None else x.detach().clone()
+            return x
+
+        for k in _HOST_FIELDS:
+            if k in state:
+                setattr(self, k, int(state[k]))
+        for k in _DEVICE_FIELDS:
+            if k in state:
+                setattr(self, k, c(state[k]))
+        self._t0 = None
+        self._rate_samples = 0.0
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x)

@@ -1,9 +1,30 @@
-"""Gradient synchronisation control for data-parallel models.
+"""Gradient synchronisation for data-parallel models: one reduction per real update.
 
-The wrapper knows, at the end of each micro-step, whether the *next* backward
-pass closes the window. It tells the model, so that DDP all-reduces (and FSDP2
-reduce-scatters) only on that backward: DDP through ``require_backward_grad_sync``
-(what ``no_sync()`` toggles), FSDP2 through ``set_requires_gradient_sync``.
+Give the wrapper the model (``AccumulatingOptimizer(opt, K, model=ddp_model)``) and
+the plain loop reduces gradients across ranks once per window instead of once
+per micro-batch. Two ways, chosen from the gradient store's layout:
+
+* **native** (DDP in ``mode="inplace"`` with full-precision parameters, and FSDP2):
+  the window's sum lives in ``.grad`` (DDP) or inside FSDP2; the model's own
+  synchronisation is switched off for every backward except the one that closes
+  the window (DDP ``require_backward_grad_sync``, what ``no_sync()`` toggles;
+  FSDP2 ``set_requires_gradient_sync``). That backward reduces the whole window's
+  sum, overlapped with the backward pass, exactly as a hand-written ``no_sync``
+  loop does.
+* **explicit** (DDP with any accumulation buffer: ``mode="buffered"``, fp32 buffers
+  for bf16/fp16 parameters): DDP never synchronises; at the boundary the window's
+  sums (buffers, in their fp32 accumulation dtype, and in-place ``.grad``) are
+  averaged with a few bucketed ``all_reduce`` calls (:mod:`accumopt.distributed`).
+  Micro-batch weights given after backward, dropped micro-batches and the
+  memory-aware splitting path stay exact, because the reduction happens after them.
+
+Both reduce gradients as a *mean over ranks* (DDP's convention), and the window's
+weight total is averaged the same way (one 1-element ``all_reduce`` per update), so
+the update is ``sum_r sum_i w_ri g_ri / sum_r sum_i w_ri``: exact with uneven
+sample weights across ranks. A partial window at ``flush()`` (whose last backward
+did not synchronise) is reduced explicitly, once. Non-finite checks run on the
+reduced gradient, which is bit-identical on every rank, so every rank takes the
+same decision.
 """
 
 from __future__ import annotations
@@ -11,6 +32,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from .distributed import all_reduce_mean_, all_reduce_mean_scalar, is_distributed
 
 __all__ = ["GradSync", "unwrap_model"]
 
@@ -24,25 +48,135 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class GradSync:
-    """Switches a model's gradient synchronisation on for the last micro-batch only."""
+    """Switches a model's gradient synchronisation on for the closing backward only, and
+    reduces what the model did not.
 
-    def __init__(self, model: Any) -> None:
+    Args:
+        model: the model given to the wrapper (DDP, FSDP2, or anything else: no-op).
+        store: the wrapper's :class:`~accumopt.buffers.GradientStore`.
+    """
+
+    def __init__(self, model: Any, store: Any = None) -> None:
         self.model = model
+        self.store = store
         self.kind = "none"
-        if model is None:
-            return
-        if hasattr(model, "require_backward_grad_sync"):
-            self.kind = "ddp"
-        elif hasattr(model, "set_requires_gradient_sync"):
-            self.kind = "fsdp"
+        if model is not None:
+            if hasattr(model, "require_backward_grad_sync"):
+                self.kind = "ddp"
+            elif hasattr(model, "set_requires_gradient_sync"):
+                self.kind = "fsdp"
+        self.group = getattr(model, "process_group", None) if self.kind == "ddp" else None
+        self.world_size = 1
+        if self.kind != "none" and is_distributed():
+            self.world_size = torch.distributed.get_world_size(self.group)
+        if self.kind == "fsdp" and store is not None and any(g.buffers is not None for g in store.groups):
+            raise ValueError(
+                f"Invalid mode for an FSDP2 model: mode={store.mode!r} with accumulation buffers (FSDP2 keeps a "
+                "window's gradients inside the model until the synchronising backward, so they never pass "
+                "through buffers). Use mode='inplace' with full-precision sharded parameters (for bf16 compute: "
+                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                "reduce_dtype=torch.float32))), or accumulate_dtype equal to the parameter dtype."
+            )
+        self._armed = False  # whether the next backward synchronises
+        self._native_key: tuple[int, bool] | None = None
+        self._reduced_window = -1  # index of the window already reduced
+        self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
 
+    # ------------------------------------------------------------ properties
     @property
     def active(self) -> bool:
+        """Whether a data-parallel model is attached."""
         return self.kind != "none"
 
+    @property
+    def distributed(self) -> bool:
+        """Whether reductions across ranks are needed (a DDP/FSDP2 model and a process group)."""
+        return self.kind != "none" and is_distributed()
+
+    @property
+    def native(self) -> bool:
+        """Whether the model's own synchronising backward reduces the window (else: explicit reduction)."""
+        if self.kind == "fsdp":
+            return True
+        if self.kind != "ddp":
+            return False
+        n = len(self.store.groups) if self.store is not None else 0
+        if self._native_key is None or self._native_key[0] != n:  # groups change only on add_param_group
+            buffered = self.store is not None and any(g.buffers is not None for g in self.store.groups)
+            self._native_key = (n, not buffered)
+        return self._native_key[1]
+
+    # ------------------------------------------------------------ micro-step
     def set(self, sync: bool) -> None:
-        """Whether the next backward pass reduces gradients across ranks."""
+        """Whether the next backward pass closes the window (and so reduces gradients natively)."""
+        if self.kind == "none":
+            return
+        flag = bool(sync) and self.native
         if self.kind == "ddp":
-            self.model.require_backward_grad_sync = sync
-        elif self.kind == "fsdp":
-            self.model.set_requires_gradient_sync(sync)
+            self.model.require_backward_grad_sync = flag
+        else:
+            self.model.set_requires_gradient_sync(flag)
+        self._armed = flag
+
+    def prepare_flush(self) -> None:
+        """The window is about to close without a synchronising backward (``flush()``)."""
+        self._armed = False
+
+    # -------------------------------------------------------------- boundary
+    def reduce(self, store: Any, window: Any) -> None:
+        """Make the window's sums and weight total global, once per window.
+
+        Called at the top of the real update, before anything reads the sums.
+        Afterwards the sums hold the mean over ranks and ``window.total`` the mean
+        of the ranks' totals (a device tensor), so ``sum / total`` is the global
+        weighted mean.
+        """
+        if not self.distributed or self._reduced_window == window.closed:
+            return
+        if not (self.native and self._armed):
+            if self.kind == "fsdp":
+                raise RuntimeError(
+                    f"Cannot apply a partial window of {window.count} micro-batches with FSDP2: FSDP2 holds the "
+                    "gradients of backward passes that did not synchronise inside the model, and only a "
+                    "synchronising backward reduces them. Give every rank a number of micro-batches that is a "
+                    "multiple of accumulation_steps (e.g. DataLoader(drop_last=True)); the window was kept."
+                )
+            self._reduce_sums(store)
+        window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+        self._reduced_window = window.closed
+
+    def consolidate(self, store: Any, window: Any) -> None:
+        """Replace each rank's pending sums by their mean over ranks (before a mid-window checkpoint).
+
+        Collective when a window is pending: every rank must call it (``opt.state_dict()``
+        on every rank). The final update is unchanged (the mean is idempotent), and the
+        state becomes identical on every rank, so rank 0's checkpoint resumes all ranks.
+        """
+        if not self.distributed or window.count == 0:
+            return
+        if self.kind == "fsdp":
+            raise RuntimeError(
+                f"Cannot save a checkpoint in the middle of a window ({window.count} of {window.k} micro-batches) "
+                "with FSDP2: the pending gradients live inside the model. Save at a window boundary "
+                "(opt.pending == 0)."
+            )
+        self._reduce_sums(store)
+        window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+
+    # ---------------------------------------------------------------- helpers
+    def _device(self, store: Any) -> torch.device:
+        for p in store.params:
+            return p.device
+        return torch.device("cpu")  # pragma: no cover - the wrapper always has parameters
+
+    def _reduce_sums(self, store: Any) -> None:
+        tensors: list[Tensor] = []
+        for g in store.groups:
+            if g.buffers is not None:
+                tensors.extend(g.buffers)
+                continue
+            for p in g.params:
+                if p.grad is None:  # unused on this rank: it still takes part, with zeros
+                    p.grad = torch.zeros_like(p)
+                tensors.append(p.grad)
+        self.explicit_reductions += all_reduce_mean_(tensors, self.group, self.world_size)

@@ -1,66 +1,177 @@
 """Per-parameter accumulation weights: layer patterns, param-group weights, exclusions.
 
-Resolution rule for ``layer_weights`` (glob patterns over parameter names, as
-:func:`fnmatch.fnmatchcase`): an exact name wins; otherwise the matching pattern
-with the most literal (non-wildcard) characters wins; on a tie, the one listed
-first. Every name or pattern must match at least one parameter. The parameter's
-weight is its layer weight times its group weight (group key
-``"accumulation_weight"``, or ``group_weights`` by index). Weight 0 excludes.
+A parameter's accumulation weight multiplies its accumulated (averaged) gradient
+before clipping and the optimizer step. It is the product of
+
+* its **layer weight**: ``layer_weights={"encoder.*": 1.0, "head.weight": 0.5}``,
+  names or glob patterns (:func:`fnmatch.fnmatchcase`) over the names of
+  ``model.named_parameters()`` (wrapper prefixes such as DDP's ``module.`` and
+  ``torch.compile``'s ``_orig_mod.`` removed); default 1;
+* its **group weight**: ``group_weights`` (a sequence with one weight per param
+  group, or a mapping by group index or ``"group_<i>"``); default 1;
+* the **``accumulation_weight`` key** of its param group, if present (also for
+  groups added later with ``add_param_group``); default 1.
+
+Precedence among ``layer_weights`` entries: an exact name wins; otherwise the
+matching pattern with the most literal characters (characters other than ``*``,
+``?`` and ``[...]`` classes) wins; on a tie, the one listed first. Every entry
+must match at least one parameter name.
+
+A weight of 0, or a name/pattern/parameter in ``exclude``, *excludes* the
+parameter: no buffer, its ``.grad`` is released at every ``step()``, and the
+wrapped optimizer never sees a gradient for it, so it never moves (not even
+through AdamW's weight decay). Weights are fixed when the wrapper is built (or
+the group added).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Iterable
+from fnmatch import fnmatchcase
+from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from ._checks import check_real
 
-__all__ = ["resolve_weights"]
+__all__ = ["WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity", "resolve_weights"]
 
-_WILDCARDS = set("*?[]")
-
-
-def _literal_chars(pattern: str) -> int:
-    return sum(c not in _WILDCARDS for c in pattern)
+# Prefixes that wrappers insert into parameter names (DDP / DataParallel, torch.compile,
+# FSDP1, activation checkpointing); users write names of their own module.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def _check_weight(name: str, w: Any) -> float:
-    w = check_real(name, w)
-    if w < 0 or not math.isfinite(w):
-        raise ValueError(f"Invalid {name}: {w} (expected a finite weight >= 0)")
-    return w
+def clean_name(name: str) -> str:
+    """``name`` without the components that module wrappers insert."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
-def _group_weights(param_groups: list[dict], group_weights: Any) -> list[float]:
-    n = len(param_groups)
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """``{id(param): name}`` for ``model``, with wrapper prefixes removed.
+
+    DDP/DataParallel are unwrapped (their ``module.`` prefix disappears), as are
+    ``torch.compile``'s ``_orig_mod.`` and FSDP1/checkpoint-wrapper components.
+    """
+    inner = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module) and (
+        hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)
+    ):
+        inner = inner.module
+    return {id(p): clean_name(n) for n, p in inner.named_parameters()}
+
+
+def pattern_specificity(pattern: str) -> int:
+    """Number of literal characters of a glob pattern (``*``, ``?`` and ``[...]`` count 0).
+
+    Follows :func:`fnmatch.translate`: a ``[`` without its closing ``]`` is literal.
+    """
+    count, i, n = 0, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c in "*?":
+            continue
+        if c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j < n:  # a complete class: one wildcard position
+                i = j + 1
+                continue
+        count += 1
+    return count
+
+
+def _check_weight(name: str, value: Any) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.detach().cpu().item()  # construction time: a sync is fine here
+    return check_real(name, value, nonnegative=True)  # type: ignore[return-value]
+
+
+def check_group_weight(group: Mapping[str, Any], index: int) -> float:
+    """The validated ``accumulation_weight`` of a param group (1.0 when absent)."""
+    if "accumulation_weight" not in group:
+        return 1.0
+    return _check_weight(f"param_groups[{index}]['accumulation_weight']", group["accumulation_weight"])
+
+
+def _group_overrides(n: int, group_weights: Any) -> list[float]:
     out = [1.0] * n
-    if group_weights is not None:
-        if isinstance(group_weights, Mapping):
-            for key, w in group_weights.items():
-                index = key
-                if isinstance(key, str) and key.startswith("group_") and key[6:].isdigit():
-                    index = int(key[6:])
-                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
-                    raise ValueError(
-                        f"Invalid group_weights key: {key!r} (expected a group index 0..{n - 1} or 'group_<i>')"
-                    )
-                out[index] = _check_weight(f"group_weights[{key!r}]", w)
-        elif isinstance(group_weights, Sequence) and not isinstance(group_weights, str):
-            if len(group_weights) != n:
+    if group_weights is None:
+        return out
+    if isinstance(group_weights, Mapping):
+        for key, w in group_weights.items():
+            index = key
+            if isinstance(key, str) and key.startswith("group_") and key[6:].isdigit():
+                index = int(key[6:])
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
                 raise ValueError(
-                    f"Invalid group_weights: {list(group_weights)!r} (expected {n} weights, one per param group)"
+                    f"Invalid group_weights key: {key!r} (expected a group index 0..{n - 1} or 'group_<i>')"
                 )
-            out = [_check_weight(f"group_weights[{i}]", w) for i, w in enumerate(group_weights)]
-        else:
-            raise TypeError(f"Invalid group_weights: {group_weights!r} (expected a mapping or a sequence)")
-    for i, g in enumerate(param_groups):
-        if "accumulation_weight" in g:
-            out[i] *= _check_weight(f"param_groups[{i}]['accumulation_weight']", g["accumulation_weight"])
-    return out
+            out[index] = _check_weight(f"group_weights[{key!r}]", w)
+        return out
+    if isinstance(group_weights, Sequence) and not isinstance(group_weights, (str, bytes)):
+        if len(group_weights) != n:
+            raise ValueError(
+                f"Invalid group_weights: {list(group_weights)!r} (expected {n} weights, one per param group)"
+            )
+        return [_check_weight(f"group_weights[{i}]", w) for i, w in enumerate(group_weights)]
+    raise TypeError(
+        f"Invalid group_weights: {group_weights!r} (expected a sequence with one weight per param group, "
+        "or a mapping by group index or 'group_<i>')"
+    )
+
+
+class WeightResolver:
+    """Callable ``(group_index, param) -> weight`` built by :func:`resolve_weights`."""
+
+    def __init__(self, param_groups: list[dict], overrides: list[float], layer: dict[int, float]) -> None:
+        self._param_groups = param_groups
+        self._overrides = overrides
+        self._layer = layer
+
+    def group_weight(self, index: int) -> float:
+        """Weight of param group ``index``: ``group_weights[index] * accumulation_weight``."""
+        base = self._overrides[index] if index < len(self._overrides) else 1.0
+        return base * check_group_weight(self._param_groups[index], index)
+
+    def check_new_group(self, group: Mapping[str, Any]) -> None:
+        """Validate a group about to be added (before anything is changed)."""
+        check_group_weight(group, len(self._param_groups))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Layer weights are keyed by id(param): store them by position so that
+        # copy.deepcopy and pickle map them onto the copied parameters.
+        state = self.__dict__.copy()
+        state["_layer"] = [
+            (gi, j, self._layer[id(p)])
+            for gi, g in enumerate(self._param_groups)
+            for j, p in enumerate(g["params"])
+            if id(p) in self._layer
+        ]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        positions = state.pop("_layer")
+        self.__dict__.update(state)
+        self._layer = {id(self._param_groups[gi]["params"][j]): w for gi, j, w in positions}
+
+    def __call__(self, group_index: int, p: Tensor) -> float:
+        w = self._layer.get(id(p), 1.0) * self.group_weight(group_index)
+        if not math.isfinite(w):
+            raise ValueError(
+                f"Invalid accumulation weight: {w} for a parameter of group {group_index} "
+                "(the product of its layer and group weights overflows; expected a finite number)"
+            )
+        return w
 
 
 def resolve_weights(
@@ -68,44 +179,109 @@ def resolve_weights(
     names: Mapping[int, str] | None,
     layer_weights: Mapping[str, float] | None = None,
     group_weights: Any = None,
-    exclude: Iterable[str] | None = None,
-) -> Callable[[int, Tensor], float]:
-    """Return ``weight_of(group_index, param)``, validating every argument first."""
-    gweights = _group_weights(param_groups, group_weights)
-    layer: dict[int, float] = {}
+    exclude: Iterable[str | Tensor] | str | None = None,
+) -> WeightResolver:
+    """Validate the weight arguments and return the per-parameter weight function.
+
+    Args:
+        param_groups: the wrapped optimizer's param groups.
+        names: ``{id(param): name}`` (see :func:`parameter_names`), or None without a model.
+        layer_weights: ``{name or glob pattern: weight >= 0}``.
+        group_weights: one weight per param group (sequence), or a mapping by index / ``"group_<i>"``.
+        exclude: names, glob patterns or parameters to exclude (weight 0).
+
+    Raises:
+        TypeError, ValueError: naming the offending entry; nothing is changed.
+    """
+    overrides = _group_overrides(len(param_groups), group_weights)
+    for i, g in enumerate(param_groups):
+        check_group_weight(g, i)
+
     patterns: dict[str, float] = {}
-    if layer_weights:
+    if layer_weights is not None:
         if not isinstance(layer_weights, Mapping):
-            raise TypeError(f"Invalid layer_weights: {layer_weights!r} (expected a mapping of name or pattern to weight)")
-        patterns.update({str(k): _check_weight(f"layer_weights[{k!r}]", v) for k, v in layer_weights.items()})
-    excluded = list(exclude or ())
-    if (patterns or excluded) and names is None:
-        raise ValueError("layer_weights and exclude need parameter names: pass model=... (or named_parameters=...)")
-    if patterns or excluded:
+            raise TypeError(
+                f"Invalid layer_weights: {layer_weights!r} (expected a mapping of parameter name or pattern to weight)"
+            )
+        for k, v in layer_weights.items():
+            if not isinstance(k, str):
+                raise TypeError(f"Invalid layer_weights key: {k!r} (expected a parameter name or glob pattern)")
+            patterns[k] = _check_weight(f"layer_weights[{k!r}]", v)
+
+    if exclude is None:
+        excluded: list[Any] = []
+    elif isinstance(exclude, (str, Tensor)):
+        excluded = [exclude]
+    else:
+        excluded = list(exclude)
+    excluded_names = [e for e in excluded if isinstance(e, str)]
+    for e in excluded:
+        if not isinstance(e, (str, Tensor)):
+            raise TypeError(f"Invalid exclude entry: {e!r} (expected a parameter name, a glob pattern or a parameter)")
+
+    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
+    layer: dict[int, float] = {}
+    if (patterns or excluded_names) and names is None:
+        raise ValueError(
+            "Invalid layer_weights/exclude: parameter names are needed to resolve "
+            f"{list(patterns) + excluded_names!r}; pass model=... (the module whose named_parameters() they refer to)"
+        )
+    if names is not None and (patterns or excluded_names):
         by_name = {name: pid for pid, name in names.items()}
-        order = {p: i for i, p in enumerate(patterns)}
-        unmatched = [p for p in list(patterns) + excluded if p not in by_name and not fnmatch.filter(by_name, p)]
+        unmatched = [p for p in list(patterns) + excluded_names if p not in by_name and not any(fnmatchcase(n, p) for n in by_name)]
         if unmatched:
             raise ValueError(
                 f"Invalid layer_weights/exclude: {unmatched!r} match no parameter name "
                 f"(names look like {sorted(by_name)[:4]!r})"
             )
+        order = {p: i for i, p in enumerate(patterns)}
         for name, pid in by_name.items():
             if name in patterns:
                 layer[pid] = patterns[name]
                 continue
-            hits = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+            hits = [p for p in patterns if fnmatchcase(name, p)]
             if hits:
-                best = max(hits, key=lambda p: (_literal_chars(p), -order[p]))
+                best = max(hits, key=lambda p: (pattern_specificity(p), -order[p]))
                 layer[pid] = patterns[best]
-        for pattern in excluded:
-            for name in fnmatch.filter(by_name, pattern) if pattern not in by_name else [pattern]:
-                layer[by_name[name]] = 0.0
+        for pattern in excluded_names:
+            for name, pid in by_name.items():
+                if name == pattern or fnmatchcase(name, pattern):
+                    layer[pid] = 0.0
+    for e in excluded:
+        if isinstance(e, Tensor):
+            if id(e) not in in_optimizer:
+                raise ValueError(
+                    f"Invalid exclude entry: a tensor of shape {tuple(e.shape)} that is not a parameter of the optimizer"
+                )
+            layer[id(e)] = 0.0
 
-    def weight_of(group_index: int, p: Tensor) -> float:
-        w = layer.get(id(p), 1.0) * (gweights[group_index] if group_index < len(gweights) else 1.0)
-        if not math.isfinite(w):
-            raise ValueError(f"Invalid accumulation weight {w} for a parameter of group {group_index}")
-        return w
+    resolver = WeightResolver(param_groups, overrides, layer)
+    weights = [resolver(i, p) for i, g in enumerate(param_groups) for p in g["params"]]
+    if weights and all(w == 0.0 for w in weights):
+        raise ValueError(
+            "Invalid weights: every parameter of the optimizer has accumulation weight 0 or is excluded "
+            "(expected at least one parameter to train)"
+        )
+    return resolver
 
-    return weight_of
+
+def check_micro_weight(weight: Any) -> "float | Tensor":
+    """Validate one micro-batch weight (``step(weight=)`` / ``backward(weight=)``) without a host sync.
+
+    A Python number must be finite and >= 0; it is returned as a float. A
+    one-element tensor is returned as a 0-dim float64 tensor on its device
+    (float32 on MPS), so that integer token counts and long sums stay exact.
+    CPU tensors are checked like numbers (no device involved); values of
+    accelerator tensors cannot be checked without a sync and are trusted.
+    """
+    if isinstance(weight, Tensor):
+        if weight.numel() != 1:
+            raise ValueError(f"Invalid weight: a tensor of shape {tuple(weight.shape)} (expected one element)")
+        if weight.is_complex():
+            raise TypeError(f"Invalid weight: a tensor of dtype {weight.dtype} (expected a real number)")
+        w = weight.detach().reshape(())
+        if w.device.type == "cpu":
+            check_real("weight", w.item(), nonnegative=True)
+        dtype = torch.float32 if w.device.type == "mps" else torch.float64
+        return w if w.dtype == dtype else w.to(dtype)
+    return check_real("weight", weight, nonnegative=True)  # type: ignore[return-value]

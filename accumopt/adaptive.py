@@ -1,0 +1,183 @@
+"""Adaptive K: the window grows or shrinks with the measured gradient noise scale.
+
+Heuristic, after McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of
+Large-Batch Training" (arXiv:1812.06162): the *simple noise scale*
+``B_simple = tr(Sigma) / |G|^2`` predicts the critical batch size, the batch
+beyond which a larger batch stops saving optimization steps (below it, doubling
+the batch nearly halves the steps; above it, it mostly wastes compute). The
+noise scale typically grows during training, so the effective batch should too.
+
+:class:`AdaptiveK` aims the effective batch ``K * micro_batch_size`` at the
+current estimate, with hysteresis so that noise in the estimate does not make K
+oscillate:
+
+* K is decided only when a window closes (never mid-window);
+* the target ``T = B_simple / micro_batch_size`` (in micro-batches) must leave the
+  band ``[K / band, K * band]`` in the same direction for ``patience``
+  consecutive windows before K changes;
+* K then jumps to the candidate nearest to ``T`` in log scale, candidates being
+  ``k_min * 2**j`` (and ``k_max``), so every change is by a power of two, and a
+  constant estimate gives a fixed point: ``T`` is then within ``sqrt(2)`` of the
+  chosen K, inside any band >= ``sqrt(2)``.
+
+Reading the estimate costs one host-device synchronisation per decision (once
+per window, at the boundary); micro-steps in between stay sync-free.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from torch import Tensor
+
+from ._checks import check_int, check_real
+from .schedule import Schedule
+
+__all__ = ["AdaptiveK"]
+
+NoiseSource = Callable[[], "float | Tensor | None"]
+
+
+class AdaptiveK(Schedule):
+    """K between ``k_min`` and ``k_max`` following the gradient noise scale.
+
+    Pass it as ``accumulation_steps``::
+
+        opt = AccumulatingOptimizer(inner, AdaptiveK(k_min=1, k_max=64, micro_batch_size=32,
+                                                     noise_scale=estimator))
+
+    Args:
+        noise_scale: a callable returning the current estimate of the simple noise
+            scale in *samples* (a float, a 0-dim tensor, or None while unknown). None:
+            read the wrapper's estimate (``opt.noise_scale`` if it exists, else
+            ``opt.stats()["noise_scale"]``; turn its estimation on in the wrapper).
+        k_min: smallest K.
+        k_max: largest K.
+        micro_batch_size: samples per micro-batch, to turn the noise scale into a K
+            (1: the estimate is already in micro-batches).
+        k_init: K of the first windows (default ``k_min``).
+        band: hysteresis factor (>= sqrt(2)): K moves only when the target leaves
+            ``[K / band, K * band]``.
+        patience: consecutive out-of-band windows, in the same direction, needed to move.
+        warmup: windows before the first decision (the estimate needs a few updates).
+    """
+
+    schedule_by = "update"
+
+    def __init__(
+        self,
+        noise_scale: NoiseSource | None = None,
+        *,
+        k_min: int = 1,
+        k_max: int,
+        micro_batch_size: float = 1,
+        k_init: int | None = None,
+        band: float = 2.0,
+        patience: int = 3,
+        warmup: int = 1,
+    ) -> None:
+        if noise_scale is not None and not callable(noise_scale):
+            raise TypeError(f"Invalid noise_scale: {noise_scale!r} (expected a callable returning the estimate, or None)")
+        self.k_min = check_int("k_min", k_min)
+        self.k_max = check_int("k_max", k_max)
+        if self.k_max < self.k_min:
+            raise ValueError(f"Invalid k_max: {k_max} (expected an int >= k_min={k_min})")
+        self.micro_batch_size = check_real("micro_batch_size", micro_batch_size, positive=True)
+        k_init = self.k_min if k_init is None else check_int("k_init", k_init)
+        if not self.k_min <= k_init <= self.k_max:
+            raise ValueError(f"Invalid k_init: {k_init} (expected an int in [k_min={k_min}, k_max={k_max}])")
+        self.band = check_real("band", band)
+        if self.band < math.sqrt(2):
+            raise ValueError(f"Invalid band: {band} (expected a factor >= sqrt(2), or K would oscillate)")
+        self.patience = check_int("patience", patience)
+        self.warmup = check_int("warmup", warmup, minimum=0)
+        self.noise_scale = noise_scale
+        self.candidates = self._candidates()
+        self.k = k_init
+        self.target: float | None = None  # last target, in micro-batches
+        self.changes = 0  # times K changed
+        self._direction = 0
+        self._streak = 0
+        self._decided_at = 0  # the boundary (closed windows) of the last decision
+        self._optimizer: Any = None
+
+    def _candidates(self) -> list[int]:
+        out, k = [], self.k_min
+        while k < self.k_max:
+            out.append(k)
+            k *= 2
+        out.append(self.k_max)
+        return out
+
+    def bind(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
+
+    def read(self) -> float | None:
+        """The current noise-scale estimate (one sync when it is a device tensor)."""
+        source = self.noise_scale
+        if source is None:
+            opt = self._optimizer
+            if opt is None:
+                return None
+            value = getattr(opt, "noise_scale", None)
+            value = value() if callable(value) else value
+            if value is None and hasattr(opt, "stats"):
+                value = opt.stats().get("noise_scale")
+        else:
+            value = source()
+        if value is None:
+            return None
+        value = float(value)  # the one sync per decision
+        return value if math.isfinite(value) and value > 0 else None
+
+    def nearest(self, target: float) -> int:
+        """The candidate K nearest to ``target`` in log scale (the smaller one on a tie)."""
+        if target <= 0:
+            return self.candidates[0]
+        log_t = math.log(target)
+        return min(self.candidates, key=lambda k: (abs(math.log(k) - log_t), k))
+
+    def __call__(self, epoch: int, updates: int) -> int:
+        if updates == self._decided_at or updates < self.warmup:
+            return self.k  # already decided at this boundary, or still warming up
+        self._decided_at = updates
+        estimate = self.read()
+        if estimate is None:
+            return self.k  # no evidence: stay
+        self.target = estimate / self.micro_batch_size
+        if self.target > self.k * self.band and self.k < self.k_max:
+            direction = 1
+        elif self.target < self.k / self.band and self.k > self.k_min:
+            direction = -1
+        else:
+            direction = 0
+        if direction == 0 or direction != self._direction:
+            self._streak = 0
+        self._direction = direction
+        if direction:
+            self._streak += 1
+            if self._streak >= self.patience:
+                k = self.nearest(self.target)
+                if k != self.k:
+                    self.k = k
+                    self.changes += 1
+                self._streak = 0
+                self._direction = 0
+        return self.k
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "target": self.target, "changes": self.changes, "direction": self._direction,
+                "streak": self._streak, "decided_at": self._decided_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k = int(state["k"])
+        self.target = None if state.get("target") is None else float(state["target"])
+        self.changes = int(state.get("changes", 0))
+        self._direction = int(state.get("direction", 0))
+        self._streak = int(state.get("streak", 0))
+        self._decided_at = int(state.get("decided_at", 0))
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveK(k={self.k}, k_min={self.k_min}, k_max={self.k_max}, "
+                f"micro_batch_size={self.micro_batch_size:g}, band={self.band:g}, patience={self.patience})")

@@ -1,0 +1,301 @@
+"""``python -m accumopt demo``: one large batch vs accumopt (K micro-batches) vs plain small batches.
+
+A small MLP on built-in synthetic data (a fixed random teacher network labels
+Gaussian inputs), trained three ways on the same samples in the same order:
+
+* ``large batch``: batches of K x micro-batch-size, one AdamW step each;
+* ``accumopt``: micro-batches, ``AccumulatingOptimizer(AdamW, K)``, weighted by
+  sample count (the last, short window of each epoch is flushed);
+* ``small batches``: micro-batches, one AdamW step each, no accumulation.
+
+It prints a table (final loss over the whole data set, largest relative
+parameter deviation from the large-batch run, peak memory, time) and writes a
+PNG of the three loss curves when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .optimizer import AccumulatingOptimizer
+
+__all__ = ["main", "run_demo"]
+
+_RUNS = ("large batch", "accumopt", "small batches")
+
+
+def _data(n: int, features: int, classes: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(n, features, generator=g, dtype=torch.float64)
+    teacher = torch.randn(features, classes, generator=g, dtype=torch.float64)
+    logits = torch.tanh(x @ teacher / math.sqrt(features)) * 3 + 0.5 * torch.randn(n, classes, generator=g, dtype=torch.float64)
+    return x.to(dtype), logits.argmax(1)
+
+
+def _model(features: int, hidden: int, classes: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                         nn.Linear(hidden, classes)).to(device=device, dtype=dtype)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        return 0
+
+
+def _peak_rss() -> int:
+    """High-water mark of this process's RSS (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover
+        pass
+    return 0
+
+
+def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one way; returns losses per update, final parameters, final loss, peak memory, time."""
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    x, y = _data(cfg["samples"], cfg["features"], cfg["classes"], dtype)
+    x, y = x.to(device), y.to(device)
+    model = _model(cfg["features"], cfg["hidden"], cfg["classes"], dtype, device)
+    loss_fn = nn.CrossEntropyLoss()
+    inner = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    k, mb = cfg["k"], cfg["micro_batch_size"]
+    opt = AccumulatingOptimizer(inner, k) if kind == "accumopt" else inner
+    batch = k * mb if kind == "large batch" else mb
+    curve: list[tuple[int, torch.Tensor]] = []  # (samples seen, loss), kept on the device until the end
+    window: list[Any] = [0.0, 0]
+    seen = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        warm = copy.deepcopy(model)  # first-use allocations of torch kernels stay out of the figure
+        warm_opt = torch.optim.AdamW(warm.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        loss_fn(warm(x[:batch]), y[:batch]).backward()
+        warm_opt.step()
+        del warm, warm_opt
+        base = _rss()
+    t0 = time.perf_counter()
+    for epoch in range(cfg["epochs"]):
+        order = torch.randperm(cfg["samples"], generator=torch.Generator().manual_seed(epoch)).to(device)
+        for a in range(0, cfg["samples"], batch):
+            idx = order[a:a + batch]
+            loss = loss_fn(model(x[idx]), y[idx])
+            n = len(idx)
+            seen += n
+            if kind == "accumopt":
+                opt.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
+                opt.step()
+                opt.zero_grad()
+                window = [window[0] + loss.detach() * n, window[1] + n]
+                if opt.pending == 0:
+                    curve.append((seen, window[0] / window[1]))
+                    window = [0.0, 0]
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                curve.append((seen, loss.detach()))
+        if kind == "accumopt" and opt.flush():  # the epoch's last, partial window
+            curve.append((seen, window[0] / window[1]))
+            window = [0.0, 0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = _peak_rss() - base
+    elapsed = time.perf_counter() - t0
+    with torch.no_grad():  # after the memory reading: the whole data set in one pass is not training
+        final = loss_fn(model(x), y)
+    return {
+        "kind": kind,
+        "curve": [(s, float(v)) for s, v in curve],
+        "params": [p.detach().cpu() for p in model.parameters()],
+        "final_loss": float(final),
+        "peak_bytes": max(peak, 0),
+        "time": elapsed,
+    }
+
+
+def _fix_malloc() -> None:
+    """Fixed glibc mmap threshold: freed tensors leave RSS, so the RSS high-water mark tracks live memory."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def _child(kind: str, cfg: dict[str, Any], conn: Any) -> None:
+    _fix_malloc()
+    try:
+        result = _train(kind, cfg)
+        buf = io.BytesIO()
+        torch.save(result.pop("params"), buf)  # plain bytes: no shared-memory handles outliving the child
+        result["params_bytes"] = buf.getvalue()
+        conn.send(result)
+    except BaseException as e:  # pragma: no cover - reported by the parent
+        conn.send(e)
+    finally:
+        conn.close()
+
+
+def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """On CPU each run is a forked child, so that its peak RSS is its own."""
+    if cfg["device"] != "cpu" or "fork" not in mp.get_all_start_methods() or not cfg["fork"]:
+        return _train(kind, cfg)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(kind, cfg, child))
+    proc.start()
+    child.close()
+    result = parent.recv()
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    result["params"] = torch.load(io.BytesIO(result.pop("params_bytes")), weights_only=True)
+    return result
+
+
+def _deviation(params: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """Largest over parameters of max|p - p_ref| / max|p_ref|."""
+    worst = 0.0
+    for p, r in zip(params, ref):
+        scale = r.abs().max().item() or 1.0
+        worst = max(worst, (p.double() - r.double()).abs().max().item() / scale)
+    return worst
+
+
+def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    styles = {"large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
+              "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
+              "small batches": dict(lw=0.8, alpha=0.8, color="tab:green")}
+    for r in results:
+        xs = [s for s, _ in r["curve"]]
+        ys = [v for _, v in r["curve"]]
+        ax.plot(xs, ys, label=r["kind"], **styles[r["kind"]])
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("training loss (per update)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
+             output: str | None = "accumopt_demo.png", samples: int = 4096, epochs: int = 3,
+             features: int = 64, hidden: int = 256, classes: int = 10, lr: float = 3e-3,
+             fork: bool = True, threads: int | None = None, stream: Any = None) -> dict[str, Any]:
+    """Run the three trainings, print the table; returns the figures (and the PNG path if written)."""
+    from ._checks import check_choice, check_int
+
+    check_int("k", k)
+    check_int("micro_batch_size", micro_batch_size)
+    check_int("samples", samples)
+    check_int("epochs", epochs)
+    check_choice("dtype", dtype, ("float32", "float64"))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
+    out = stream or sys.stdout
+    cfg = dict(k=k, micro_batch_size=micro_batch_size, device=str(dev), dtype=dtype, samples=samples,
+               epochs=epochs, features=features, hidden=hidden, classes=classes, lr=lr, fork=fork,
+               threads=threads or (1 if dev.type == "cpu" else torch.get_num_threads()))
+    t0 = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    try:
+        if cfg["fork"] and dev.type == "cpu":  # initialise torch's kernels once, before the children fork
+            _train("accumopt", dict(cfg, samples=2 * k * micro_batch_size, epochs=1))
+        results = [_run(kind, cfg) for kind in _RUNS]
+    finally:
+        torch.set_num_threads(threads_before)
+    ref = results[0]["params"]
+    for r in results:
+        r["deviation"] = _deviation(r["params"], ref)
+    mem = "peak GPU memory" if dev.type == "cuda" else "peak RSS (+)"
+    print(f"accumopt demo: {samples} samples, {epochs} epochs, {dtype} on {dev}; AdamW; "
+          f"large batch {k * micro_batch_size} = K {k} x micro-batch {micro_batch_size}", file=out)
+    header = f"{'run':<15}{'final loss':>12}{'max rel. deviation':>21}{mem:>18}{'time':>9}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in results:
+        dev_txt = "(reference)" if r is results[0] else f"{r['deviation']:.2e}"
+        print(f"{r['kind']:<15}{r['final_loss']:>12.6f}{dev_txt:>21}{r['peak_bytes'] / 2**20:>15.1f} MiB"
+              f"{r['time']:>8.2f}s", file=out)
+    acc_dev = results[1]["deviation"]
+    if dtype == "float32":
+        print("float32: this deviation is rounding, not method: K partial sums round differently from one "
+              "large-batch reduction (~1e-7 relative), and AdamW's division by sqrt(v) amplifies that for weights "
+              "with tiny gradients over the updates; --dtype float64 shows the same run equal to ~1e-14.", file=out)
+    else:
+        print(f"float64: accumopt equals the large batch to {acc_dev:.1e} (bar: 1e-9); small batches without "
+              f"accumulation follow another trajectory ({results[2]['deviation']:.1e}).", file=out)
+    png = None
+    if output:
+        title = f"accumopt demo: K={k}, micro-batch {micro_batch_size}, {dtype}"
+        if _plot(results, output, title):
+            png = output
+            print(f"loss curves written to {output}", file=out)
+        else:
+            print("(install matplotlib for a PNG of the loss curves: pip install matplotlib)", file=out)
+    print(f"total time {time.perf_counter() - t0:.1f}s", file=out)
+    return {"results": [{k_: v for k_, v in r.items() if k_ != "params"} for r in results],
+            "deviation": acc_dev, "small_deviation": results[2]["deviation"], "png": png}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m accumopt demo``."""
+    parser = argparse.ArgumentParser(prog="python -m accumopt", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="large batch vs accumopt vs small batches, with a table and a PNG")
+    d.add_argument("--k", type=int, default=8, help="micro-batches per update (default 8)")
+    d.add_argument("--micro-batch-size", type=int, default=32, help="samples per micro-batch (default 32)")
+    d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    d.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    d.add_argument("--output", default="accumopt_demo.png", help="PNG path ('' for none)")
+    d.add_argument("--samples", type=int, default=4096, help="size of the synthetic data set")
+    d.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    try:
+        run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
+                 output=args.output or None, samples=args.samples, epochs=args.epochs)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    return 0

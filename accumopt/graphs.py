@@ -1,0 +1,488 @@
+"""Graph-captured micro-steps: a micro-batch's forward and backward replayed as one CUDA graph.
+
+With gradient accumulation every micro-batch pays the Python and kernel-launch
+cost of a whole forward and backward pass. For small and mid-size models that
+fixed cost dominates. :class:`CapturedMicroStep` captures one micro-step into a
+CUDA graph once, then runs each micro-batch by copying it into the graph's
+static inputs and replaying::
+
+    opt = accumopt.AccumulatingOptimizer(torch.optim.AdamW(model.parameters(), fused=True), 16)
+    step = accumopt.CapturedMicroStep(opt, model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x0, y0))
+    for x, y in loader:
+        loss = step((x, y))          # forward + backward + accumulate; every 16th call also updates
+
+What the graph holds, and what stays outside:
+
+* inside: ``loss_fn(model, batch)``, the micro-batch weight and the owned
+  ``GradScaler``'s scale applied to the loss, and ``backward()``. In the default
+  ``"inplace"`` mode the backward pass itself is the accumulation: autograd adds
+  each micro-batch's gradient into ``.grad`` tensors that exist before capture
+  (static memory), exactly as it does in an eager loop.
+* outside, eager, unchanged: everything :meth:`AccumulatingOptimizer.step` does
+  (buffered accumulation, non-finite checks, the window, statistics) and the real
+  update (unscale, clip, optimizer step, scheduler, scaler update).
+
+A call is equivalent to ``loss = loss_fn(model, batch); opt.backward(loss, weight=weight);
+opt.step(loss=loss)``, and runs exactly that (eagerly) whenever the graph cannot
+be used: on CPU, for a micro-batch whose shapes differ from the example (a ragged
+last batch), for a DDP/FSDP model, or after a capture failed. The graph is
+(re)captured at the start of a window whenever the model's train/eval modes, its
+parameters, the optimizer's parameters, the autocast state or the owned scaler's
+scale tensor changed since the last capture; a change in the middle of a window
+runs the rest of that window eagerly.
+
+Rules the captured function must follow (the usual CUDA-graph rules): the same
+kernels for every micro-batch (no data-dependent Python control flow, no
+``.item()``), random numbers from the default CUDA generator or from generators
+passed as ``generators=``, and no CPU work whose result changes between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._checks import check_int
+from .optimizer import AccumulatingOptimizer
+from .sync import unwrap_model
+
+__all__ = ["CapturedMicroStep", "capture_micro_step"]
+
+LossFn = Callable[[torch.nn.Module, Any], Tensor]
+
+# Parameter (re)registrations anywhere (``module.weight = nn.Parameter(...)``): a cheap
+# per-call test that no parameter was replaced since the graph was captured.
+_registrations = 0
+_hook_installed = False
+
+
+def _count_registration(module: torch.nn.Module, name: str, param: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _install_registration_hook() -> None:
+    global _hook_installed
+    if not _hook_installed:
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        _hook_installed = True
+
+
+# ---------------------------------------------------------------------------- backends
+class _CudaGraphBackend:
+    """Capture and replay with ``torch.cuda.CUDAGraph`` (the PyTorch CUDA-graph recipe)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterable[None]:
+        """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                yield
+            current.wait_stream(side)
+
+    def get_rng_state(self) -> Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
+
+    def capture(self, fn: Callable[[], Any], params: Sequence[Tensor],
+                generators: Sequence[torch.Generator]) -> tuple[Any, Callable[[], None], Any]:
+        """Capture ``fn``; return its (static) output, a replay function and the graph to keep alive."""
+        graph = torch.cuda.CUDAGraph()
+        for gen in generators:
+            graph.register_generator_state(gen)
+        with torch.cuda.device(self.device):
+            with torch.cuda.graph(graph):
+                out = fn()
+        return out, graph.replay, graph
+
+
+def _make_backend(device: torch.device) -> Any:
+    """The capture backend for ``device`` (tests substitute a simulated one on CPU)."""
+    return _CudaGraphBackend(device)
+
+
+# ---------------------------------------------------------------------------- the API
+class CapturedMicroStep:
+    """One accumulation micro-step (forward, loss, backward, accumulate) captured as a CUDA graph.
+
+    Args:
+        optimizer: the :class:`AccumulatingOptimizer` whose window the micro-steps fill.
+        model: the model; ``loss_fn`` receives it.
+        loss_fn: ``loss_fn(model, batch) -> loss``: the micro-batch's mean loss
+            (a one-element tensor). It may use autocast inside, or be called
+            inside an autocast region.
+        example_batch: a micro-batch of the usual shapes: a tensor or a nested
+            tuple / list / dict of tensors (other leaves must stay equal across
+            calls). Its tensors become the graph's static inputs (on the model's
+            device).
+        capture: ``None`` (default): capture when the model is on one CUDA device
+            and capture is possible, run eagerly otherwise; ``True``: capture or
+            raise ``ValueError``; ``False``: always eager.
+        warmup_steps: eager iterations on a side stream before each capture
+            (3, as in the PyTorch documentation; use 11 or more for DDP-like hooks).
+        generators: extra ``torch.Generator`` objects the model draws from
+            (registered with the graph; the default CUDA generator always is).
+
+    Call it as ``loss = step(batch, weight=None)``: one micro-batch, returning its
+    loss (a detached tensor on the device). The wrapper's step semantics apply:
+    every K-th call applies the real update. Do not call ``opt.step()`` or
+    ``loss.backward()`` yourself for these micro-batches; ``opt.flush()``,
+    ``opt.zero_grad()``, LR schedulers and checkpoints work as usual.
+    """
+
+    def __init__(
+        self,
+        optimizer: AccumulatingOptimizer,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        example_batch: Any,
+        *,
+        capture: bool | None = None,
+        warmup_steps: int = 3,
+        generators: Sequence[torch.Generator] = (),
+    ) -> None:
+        if not isinstance(optimizer, AccumulatingOptimizer):
+            raise TypeError(
+                f"Invalid optimizer: {type(optimizer).__name__} (expected an accumopt.AccumulatingOptimizer; "
+                "wrap your optimizer first)"
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
+        if not callable(loss_fn):
+            raise TypeError(f"Invalid loss_fn: {loss_fn!r} (expected a callable loss_fn(model, batch) -> loss)")
+        if capture is not None and not isinstance(capture, bool):
+            raise TypeError(f"Invalid capture: {capture!r} (expected None, True or False)")
+        check_int("warmup_steps", warmup_steps)
+        generators = tuple(generators)
+        for gen in generators:
+            if not isinstance(gen, torch.Generator):
+                raise TypeError(f"Invalid generators: {gen!r} (expected torch.Generator objects)")
+        leaves, spec = pytree.tree_flatten(example_batch)
+        if not any(isinstance(x, Tensor) for x in leaves):
+            raise ValueError(
+                f"Invalid example_batch: {type(example_batch).__name__} holds no tensor "
+                "(expected a tensor or a tuple / list / dict of tensors)"
+            )
+        _check_params_in_optimizer(model, optimizer)
+
+        self.optimizer = optimizer
+        self.model = model
+        self.loss_fn = loss_fn
+        self.warmup_steps = warmup_steps
+        self.generators = generators
+        self._spec = spec
+        self._example_leaves = leaves
+        self._mode = capture
+        _install_registration_hook()
+        self._reason: str | None = None  # why micro-steps run eagerly (None: they may be captured)
+        self._graph: Any = None
+        self._replay: Callable[[], None] | None = None
+        self._backend: Any = None
+        self.replays = 0
+        self.eager_steps = 0
+        self.captures = 0
+        self._checked = _registrations
+
+        self._reason = self._impossible()
+        if self._reason is not None:
+            if capture is True:
+                raise ValueError(f"Invalid capture: True, but the micro-step cannot be captured: {self._reason}")
+            return
+        if capture is False:
+            self._reason = "capture=False"
+            return
+        self._backend = _make_backend(self._device)
+        self._static_leaves = [
+            x.detach().to(self._device, copy=True) if isinstance(x, Tensor) else x for x in leaves
+        ]
+        self._static_batch = pytree.tree_unflatten(self._static_leaves, spec)
+        self._tensor_slots = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+        self._leaf_meta = [(x.shape, x.dtype) if isinstance(x, Tensor) else x for x in leaves]
+        wdtype = torch.float64 if any(p.dtype == torch.float64 for p in self._opt_params()) else torch.float32
+        self._w = torch.ones((), device=self._device, dtype=wdtype)
+        self._w_is_one = True
+        self._sig: tuple | None = None
+        self._fast: tuple | None = None
+        self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
+        self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
+        self._static_loss: Tensor | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def captured(self) -> bool:
+        """Whether a graph is captured and used for micro-batches of the example's shapes."""
+        return self._replay is not None
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why micro-steps run eagerly (None while capture is possible)."""
+        return self._reason
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, batch: Any, weight: "float | Tensor | None" = None) -> Tensor:
+        """Run one micro-batch (forward, backward, accumulate, and the update when the window is full).
+
+        Args:
+            batch: a micro-batch with the structure of the example batch.
+            weight: how much this micro-batch counts (a number or a 0-dim device
+                tensor, as in :meth:`AccumulatingOptimizer.backward`); default 1.
+
+        Returns:
+            The micro-batch's loss, detached (a copy: later calls do not change it).
+        """
+        opt = self.optimizer
+        if opt.pending == 0 and self._checked != _registrations:  # a parameter was (re)registered somewhere
+            _check_params_in_optimizer(self.model, opt)
+            self._checked = _registrations
+        if self._reason is not None:
+            return self._eager(batch, weight)
+        if opt.pending == 0:
+            self._window_start()
+            if self._reason is not None:
+                return self._eager(batch, weight)
+        leaves = self._matching_leaves(batch) if self._replay is not None and self._fast_key() == self._fast else None
+        if leaves is None:
+            return self._eager(batch, weight)
+        w = opt._check_weight(weight) if weight is not None else None
+        self._attach(full=False)
+        for i in self._tensor_slots:
+            self._static_leaves[i].copy_(leaves[i], non_blocking=True)
+        if w is None:
+            if not self._w_is_one:
+                self._w.fill_(1.0)
+                self._w_is_one = True
+        else:
+            if isinstance(w, Tensor):
+                self._w.copy_(w, non_blocking=True)
+            else:
+                self._w.fill_(w)
+            self._w_is_one = False
+        self._replay()
+        self.replays += 1
+        for p, g in self._outputs:  # fresh gradients for buffered groups: the wrapper moves them
+            p.grad = g
+        loss = self._static_loss.clone()
+        if w is not None:  # what opt.backward(loss, weight=w) records
+            opt._pre_weight = w if opt._pre_weight is None else opt._pre_weight + w
+        opt.step(loss=loss)
+        return loss
+
+    def recapture(self) -> None:
+        """Drop the graph (and its memory); the next window start captures again."""
+        self._drop()
+        if self._reason is not None and self._reason.startswith("capture failed"):
+            self._reason = None
+
+    # ------------------------------------------------------------------- helpers
+    def _opt_params(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _impossible(self) -> str | None:
+        """Why this micro-step can never be captured (None: it can)."""
+        params = self._opt_params()
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            return f"parameters on several devices {sorted(map(str, devices))}"
+        device = next(iter(devices))
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return f"parameters on {device} (CUDA graphs need CUDA parameters)"
+        if self.optimizer._sync.active:
+            return "a DDP/FSDP model (gradient synchronisation differs between micro-steps)"
+        self._device = device
+        return None
+
+    def _eager(self, batch: Any, weight: "float | Tensor | None") -> Tensor:
+        """The plain micro-step: ``opt.backward(loss_fn(model, batch), weight=...)``, then ``opt.step``."""
+        opt = self.optimizer
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model, batch)
+            _check_loss(loss)
+            opt.backward(loss, weight=weight)
+        loss = loss.detach()
+        opt.step(loss=loss)
+        self.eager_steps += 1
+        return loss
+
+    def _matching_leaves(self, batch: Any) -> list | None:
+        """The batch's leaves if it has the example's structure and shapes, else None."""
+        leaves, spec = pytree.tree_flatten(batch)
+        if spec != self._spec:
+            return None
+        for x, meta in zip(leaves, self._leaf_meta):
+            if isinstance(x, Tensor):
+                if not isinstance(meta, tuple) or x.shape != meta[0] or x.dtype != meta[1]:
+                    return None
+            elif isinstance(meta, tuple) or x != meta:
+                return None
+        return leaves
+
+    def _autocast_key(self) -> tuple:
+        return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+    def _fast_key(self) -> tuple:
+        """Checked on every call: cheap signs of a changed model (top-level mode, registrations, autocast)."""
+        return (self.model.training, _registrations, self._autocast_key())
+
+    def _signature(self) -> tuple:
+        """Checked at each window start: everything the captured graph depends on."""
+        scaler = self.optimizer._precision.scaler
+        return (
+            tuple(m.training for m in self.model.modules()),
+            tuple((id(p), p.data_ptr(), p.requires_grad, p.shape, p.dtype) for p in self.model.parameters()),
+            tuple(id(p) for p in self._opt_params()),
+            tuple(id(p) for g in self.optimizer._store.groups if g.buffers is None for p in g.params),
+            self._autocast_key(),
+            id(getattr(scaler, "_scale", None)) if scaler is not None else None,
+        )
+
+    def _window_start(self) -> None:
+        if self._replay is None or self._signature() != self._sig:
+            self._capture()
+            if self._replay is None:
+                return
+        self._fast = self._fast_key()
+        self._attach(full=True)
+
+    def _attach(self, *, full: bool) -> None:
+        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start)."""
+        pairs = self._accumulating
+        if not pairs:
+            return
+        if not full and pairs[0][0].grad is pairs[0][1] and pairs[-1][0].grad is pairs[-1][1]:
+            return
+        zero = []
+        for p, s in pairs:
+            g = p.grad
+            if g is s:
+                continue
+            if g is None:
+                zero.append(s)
+            else:  # a gradient from an eager micro-step or a loaded checkpoint: carry it over
+                s.copy_(g)
+            p.grad = s
+        if zero:
+            torch._foreach_zero_(zero)
+
+    def _drop(self) -> None:
+        for p, s in self._accumulating:
+            if p.grad is s and self.optimizer.pending == 0:
+                p.grad = None
+        self._graph = self._replay = self._static_loss = None
+        self._accumulating, self._outputs = [], []
+        self._sig = self._fast = None
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture forward + loss + backward (at a window start)."""
+        opt, model, backend = self.optimizer, self.model, self._backend
+        self._drop()
+        params = self._opt_params()
+        saved_grads = [p.grad for p in params]
+        saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        cpu_rng = torch.get_rng_state()
+        rng = backend.get_rng_state()
+        gen_states = [g.get_state() for g in self.generators]
+        cache = torch.is_autocast_cache_enabled()
+        inplace = {id(p) for g in opt._store.groups if g.buffers is None for p in g.params}
+        buffered = {id(p) for g in opt._store.groups if g.buffers is not None for p in g.params}
+        self._w.fill_(1.0)
+        self._w_is_one = True
+
+        def micro_step() -> Tensor:
+            with torch.enable_grad():
+                loss = self.loss_fn(model, self._static_batch)
+                _check_loss(loss)
+                scaled = loss * (self._w if self._w.dtype == loss.dtype else self._w.to(loss.dtype))
+                opt._precision.scale_loss(scaled).backward()
+            return loss.detach()
+
+        try:
+            torch.clear_autocast_cache()
+            torch.set_autocast_cache_enabled(False)  # cached casts would be stale in replays
+            for p in params:
+                p.grad = None
+            with backend.warmup():
+                for _ in range(self.warmup_steps):
+                    for p in params:
+                        p.grad = None
+                    micro_step()
+            used = [p for p in params if p.grad is not None]
+            for p in params:
+                p.grad = None
+            for b, v in saved_buffers:  # warm-up must not move BatchNorm statistics
+                b.copy_(v)
+            accumulating = [(p, torch.zeros_like(p, memory_format=torch.preserve_format))
+                            for p in used if id(p) in inplace]
+            for p, s in accumulating:
+                p.grad = s  # the backward pass adds into these: the in-place window sum
+            backend.set_rng_state(rng)
+            torch.set_rng_state(cpu_rng)
+            for g, st in zip(self.generators, gen_states):
+                g.set_state(st)
+            loss, replay, graph = backend.capture(micro_step, params, self.generators)
+            outputs = [(p, p.grad) for p in used if id(p) in buffered and p.grad is not None]
+            for p in params:  # excluded parameters' gradients are dropped, as opt.step() does
+                if id(p) not in inplace:
+                    p.grad = None
+        except Exception as exc:  # capture impossible for this model: run eagerly, say why
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+            for b, v in saved_buffers:
+                b.copy_(v)
+            self._drop()
+            self._reason = f"capture failed: {type(exc).__name__}: {exc}"
+            if self._mode is True:
+                raise RuntimeError(f"CapturedMicroStep: {self._reason}") from exc
+            warnings.warn(f"CapturedMicroStep runs eagerly: {self._reason}", RuntimeWarning, stacklevel=3)
+            return
+        finally:
+            torch.clear_autocast_cache()  # no cast made during capture may serve a later eager step
+            torch.set_autocast_cache_enabled(cache)
+            backend.set_rng_state(rng)
+            torch.set_rng_state(cpu_rng)
+            for g, st in zip(self.generators, gen_states):
+                g.set_state(st)
+        for p, g in zip(params, saved_grads):  # a gradient present before capture still counts
+            if g is not None:
+                p.grad = g
+        self._graph, self._replay, self._static_loss = graph, replay, loss
+        self._accumulating, self._outputs = accumulating, outputs
+        self._sig = self._signature()  # after warm-up: it created the scaler's scale tensor
+        self.captures += 1
+
+
+def _check_params_in_optimizer(model: torch.nn.Module, optimizer: AccumulatingOptimizer) -> None:
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    outside = [n for n, p in unwrap_model(model).named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if outside:
+        raise ValueError(
+            f"Invalid model: parameters {outside[:4]!r} require grad but are not in the optimizer "
+            "(expected every trainable parameter of the model in the optimizer: add them with "
+            "opt.add_param_group, or freeze them with requires_grad_(False))"
+        )
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"Invalid loss_fn result: {shape} (expected a one-element loss tensor)")
+    if not loss.requires_grad:
+        raise ValueError("Invalid loss_fn result: the loss does not require grad (nothing to backpropagate)")
+
+
+def capture_micro_step(optimizer: AccumulatingOptimizer, model: torch.nn.Module, loss_fn: LossFn,
+                       example_batch: Any, **kwargs: Any) -> CapturedMicroStep:
+    """Build a :class:`CapturedMicroStep` (same arguments)."""
+    return CapturedMicroStep(optimizer, model, loss_fn, example_batch, **kwargs)

@@ -1,0 +1,264 @@
+"""Gradient noise scale: the batch size beyond which more accumulation stops paying.
+
+McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
+Training" (arXiv:1812.06162): the *simple noise scale*
+
+    B_simple = tr(Sigma) / |G|^2
+
+(``Sigma`` the per-sample gradient covariance, ``G`` the true gradient) predicts
+the critical batch size. Appendix A estimates both terms without per-sample
+gradients, from the squared norms of a gradient over a small batch
+(``B_small`` samples) and over a big one (``B_big``), using
+``E|G_B|^2 = |G|^2 + tr(Sigma) / B``:
+
+    |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+    tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
+
+Both are unbiased; each is noisy, so each is smoothed across updates with an
+exponential moving average and the estimate is the ratio of the two averages
+(the paper's recommendation; the EMA's start-up bias cancels in the ratio).
+
+Here the big batch is the accumulation window (its weight total ``W``, times the
+number of data-parallel ranks) and the small batches are micro-batches:
+
+* ``mode="buffered"``: every micro-batch's gradient is measured before it is
+  added to the buffers; the small-batch term is the mean of the K squared norms
+  and ``B_small`` the harmonic mean of their weights (exact for uneven weights:
+  ``E mean_i |g_i|^2 = |G|^2 + tr(Sigma) mean_i(1 / w_i)``).
+* ``mode="inplace"`` (and any store where some sum lives in ``.grad``): only the
+  first micro-batch of each window is measured, because afterwards ``.grad``
+  holds a partial sum; ``B_small`` is its weight. Same expectation, a noisier
+  estimate (one small batch per window instead of K), no extra memory.
+
+Units are those of the micro-batch weights: with ``step(weight=n_samples)`` (or
+``backward(loss, weight=n)``) the noise scale is in samples; with the default
+weight 1 it is in micro-batches. Windows of a single micro-batch (K=1) carry no
+information (``B_small = B_big``) and are ignored, as are windows whose gradient
+was non-finite or all of whose micro-batches were dropped.
+
+Everything runs on the device: the micro-step measurement is one fused
+``torch._foreach_norm`` and a few scalar ops, never a host read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import check_real
+
+__all__ = ["NoiseScaleEstimator", "simple_noise_scale_terms"]
+
+
+def simple_noise_scale_terms(
+    small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float", b_big: "Tensor | float"
+) -> "tuple[Tensor | float, Tensor | float]":
+    """Unbiased estimates ``(tr(Sigma), |G|^2)`` from one small- and one big-batch squared gradient norm.
+
+    McCandlish et al. 2018, appendix A. ``b_small < b_big`` (in samples, or any
+    consistent unit). Works on floats and on tensors (no host read).
+    """
+    trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    return trace, grad_sq
+
+
+def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Sum of squared 2-norms of ``tensors`` as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
+    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    by_key: dict[tuple, list[Tensor]] = {}
+    for t in dense:
+        by_key.setdefault((t.device, t.dtype), []).append(t.detach())
+    total = torch.zeros((), device=device, dtype=dtype)
+    for (_, tdtype), ts in by_key.items():
+        norm_dtype = torch.float64 if tdtype in (torch.float64, torch.complex128) else torch.float32
+        norms = torch._foreach_norm(ts, 2, dtype=norm_dtype) if tdtype not in (torch.complex64, torch.complex128) \
+            else torch._foreach_norm(ts, 2)
+        part = torch.stack([n.to(device, dtype, non_blocking=True) for n in norms])
+        total = total + part.square().sum()
+    return total
+
+
+class NoiseScaleEstimator:
+    """Exponentially smoothed simple noise scale of an :class:`~accumopt.AccumulatingOptimizer`.
+
+    Turn it on with ``AccumulatingOptimizer(..., noise_scale=True)`` (or pass an
+    instance to choose ``beta``); read it with ``opt.noise_scale()`` (a 0-dim
+    device tensor, or None before the first usable window) or ``opt.stats()``.
+
+    Args:
+        beta: EMA factor per measured window, in [0, 1). 0 keeps the last window only.
+    """
+
+    def __init__(self, beta: float = 0.95) -> None:
+        beta = check_real("noise_scale beta", beta, nonnegative=True)
+        if beta >= 1.0:
+            raise ValueError(f"Invalid noise_scale beta: {beta} (expected a number in [0, 1))")
+        self.beta = beta
+        self.windows = 0  # windows offered to the estimator (host count; valid ones are counted on device)
+        self.valid: Tensor | float = 0.0  # windows that contributed (device)
+        self.trace: Tensor | None = None  # EMA of tr(Sigma)
+        self.grad_sq: Tensor | None = None  # EMA of |G|^2
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.small_sq: Tensor | float = 0.0  # sum over measured micro-batches of |g_i|^2
+        self.small_n: Tensor | float = 0.0  # number of measured (kept) micro-batches
+        self.small_inv_w: Tensor | float = 0.0  # sum of 1 / w_i over them
+
+    # ------------------------------------------------------------ micro-step
+    def on_micro_step(self, opt: Any, weight: "float | Tensor", factor: "float | Tensor",
+                      found: Tensor | None) -> None:
+        """Measure this micro-batch's gradient (called before it enters the window). No sync.
+
+        ``factor`` is the wrapper's micro factor (keep / external loss scale);
+        ``found`` the dropped flag. ``.grad`` holds the micro-batch's gradient,
+        times its weight when the weight went to ``backward()``, times the owned
+        scaler's scale.
+        """
+        store = opt._store
+        if store.has_inplace() and opt._window.count > 0:
+            return  # .grad holds a partial sum from here on: only the first micro-batch is measured
+        device, dtype = self._device_dtype(store)
+        sq = None
+        for g in store.groups:
+            grads = [p.grad for p in g.params if p.grad is not None]
+            if not grads:
+                continue
+            part = _sq_norm(grads, device, dtype)
+            if g.weight != 1.0:
+                part = part * (g.weight * g.weight)
+            sq = part if sq is None else sq + part
+        if sq is None:
+            return  # no gradient at all this micro-step
+        f: "Tensor | float" = factor
+        if opt._pre_scaled:  # the weight multiplied the loss: .grad = w * g
+            f = f / weight
+        scaler = opt._precision.scaler
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            f = f / scaler._scale.to(device, dtype, non_blocking=True)
+        if isinstance(f, Tensor):
+            sq = sq * f.to(device, dtype, non_blocking=True).square()
+        elif f != 1.0:
+            sq = sq * (f * f)
+        keep = 1.0 if found is None else (1.0 - found.to(device, dtype, non_blocking=True))
+        w = weight.to(device, dtype, non_blocking=True) if isinstance(weight, Tensor) else \
+            torch.full((), float(weight), device=device, dtype=dtype)
+        inv_w = torch.where(w > 0, keep / w.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
+        keep_t = keep if isinstance(keep, Tensor) else torch.ones((), device=device, dtype=dtype)
+        keep_t = torch.where(w > 0, keep_t, torch.zeros_like(keep_t))
+        self.small_sq = self.small_sq + torch.where(keep_t > 0, sq, torch.zeros_like(sq))
+        self.small_n = self.small_n + keep_t
+        self.small_inv_w = self.small_inv_w + inv_w
+
+    # -------------------------------------------------------------- boundary
+    def on_update(self, opt: Any, total: "float | Tensor", found: Tensor | None) -> None:
+        """Fold this window into the averages (after unscaling, before clipping). No sync."""
+        try:
+            store = opt._store
+            if isinstance(self.small_n, float):
+                return  # nothing measured in this window
+            device, dtype = self._device_dtype(store)
+            big_sq = _sq_norm(store.grads(), device, dtype)
+            world = opt._sync.world_size if opt._sync.distributed else 1
+            b_big = (total.to(device, dtype) if isinstance(total, Tensor)
+                     else torch.full((), float(total), device=device, dtype=dtype)) * world
+            n = self.small_n
+            small_sq = self.small_sq / n.clamp_min(1.0)
+            b_small = n / self.small_inv_w.clamp_min(torch.finfo(dtype).tiny)
+            ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))
+            safe_small = torch.where(ok, b_small, torch.ones_like(b_small))
+            safe_big = torch.where(ok, b_big, torch.full_like(b_big, 2.0))
+            trace, grad_sq = simple_noise_scale_terms(small_sq, big_sq, safe_small, safe_big)
+            ok = ok & torch.isfinite(trace) & torch.isfinite(grad_sq)
+            if found is not None:
+                ok = ok & (found.to(device) == 0)
+            zero = torch.zeros((), device=device, dtype=dtype)
+            if self.trace is None or self.grad_sq is None:
+                self.trace, self.grad_sq = zero.clone(), zero.clone()
+            b = self.beta
+            self.trace = torch.where(ok, b * self.trace + (1.0 - b) * trace, self.trace)
+            self.grad_sq = torch.where(ok, b * self.grad_sq + (1.0 - b) * grad_sq, self.grad_sq)
+            self.valid = self.valid + ok.to(dtype)
+            self.windows += 1
+        finally:
+            self._reset_window()
+
+    def discard_window(self) -> None:
+        """Forget the current window's measurements (the window was discarded)."""
+        self._reset_window()
+
+    # ----------------------------------------------------------------- read
+    def value(self) -> Tensor | None:
+        """The smoothed ``tr(Sigma) / |G|^2`` (0-dim device tensor; NaN until a usable window), or None."""
+        if self.trace is None or self.grad_sq is None:
+            return None
+        return self.trace / self.grad_sq
+
+    def values(self) -> dict[str, Tensor | None]:
+        """Device tensors for :meth:`~accumopt.AccumulatingOptimizer.stats`."""
+        return {"noise_scale": self.value(), "noise_trace": self.trace, "noise_grad_sq": self.grad_sq,
+                "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
+
+    @staticmethod
+    def _device_dtype(store: Any) -> tuple[torch.device, torch.dtype]:
+        for p in store.params:
+            dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+            return p.device, dtype
+        return torch.device("cpu"), torch.float32  # pragma: no cover - the wrapper always has parameters
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        def c(x: Any) -> Any:
+            return x.detach().clone() if isinstance(x, Tensor) else x
+
+        return {"beta": self.beta, "windows": self.windows, "valid": c(self.valid), "trace": c(self.trace),
+                "grad_sq": c(self.grad_sq), "small_sq": c(self.small_sq), "small_n": c(self.small_n),
+                "small_inv_w": c(self.small_inv_w)}
+
+    def load(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restore :meth:`state` (tensors copied onto ``device``; the argument is not aliased)."""
+        def c(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.detach().to(device).clone() if device is not None else x.detach().clone()
+            return None if x is None else float(x)
+
+        self.windows = int(state["windows"])
+        self.valid = c(state["valid"])
+        self.trace = c(state["trace"])
+        self.grad_sq = c(state["grad_sq"])
+        self.small_sq = c(state["small_sq"])
+        self.small_n = c(state["small_n"])
+        self.small_inv_w = c(state["small_inv_w"])
+
+    @staticmethod
+    def check_state(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state` (before any change)."""
+        keys = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError("Invalid state dict: the 'noise' entry is not a noise-scale estimator state")
+        for k in keys[1:]:
+            v = state[k]
+            if v is not None and not isinstance(v, (Tensor, float, int)):
+                raise ValueError(f"Invalid state dict: noise entry {k!r} is a {type(v).__name__} "
+                                 "(expected a tensor or a number)")
+
+    def __repr__(self) -> str:
+        return f"NoiseScaleEstimator(beta={self.beta:g}, windows={self.windows})"
+
+
+def as_estimator(value: Any) -> NoiseScaleEstimator | None:
+    """The wrapper's ``noise_scale=`` argument as an estimator (False/None: off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return NoiseScaleEstimator()
+    if isinstance(value, NoiseScaleEstimator):
+        return value
+    if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value):
+        return NoiseScaleEstimator(beta=value)
+    raise TypeError(f"Invalid noise_scale: {value!r} (expected True/False, an EMA beta in [0, 1), "
+                    "or a NoiseScaleEstimator)")

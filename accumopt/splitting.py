@@ -1,0 +1,408 @@
+"""Memory-aware splitting: run a whole batch as micro-batches that fit, recovering from OOM.
+
+:class:`MicroBatcher` takes a whole batch and a function computing the mean loss
+of a micro-batch, and runs one real update over that batch::
+
+    opt = accumopt.AccumulatingOptimizer(torch.optim.AdamW(model.parameters()), mode="buffered")
+    mb = accumopt.MicroBatcher(opt)                   # micro_batch_size=None: try the whole batch first
+    for x, y in loader:                               # a batch as large as the effective batch you want
+        loss = mb.step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
+
+Each micro-batch is forwarded, backpropagated and accumulated with its sample
+count as weight (``opt.step(weight=n)``), so the update is the large-batch update
+for any split. On ``torch.OutOfMemoryError`` (in the forward or the backward,
+even after some parameters already received gradients), the failed micro-batch's
+partial ``.grad`` is set to None (in ``mode="buffered"`` the window lives in the
+buffers, which the failed micro-batch never reached), cached memory is freed,
+the micro-batch size is halved and only that micro-batch is redone: every sample
+is used exactly once. The size that fits is remembered for the next batches; a
+larger one is tried again after ``grow_after`` successful micro-batches (the wait
+doubles each time that size fails again). This is the automatic micro-batching
+of MosaicML Composer (``device_train_microbatch_size="auto"``), with exact
+weighting of uneven micro-batches.
+
+Memory pressure only ever changes how a batch is split, never the value of a
+gradient (the seed documents' "halve the gradient above memory_threshold" would
+silently bias training).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import resource
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import check_int, check_real
+
+__all__ = ["MemoryMonitor", "MicroBatcher", "is_oom_error", "batch_size_of", "slice_batch"]
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+                 "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_oom_error(error: BaseException) -> bool:
+    """Whether ``error`` is an out-of-memory error (``torch.OutOfMemoryError`` or an allocator RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+
+
+# ------------------------------------------------------------------ batches
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _sizes(batch: Any, out: list[int]) -> None:
+    if isinstance(batch, Tensor):
+        if batch.dim() > 0:
+            out.append(batch.shape[0])
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            _sizes(v, out)
+    elif isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(v, str) for v in batch):
+            out.append(len(batch))
+        else:
+            for v in batch:
+                _sizes(v, out)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in ``batch``: the common leading dimension of its tensors.
+
+    A batch is a tensor, or a (nested) tuple, list, namedtuple or dict of them;
+    a list of strings counts as per-sample data; other leaves (numbers, None,
+    0-dim tensors) are shared by every micro-batch.
+    """
+    sizes: list[int] = []
+    _sizes(batch, sizes)
+    if not sizes:
+        raise ValueError(f"Invalid batch: {type(batch).__name__} holds no tensor with a batch dimension")
+    if len(set(sizes)) != 1:
+        raise ValueError(f"Invalid batch: its tensors have different leading sizes {sorted(set(sizes))} "
+                         "(expected one batch dimension shared by all)")
+    return sizes[0]
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of ``batch`` (views of its tensors, no copy)."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        out = {k: slice_batch(v, start, stop) for k, v in batch.items()}
+        return out if type(batch) is dict else type(batch)(out)
+    if isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(v, str) for v in batch):
+            return batch[start:stop]
+        items = [slice_batch(v, start, stop) for v in batch]
+        if _is_namedtuple(batch):
+            return type(batch)(*items)
+        return type(batch)(items)
+    return batch
+
+
+# ------------------------------------------------------------------ memory
+class MemoryMonitor:
+    """Memory in use on a device: CUDA allocator statistics, or process RSS on CPU.
+
+    All readings are host-side counters (no device synchronisation).
+
+    Args:
+        device: the device whose memory is watched.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def used(self) -> int:
+        """Bytes in use now: CUDA memory allocated by tensors, or the process RSS."""
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):  # not Linux: the peak is the best we have
+            return self.peak()
+
+    def peak(self) -> int:
+        """Peak bytes: CUDA ``max_memory_allocated``, or the process's peak RSS."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if os.uname().sysname == "Darwin" else rss * 1024
+
+    def total(self) -> int:
+        """Bytes of the device: CUDA total memory, or physical RAM."""
+        if self.cuda:
+            return torch.cuda.get_device_properties(self.device).total_memory
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError):  # pragma: no cover
+            return 0
+
+    def free_cache(self) -> None:
+        """Return cached blocks to the device (after an OOM)."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def snapshot(self) -> dict[str, int]:
+        """``{"used", "peak", "total"}`` in bytes (plus ``"reserved"`` on CUDA)."""
+        out = {"used": self.used(), "peak": self.peak(), "total": self.total()}
+        if self.cuda:
+            out["reserved"] = torch.cuda.memory_reserved(self.device)
+        return out
+
+
+# ------------------------------------------------------------------ batcher
+@dataclass
+class _Record:
+    """What the last :meth:`MicroBatcher.step` did."""
+
+    sizes: list[int] = field(default_factory=list)  # micro-batch sizes that succeeded, in order
+    ooms: int = 0  # out-of-memory errors recovered during it
+    over_budget: int = 0  # micro-batches whose measured use exceeded the budget
+
+
+class MicroBatcher:
+    """Run a whole batch as one real update, split into micro-batches that fit in memory.
+
+    Args:
+        optimizer: an :class:`~accumopt.AccumulatingOptimizer` built with
+            ``mode="buffered"`` (a failed micro-batch must not reach the window's sum).
+            Its ``accumulation_steps`` is not used: one :meth:`step` is one window.
+        micro_batch_size: the first micro-batch size to try; None: the whole batch.
+        min_micro_batch_size: below this, an OOM is re-raised (default 1 sample).
+        grow_after: successful micro-batches after which a larger size (twice the
+            current one, up to ``micro_batch_size``) is tried again; 0 never grows.
+            Each time that larger size fails again, the wait for it doubles.
+        memory_fraction: optional budget, a fraction of the device's memory: when a
+            micro-batch's measured use (see below) goes above it, the next ones are
+            halved, and growth only happens when the doubled size is projected to
+            stay below it. None: only real OOM errors shrink the size.
+        device: the device to watch (default: that of the first parameter).
+
+    Memory use of a micro-batch is measured right after its forward pass (when
+    the activations are alive): CUDA ``memory_allocated`` or process RSS on CPU,
+    plus the bytes of the gradients the backward will create. Host counters only:
+    no synchronisation.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        micro_batch_size: int | None = None,
+        *,
+        min_micro_batch_size: int = 1,
+        grow_after: int = 50,
+        memory_fraction: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        from .optimizer import AccumulatingOptimizer
+
+        if not isinstance(optimizer, AccumulatingOptimizer):
+            raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected an accumopt.AccumulatingOptimizer "
+                            "built with mode='buffered')")
+        if optimizer._store.mode != "buffered":
+            raise ValueError(
+                f"Invalid optimizer: mode={optimizer._store.mode!r} (MicroBatcher needs mode='buffered': a micro-batch "
+                "that runs out of memory half-way through its backward has already added to .grad, and only "
+                "buffered mode keeps the window's sum apart from it). Build it with "
+                "AccumulatingOptimizer(..., mode='buffered')."
+            )
+        if micro_batch_size is not None:
+            check_int("micro_batch_size", micro_batch_size)
+        self.min_micro_batch_size = check_int("min_micro_batch_size", min_micro_batch_size)
+        self.grow_after = check_int("grow_after", grow_after, minimum=0)
+        if memory_fraction is not None:
+            memory_fraction = check_real("memory_fraction", memory_fraction, positive=True)
+            if memory_fraction > 1:
+                raise ValueError(f"Invalid memory_fraction: {memory_fraction} (expected a fraction of device memory in (0, 1])")
+        if device is None:
+            device = next(iter(optimizer._store.params)).device
+        self.optimizer = optimizer
+        self.memory_fraction = memory_fraction
+        self.monitor = MemoryMonitor(device)
+        self.max_micro_batch_size = micro_batch_size  # never grow above (None: the batch)
+        self.micro_batch_size = micro_batch_size  # the size that fits (None: not known yet)
+        self.ooms = 0  # recovered OOM errors, all batches
+        self.last = _Record()
+        self._successes = 0  # consecutive successful micro-batches at the current size
+        self._wait: dict[int, int] = {}  # size -> successes needed before trying it again
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in optimizer._store.params)
+
+    # ------------------------------------------------------------ public
+    def step(self, batch: Any, loss_fn: Callable[[Any], Tensor]) -> Tensor:
+        """Forward, backward and accumulate all of ``batch``, then apply one real update.
+
+        Args:
+            batch: a tensor, or a (nested) tuple/list/namedtuple/dict of tensors
+                sharing the leading (batch) dimension.
+            loss_fn: ``loss_fn(micro_batch) -> loss``, the *mean* loss over the
+                micro-batch (as in a plain loop); it runs the model's forward.
+
+        Returns:
+            The batch's mean loss (a detached 0-dim tensor on the loss's device:
+            the sample-weighted mean of the micro-batch losses; no sync).
+
+        Raises:
+            torch.OutOfMemoryError: when even ``min_micro_batch_size`` samples do not
+                fit. The partial window is then discarded (parameters unchanged).
+        """
+        opt = self.optimizer
+        if opt.pending:
+            raise RuntimeError(
+                f"MicroBatcher.step: the optimizer has {opt.pending} pending micro-batches (expected an empty window: "
+                "one MicroBatcher.step is one whole window; call opt.flush() first)"
+            )
+        n = batch_size_of(batch)
+        if n == 0:
+            raise ValueError("Invalid batch: 0 samples")
+        if not callable(loss_fn):
+            raise TypeError(f"Invalid loss_fn: {loss_fn!r} (expected a callable micro_batch -> loss)")
+        opt.zero_grad(set_to_none=True)
+        self.last = _Record()
+        loss_sum: Tensor | None = None
+        window = opt._window
+        window.held = True
+        try:
+            start = 0
+            while start < n:
+                size = self._next_size(n - start)
+                micro = slice_batch(batch, start, start + size)
+                loss = self._run(micro, size, loss_fn)
+                if loss is None:
+                    continue  # OOM: recovered, the size was halved; redo from `start`
+                weighted = loss * size
+                loss_sum = weighted if loss_sum is None else loss_sum + weighted
+                self.last.sizes.append(size)
+                start += size
+        except BaseException:
+            window.held = False
+            self._discard()
+            raise
+        window.held = False
+        opt.flush()
+        return loss_sum / n
+
+    __call__ = step
+
+    def stats(self) -> dict[str, Any]:
+        """Current micro-batch size, recovered OOMs, the last batch's split and memory readings (bytes)."""
+        return {"micro_batch_size": self.micro_batch_size, "ooms": self.ooms, "last_sizes": list(self.last.sizes),
+                "last_ooms": self.last.ooms, "memory": self.monitor.snapshot()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learnt size and growth back-off (plain data)."""
+        return {"micro_batch_size": self.micro_batch_size, "successes": self._successes,
+                "wait": {int(k): int(v) for k, v in self._wait.items()}, "ooms": self.ooms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        size = state.get("micro_batch_size")
+        self.micro_batch_size = None if size is None else int(size)
+        self._successes = int(state.get("successes", 0))
+        self._wait = {int(k): int(v) for k, v in state.get("wait", {}).items()}
+        self.ooms = int(state.get("ooms", 0))
+
+    # ------------------------------------------------------------ internals
+    def _next_size(self, remaining: int) -> int:
+        """Size of the next micro-batch: the learnt size, grown after enough successes."""
+        if self.micro_batch_size is None:
+            self.micro_batch_size = remaining if self.max_micro_batch_size is None else self.max_micro_batch_size
+        size = self.micro_batch_size
+        if self.grow_after and self._successes >= self._wait.get(2 * size, self.grow_after):
+            cap = self.max_micro_batch_size
+            if (cap is None or 2 * size <= cap) and remaining > size and self._fits(2 * size):
+                size = 2 * size
+                self.micro_batch_size = size
+                self._successes = 0
+        return min(size, remaining)
+
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` is projected to stay within the memory budget."""
+        if self.memory_fraction is None or not hasattr(self, "_per_sample"):
+            return True
+        total = self.monitor.total()
+        return not total or self._static + self._per_sample * size + self._grad_bytes <= self.memory_fraction * total
+
+    def _run(self, micro: Any, size: int, loss_fn: Callable[[Any], Tensor]) -> Tensor | None:
+        """One micro-batch: its detached loss, or None after a recovered OOM."""
+        opt = self.optimizer
+        before = self.monitor.used() if self.memory_fraction is not None else 0
+        failed = False
+        try:
+            loss = loss_fn(micro)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise TypeError(f"Invalid loss_fn result: {type(loss).__name__} "
+                                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''} (expected a scalar loss tensor)")
+            if self.memory_fraction is not None:
+                self._measure(before, self.monitor.used(), size)
+            opt.backward(loss)
+        except BaseException as error:  # noqa: BLE001 - filtered just below
+            if not is_oom_error(error):
+                raise
+            failed = True
+            if size <= self.min_micro_batch_size:
+                raise torch.OutOfMemoryError(
+                    f"MicroBatcher: a micro-batch of {size} sample(s) does not fit in memory even after splitting "
+                    f"(min_micro_batch_size={self.min_micro_batch_size}); the batch was discarded, parameters are "
+                    f"unchanged. Original error: {error}"
+                ) from error
+        if failed:  # outside the except block: the traceback (and the activations it holds) is gone
+            loss = None
+            self._recover(size)
+            return None
+        opt.step(weight=float(size), loss=loss.detach())
+        self._successes += 1
+        return loss.detach()
+
+    def _measure(self, before: int, after_forward: int, size: int) -> None:
+        self._static = before
+        self._per_sample = max(after_forward - before, 0) / size
+        total = self.monitor.total()
+        if total and after_forward + self._grad_bytes > self.memory_fraction * total and size > self.min_micro_batch_size:
+            self.last.over_budget += 1
+            self.micro_batch_size = max(self.min_micro_batch_size, size // 2)  # this one is kept; the next are halved
+            self._successes = 0
+
+    def _recover(self, size: int) -> None:
+        """After an OOM: drop the failed micro-batch's partial gradients, free memory, halve."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                pass
+        self.optimizer._pre_weight = None
+        self.monitor.free_cache()
+        self.ooms += 1
+        self.last.ooms += 1
+        self._wait[size] = max(self.grow_after, 2 * self._wait.get(size, self.grow_after // 2 or 1))
+        self.micro_batch_size = max(self.min_micro_batch_size, size // 2)
+        self._successes = 0
+
+    def _discard(self) -> None:
+        """Forget the partial window (an unrecoverable error): nothing half-applied."""
+        opt = self.optimizer
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        opt._pre_weight = None
+        opt._store.reset()
+        opt._window.discard()
+        for name in ("window_loss", "window_loss_weight"):  # the discarded micro-batches' losses
+            if hasattr(opt._stats, name):
+                setattr(opt._stats, name, 0.0)
+        opt._sync.set(opt._window.next_is_last)
+
+    def __repr__(self) -> str:
+        return (f"MicroBatcher(micro_batch_size={self.micro_batch_size}, ooms={self.ooms}, "
+                f"memory_fraction={self.memory_fraction})")

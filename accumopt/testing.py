@@ -1,0 +1,405 @@
+"""Check that accumulation equals large-batch training, on your own model.
+
+:func:`check_equivalence` trains two copies of the same model side by side:
+
+* the *reference*: the plain torch optimizer, one step per large batch;
+* the *accumulated run*: the same optimizer wrapped in
+  :class:`~accumopt.AccumulatingOptimizer`, each large batch split into
+  micro-batches (equal or uneven), one ``step()`` per micro-batch;
+
+and compares every parameter and every optimizer-state tensor after each real
+update. It raises ``AssertionError`` with a readable report when the largest
+relative deviation is over the tolerance, and returns the report otherwise::
+
+    from accumopt.testing import check_equivalence
+
+    report = check_equivalence(
+        model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)),
+        loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]),
+        optimizer_fn=lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2),
+        batches=[(torch.randn(12, 8), torch.randn(12, 1)) for _ in range(3)],
+        micro_batches=[5, 4, 3],          # or an int: that many equal micro-batches
+    )
+    print(report)
+
+``loss_fn`` must return the *mean* loss of the batch it is given (the usual
+reduction): uneven micro-batches are then weighted by their size, so the
+accumulated update is exactly the large batch's.
+
+Hypothesis strategies (:func:`micro_batch_splits`, :func:`optimizer_configs`)
+need the optional ``hypothesis`` package; the rest of this module does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_int
+from .optimizer import AccumulatingOptimizer
+
+__all__ = [
+    "EquivalenceReport",
+    "OptimizerConfig",
+    "check_equivalence",
+    "micro_batch_splits",
+    "optimizer_configs",
+    "relative_deviation",
+    "split_batch",
+]
+
+Batch = Any  # a tensor, or a tuple/list/dict of tensors sharing their first dimension
+
+
+# ---------------------------------------------------------------- batches
+def _map_tensors(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def _batch_size(batch: Batch) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, Tensor) or isinstance(v, (tuple, list, Mapping)):
+            return _batch_size(v)
+    raise TypeError(f"Invalid batch: {type(batch).__name__} holds no tensor (expected a tensor or a tuple/dict of tensors)")
+
+
+def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
+    """Split ``batch`` along its first dimension into micro-batches of ``sizes``.
+
+    Raises:
+        ValueError: if a size is < 1 or the sizes do not add up to the batch size.
+    """
+    n = _batch_size(batch)
+    sizes = [int(s) for s in sizes]
+    if any(s < 1 for s in sizes) or sum(sizes) != n:
+        raise ValueError(f"Invalid micro_batches: {sizes} (expected sizes >= 1 adding up to the batch size {n})")
+    out, start = [], 0
+    for s in sizes:
+        out.append(_map_tensors(batch, lambda t, a=start, b=start + s: t[a:b]))
+        start += s
+    return out
+
+
+def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, Sequence)):
+        raise TypeError(f"Invalid micro_batches: {micro_batches!r} (expected an int or a list of sizes)")
+    if isinstance(micro_batches, int):
+        if micro_batches < 1 or n % micro_batches:
+            raise ValueError(
+                f"Invalid micro_batches: {micro_batches} (expected a divisor of the batch size {n}, "
+                "or a list of sizes for uneven micro-batches)"
+            )
+        return [n // micro_batches] * micro_batches
+    return list(micro_batches)
+
+
+# ------------------------------------------------------------- comparison
+def relative_deviation(actual: Tensor, expected: Tensor) -> float:
+    """``max|actual - expected| / max|expected|`` (the absolute deviation where ``expected`` is all zero)."""
+    if actual.shape != expected.shape:
+        return math.inf
+    if actual.numel() == 0:
+        return 0.0
+    a = actual.detach().to(torch.float64 if not expected.is_complex() else torch.complex128)
+    e = expected.detach().to(a.dtype)
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        same = (torch.isnan(a) == torch.isnan(e)).all() and (a[~torch.isnan(a)] == e[~torch.isnan(e)]).all()
+        return 0.0 if bool(same) else math.inf
+    diff = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+@dataclass
+class EquivalenceReport:
+    """Largest relative deviation of each parameter and optimizer-state entry, over all updates.
+
+    Attributes:
+        parameters: ``{parameter name: deviation}``.
+        state: ``{"<parameter name>.<state key>": deviation}`` (non-tensor
+            entries count ``0`` when equal, ``inf`` otherwise).
+        updates: real updates compared.
+        rtol: the tolerance checked against.
+        problems: anything structural (an update applied too early or not at all).
+    """
+
+    parameters: dict[str, float] = field(default_factory=dict)
+    state: dict[str, float] = field(default_factory=dict)
+    updates: int = 0
+    rtol: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def max_deviation(self) -> float:
+        """The largest deviation of all parameters and state entries."""
+        return max([0.0, *self.parameters.values(), *self.state.values()])
+
+    @property
+    def passed(self) -> bool:
+        """Whether every deviation is within ``rtol`` and nothing structural went wrong."""
+        return not self.problems and self.max_deviation <= self.rtol
+
+    def _note(self, table: dict[str, float], key: str, value: float) -> None:
+        old = table.get(key, 0.0)
+        table[key] = value if (math.isnan(value) or value > old) else old
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [f"Equivalence {verdict}: max relative deviation {self.max_deviation:.3e} "
+                 f"(rtol {self.rtol:.1e}) over {self.updates} update(s)"]
+        lines += [f"  problem: {p}" for p in self.problems]
+        rows = [("param", k, v) for k, v in self.parameters.items()] + [("state", k, v) for k, v in self.state.items()]
+        if rows:
+            width = max(len(k) for _, k, _ in rows)
+            for kind, key, value in sorted(rows, key=lambda r: -r[2] if not math.isnan(r[2]) else -math.inf):
+                flag = "  <-- over" if not value <= self.rtol else ""
+                lines.append(f"  {kind:5} {key:<{width}}  {value:.3e}{flag}")
+        return "\n".join(lines)
+
+
+def _state_items(opt: torch.optim.Optimizer, params: list[Tensor], names: list[str]) -> Iterator[tuple[str, Any]]:
+    for p, name in zip(params, names):
+        for key, value in sorted(opt.state.get(p, {}).items(), key=lambda kv: str(kv[0])):
+            yield f"{name}.{key}", value
+
+
+def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt: torch.optim.Optimizer,
+             names: list[str], check_state: bool) -> None:
+    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
+    acc_params = [p for g in acc_opt.param_groups for p in g["params"]]
+    for name, a, e in zip(names, acc_params, ref_params):
+        report._note(report.parameters, name, relative_deviation(a, e))
+    if not check_state:
+        return
+    ref_state = dict(_state_items(ref_opt, ref_params, names))
+    acc_state = dict(_state_items(acc_opt, acc_params, names))
+    for key in sorted(set(ref_state) | set(acc_state)):
+        if key not in ref_state or key not in acc_state:
+            report._note(report.state, key, math.inf)
+            problem = f"optimizer state {key!r} exists in only one run"
+            if problem not in report.problems:
+                report.problems.append(problem)
+            continue
+        e, a = ref_state[key], acc_state[key]
+        if isinstance(e, Tensor) and isinstance(a, Tensor):
+            if e.is_sparse or a.is_sparse:
+                e, a = e.to_dense(), a.to_dense()
+            value = relative_deviation(a, e)
+        else:
+            value = 0.0 if a == e else math.inf
+        report._note(report.state, key, value)
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
+            for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])]
+
+
+# ------------------------------------------------------------ the check
+def check_equivalence(
+    model_fn: Callable[[], torch.nn.Module],
+    loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
+    optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    batches: Sequence[Batch],
+    micro_batches: int | Sequence[int] = 4,
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    rtol: float = 1e-10,
+    mode: str = "inplace",
+    wrapper_kwargs: Mapping[str, Any] | None = None,
+    check_state: bool = True,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Train the large-batch reference and the accumulated run side by side and compare them.
+
+    Args:
+        model_fn: builds the model (called once, under ``torch.manual_seed(seed)``;
+            both runs start from copies of that one model).
+        loss_fn: ``loss_fn(model, batch)``: the *mean* loss of ``batch``.
+        optimizer_fn: ``optimizer_fn(model)``: the plain torch optimizer, e.g.
+            ``lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)``.
+        batches: one large batch per real update (a tensor, or a tuple/list/dict
+            of tensors sharing their first dimension).
+        micro_batches: K equal micro-batches (an int dividing the batch size) or
+            the list of micro-batch sizes (uneven; weighted by size).
+        dtype: floating dtype both models and the floating batch tensors are cast
+            to (``None``: leave them as they are).
+        rtol: largest relative deviation allowed (per tensor:
+            ``max|acc - ref| / max|ref|``).
+        mode: the wrapper's ``mode`` (``"inplace"`` or ``"buffered"``).
+        wrapper_kwargs: more keyword arguments for the wrapper.
+        check_state: also compare the optimizer state (moments, step counts, ...).
+        seed: the seed the model is built under.
+
+    Returns:
+        The :class:`EquivalenceReport` (deviations over all updates).
+
+    Raises:
+        AssertionError: with the report, when a deviation is over ``rtol`` or an
+            update was applied at the wrong micro-batch.
+    """
+    if not batches:
+        raise ValueError("Invalid batches: empty (expected at least one large batch)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    if dtype is not None:
+        model = model.to(dtype)
+    ref_model, acc_model = copy.deepcopy(model), copy.deepcopy(model)
+    ref_opt = optimizer_fn(ref_model)
+    inner = optimizer_fn(acc_model)
+    names = _param_names(ref_model, ref_opt)
+    sizes0 = _sizes(micro_batches, _batch_size(batches[0]))
+    kwargs = dict(wrapper_kwargs or {})
+    opt = AccumulatingOptimizer(inner, len(sizes0), mode=mode, **kwargs)
+    cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
+
+    report = EquivalenceReport(rtol=rtol)
+    for update, batch in enumerate(batches):
+        batch = _map_tensors(batch, cast)
+        n = _batch_size(batch)
+        sizes = _sizes(micro_batches, n)
+        if len(sizes) != len(sizes0):
+            raise ValueError(f"Invalid micro_batches: batch {update} splits into {len(sizes)} micro-batches, "
+                             f"the first into {len(sizes0)} (expected the same K for every batch)")
+        # reference: one step on the whole batch
+        ref_opt.zero_grad()
+        loss_fn(ref_model, batch).backward()
+        ref_opt.step()
+        # accumulated: one step() per micro-batch
+        before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+        even = len(set(sizes)) == 1
+        for i, micro in enumerate(split_batch(batch, sizes)):
+            opt.zero_grad()
+            loss = loss_fn(acc_model, micro)
+            if even:
+                loss.backward()
+            else:
+                opt.backward(loss, weight=float(sizes[i]))
+            opt.step()
+            last = i == len(sizes) - 1
+            if opt.stepped != last:
+                report.problems.append(f"update {update}, micro-batch {i}: stepped={opt.stepped} (expected {last})")
+            if not last:
+                after = [p.detach() for g in opt.param_groups for p in g["params"]]
+                if any(not torch.equal(a, b) for a, b in zip(after, before)):
+                    report.problems.append(f"update {update}: parameters changed before the window closed (micro-batch {i})")
+        report.updates += 1
+        _compare(report, ref_opt, opt, names, check_state)
+    if opt.num_updates != len(batches):
+        report.problems.append(f"num_updates={opt.num_updates} (expected {len(batches)})")
+    if not report.passed:
+        raise AssertionError(str(report))
+    return report
+
+
+# ------------------------------------------------------ hypothesis strategies
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A torch optimizer class and its keyword arguments; ``build(params)`` makes one."""
+
+    cls: type
+    kwargs: Mapping[str, Any]
+
+    def build(self, params: Any) -> torch.optim.Optimizer:
+        """The optimizer over ``params`` (an iterable of tensors or param groups)."""
+        return self.cls(params, **dict(self.kwargs))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.cls.__name__}({args})"
+
+
+def _hypothesis():
+    try:
+        from hypothesis import strategies as st
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("accumopt.testing strategies need hypothesis: pip install 'accumopt[test]'") from e
+    return st
+
+
+def micro_batch_splits(*, max_parts: int = 8, max_size: int = 4, equal: bool | None = None) -> Any:
+    """A hypothesis strategy for micro-batch sizes: a list of 1..``max_parts`` ints in 1..``max_size``.
+
+    Args:
+        max_parts: largest K.
+        max_size: largest micro-batch.
+        equal: True: all sizes equal; False: at least two differ (needs
+            ``max_parts >= 2`` and ``max_size >= 2``); None: either.
+    """
+    check_int("max_parts", max_parts)
+    check_int("max_size", max_size)
+    if equal is False and (max_parts < 2 or max_size < 2):
+        raise ValueError(f"Invalid micro_batch_splits: max_parts={max_parts}, max_size={max_size} "
+                         "(uneven splits need both >= 2)")
+    st = _hypothesis()
+    if equal:
+        return st.builds(lambda k, s: [s] * k, st.integers(1, max_parts), st.integers(1, max_size))
+    if equal is False:
+        return st.lists(st.integers(1, max_size), min_size=2, max_size=max_parts).filter(lambda s: len(set(s)) > 1)
+    return st.lists(st.integers(1, max_size), min_size=1, max_size=max_parts)
+
+
+def _configs(st: Any) -> dict[str, Any]:
+    lr = st.sampled_from([1e-3, 1e-2, 0.1])
+    wd = st.sampled_from([0.0, 0.0, 1e-2])
+    maximize = st.booleans()
+
+    def sgd(momentum: float, nesterov: bool, dampening: float, **kw: Any) -> OptimizerConfig:
+        if nesterov and momentum == 0.0:
+            momentum = 0.9
+        return OptimizerConfig(torch.optim.SGD, dict(momentum=momentum, nesterov=nesterov,
+                                                     dampening=0.0 if nesterov else dampening, **kw))
+
+    return {
+        "SGD": st.builds(sgd, momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
+                         dampening=st.sampled_from([0.0, 0.1]), lr=lr, weight_decay=wd, maximize=maximize),
+        "Adam": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adam, kw), lr=lr, weight_decay=wd,
+                          amsgrad=st.booleans(), betas=st.sampled_from([(0.9, 0.999), (0.8, 0.99)]), maximize=maximize),
+        "AdamW": st.builds(lambda **kw: OptimizerConfig(torch.optim.AdamW, kw), lr=lr,
+                           weight_decay=st.sampled_from([0.0, 1e-2, 0.1]), amsgrad=st.booleans(), maximize=maximize),
+        "RMSprop": st.builds(lambda **kw: OptimizerConfig(torch.optim.RMSprop, kw), lr=lr, weight_decay=wd,
+                             momentum=st.sampled_from([0.0, 0.9]), centered=st.booleans(), alpha=st.sampled_from([0.99, 0.9])),
+        "Adagrad": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adagrad, kw), lr=lr, weight_decay=wd,
+                             lr_decay=st.sampled_from([0.0, 1e-3]), initial_accumulator_value=st.sampled_from([0.0, 0.1])),
+        "Adamax": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adamax, kw), lr=lr, weight_decay=wd),
+        "NAdam": st.builds(lambda **kw: OptimizerConfig(torch.optim.NAdam, kw), lr=lr, weight_decay=wd,
+                           decoupled_weight_decay=st.booleans()),
+        "RAdam": st.builds(lambda **kw: OptimizerConfig(torch.optim.RAdam, kw), lr=lr, weight_decay=wd,
+                           decoupled_weight_decay=st.booleans()),
+        "Adadelta": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adadelta, kw), lr=st.sampled_from([0.1, 1.0]),
+                              rho=st.sampled_from([0.9, 0.95]), weight_decay=wd),
+    }
+
+
+OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
+
+
+def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
+    """A hypothesis strategy for :class:`OptimizerConfig` s of the named torch optimizers.
+
+    Covers SGD (momentum, nesterov, dampening, weight decay, maximize), Adam and
+    AdamW (amsgrad, betas, weight decay), RMSprop (momentum, centered), Adagrad
+    (lr_decay, initial accumulator), Adamax, NAdam, RAdam and Adadelta.
+    """
+    st = _hypothesis()
+    table = _configs(st)
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise ValueError(f"Invalid names: {unknown or list(names)!r} (expected some of {list(table)})")
+    return st.one_of(*(table[n] for n in names))

@@ -1,0 +1,208 @@
+"""GradientAccumulationTrainer: last partial window, resume from a checkpoint, progress output, history."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.utils.data as data
+
+import accumopt.trainer as trainer_mod
+from accumopt import AccumulationMode, GradientAccumulationConfig, GradientAccumulationTrainer
+
+
+def dataset(n=100, features=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g, dtype=torch.float64)
+    return data.TensorDataset(x, (x @ torch.randn(features, 3, generator=g, dtype=torch.float64)).argmax(1))
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 3)).double()
+
+
+def make(config, *, lr=0.05, stream=None, sched=False):
+    m = model()
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    s = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if sched else None
+    t = GradientAccumulationTrainer(config, progress_stream=stream or io.StringIO())
+    t.setup_training(m, opt, nn.CrossEntropyLoss(), s)
+    return t, m
+
+
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_last_partial_window_is_applied_with_sample_weights(mode):
+    # 100 samples, batches of 16, K=4: windows of 64 and 36 samples (the last batch has 4).
+    ds = dataset()
+    t, m = make(GradientAccumulationConfig(accumulation_steps=4, mode=mode, progress_bar=False), sched=True)
+    torch.manual_seed(5)
+    t.train(data.DataLoader(ds, batch_size=16, shuffle=True), num_epochs=3)
+    assert [h["optimization_steps"] for h in t.training_history] == [2, 2, 2]
+    ref = model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    torch.manual_seed(5)
+    loader = data.DataLoader(ds, batch_size=64, shuffle=True)  # same permutation, large batches 64 + 36
+    for _ in range(3):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(x), y).backward()
+            opt.step()
+            sched.step()
+    # (Dropout is switched off by the autouse fixture: its draws differ between one 64-batch and four 16-batches.)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def no_dropout(monkeypatch):
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: x)  # deterministic forward for equality tests
+
+
+def test_history_records_each_epoch_and_loss_decreases():
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, effective_batch_size=10, progress_bar=False))
+    hist = t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=4)
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert all(h["num_samples"] == 100 and h["num_batches"] == 10 and h["optimization_steps"] == 5 for h in hist)
+    assert hist[-1]["epoch_loss"] < hist[0]["epoch_loss"]
+    assert hist[0]["effective_batch_size"] == 20
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    torch.set_num_threads(1)
+    ds = dataset(n=96)
+    cfg = dict(accumulation_steps=3, progress_bar=False, checkpoint_every=5, checkpoint_path=str(tmp_path / "ck.pt"))
+
+    def loader():
+        return data.DataLoader(ds, batch_size=8, shuffle=True)
+
+    torch.manual_seed(7)
+    full, m_full = make(GradientAccumulationConfig(**cfg), sched=True)
+    full.train(loader(), num_epochs=3)
+
+    class Crash(Exception):
+        pass
+
+    torch.manual_seed(7)
+    t, m = make(GradientAccumulationConfig(**cfg), sched=True)
+    calls = {"n": 0}
+    crit = t.criterion
+
+    def crashing(out, y):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 1, batch 8: after the checkpoint at update 5 (batch 15 overall)
+            raise Crash
+        return crit(out, y)
+
+    t.criterion = crashing
+    with pytest.raises(Crash):
+        t.train(loader(), num_epochs=3)
+    torch.manual_seed(12345)  # whatever the RNG state now, the checkpoint restores it
+    t2, m2 = make(GradientAccumulationConfig(**cfg), sched=True)
+    t2.train(loader(), num_epochs=3, resume_from=tmp_path / "ck.pt")
+    assert all(torch.equal(p, q) for p, q in zip(m_full.parameters(), m2.parameters()))
+    assert [h["epoch_loss"] for h in t2.training_history] == [h["epoch_loss"] for h in full.training_history]
+    assert t2.optimizer.optimizer.param_groups[0]["lr"] == full.optimizer.optimizer.param_groups[0]["lr"] < 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="core: AccumulatingOptimizer.load_state_dict leaves the wrapper's "
+                   "param_groups bound to the list torch's Optimizer.load_state_dict replaced (patch in report)")
+def test_wrapper_param_groups_follow_a_loaded_state():
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), sched=True)
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    sd = t.accumulator.state_dict()
+    t2, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), sched=True)
+    t2.accumulator.load_state_dict(sd)
+    assert t2.optimizer.param_groups is t2.optimizer.optimizer.param_groups
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False))
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    t.save_checkpoint(tmp_path / "ck.pt")
+    other, m = make(GradientAccumulationConfig(accumulation_steps=4, progress_bar=False))
+    before = [p.clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="different configuration"):
+        other.load_checkpoint(tmp_path / "ck.pt")
+    assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+
+
+class FakeTqdm:
+    instances: list = []
+
+    def __init__(self, **kw):
+        self.kw, self.updates, self.postfix, self.closed = kw, 0, [], False
+        FakeTqdm.instances.append(self)
+
+    def update(self, n):
+        self.updates += n
+
+    def set_postfix_str(self, s):
+        self.postfix.append(s)
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_bar_with_tqdm_shows_loss_lr_k_and_throughput(monkeypatch):
+    FakeTqdm.instances = []
+    monkeypatch.setattr(trainer_mod, "_tqdm", lambda: FakeTqdm)
+    out = io.StringIO()
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, logging_frequency=1), stream=out)
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=2)
+    assert len(FakeTqdm.instances) == 2
+    bar = FakeTqdm.instances[0]
+    assert bar.updates == 10 and bar.closed and bar.kw["total"] == 10
+    assert all(k in bar.postfix[-1] for k in ("loss=", "lr=", "K=2", "samples/s"))
+    assert out.getvalue() == ""  # the bar, not extra lines
+
+
+def test_real_tqdm_if_installed():
+    pytest.importorskip("tqdm")
+    out = io.StringIO()
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2), stream=out)
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    assert "epoch 0" in out.getvalue() and "K=2" in out.getvalue() and "samples/s" in out.getvalue()
+
+
+def test_plain_lines_without_tqdm_and_silence_when_disabled(monkeypatch):
+    monkeypatch.setattr(trainer_mod, "_tqdm", lambda: None)
+    out = io.StringIO()
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, logging_frequency=2), stream=out)
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    lines = out.getvalue().splitlines()
+    assert sum("update" in line and "K=2" in line and "lr=" in line and "samples/s" in line for line in lines) == 3  # updates 1, 2, 4
+    assert lines[-1].startswith("epoch 0: loss")
+    out = io.StringIO()
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), stream=out)
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    assert out.getvalue() == ""
+
+
+def test_mixed_precision_float16_uses_an_owned_scaler_and_trains():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    t = GradientAccumulationTrainer(GradientAccumulationConfig(accumulation_steps=2, mixed_precision="float16",
+                                                               progress_bar=False, device="cpu"))
+    t.setup_training(m, torch.optim.Adam(m.parameters(), lr=0.01), nn.CrossEntropyLoss())
+    assert t.accumulator.scaler is not None
+    ds = data.TensorDataset(dataset()[:][0].float(), dataset()[:][1])
+    hist = t.train(data.DataLoader(ds, batch_size=10), num_epochs=5)
+    assert hist[-1]["epoch_loss"] < hist[0]["epoch_loss"]
+    assert t.optimizer.stats()["updates"] >= 20
+
+
+def test_bad_arguments():
+    t = GradientAccumulationTrainer(GradientAccumulationConfig())
+    with pytest.raises(RuntimeError, match="setup_training"):
+        t.train_step(torch.zeros(1, 8), torch.zeros(1))
+    with pytest.raises(TypeError, match="criterion"):
+        t.setup_training(model(), torch.optim.SGD(model().parameters(), lr=0.1), criterion=3)
+    if not torch.cuda.is_available():
+        t = GradientAccumulationTrainer(GradientAccumulationConfig(device="cuda"))
+        m = model()
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            t.setup_training(m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
