@@ -111,8 +111,15 @@ class GradientStore:
         self.refresh()
 
     # ------------------------------------------------------------------ layout
-    def refresh(self) -> None:
-        """Take in parameters added to the optimizer since the last call."""
+    def refresh(self, param_groups: list[dict] | None = None) -> None:
+        """Take in parameters added to the optimizer since the last call.
+
+        Args:
+            param_groups: the optimizer's current ``param_groups`` list (torch's
+                ``load_state_dict`` replaces the list; None: the one last given).
+        """
+        if param_groups is not None:
+            self._param_groups = param_groups
         keyed: dict[tuple, list[Tensor]] = {}
         # Known parameters are recomputed (not remembered by id): ids change across deepcopy/pickle.
         known = {id(p) for p in self.params} | {id(p) for p in self.excluded}

@@ -42,6 +42,11 @@ __all__ = ["AccumulatingOptimizer"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _sum_dtype(t: Tensor) -> torch.dtype:
+    """float64 for weight sums (exact counts), float32 where the device has no float64."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def _validate_optimizer(optimizer: Any) -> None:
     if isinstance(optimizer, AccumulatingOptimizer):
         raise TypeError(
@@ -247,7 +252,7 @@ class AccumulatingOptimizer(Optimizer):
         if self._noise is not None:
             self._noise.on_micro_step(self, weight, factor, found)
         self._store.accumulate(self._store_scale(weight, factor))
-        counted = weight if found is None else weight * (1.0 - found)  # a dropped micro-batch counts 0
+        counted = weight if found is None else weight * (1.0 - found.to(_sum_dtype(found)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
         self._stepped = False
@@ -323,6 +328,32 @@ class AccumulatingOptimizer(Optimizer):
         self._sync.set(self._window.next_is_last)  # K may have changed for the next window
 
     # --------------------------------------------------------------- properties
+    # ``param_groups``, ``state`` and ``defaults`` ARE the wrapped optimizer's, read through on every
+    # access: torch's ``Optimizer.load_state_dict`` replaces its lists, and a bound copy would go stale.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
     @property
     def accumulation_steps(self) -> int:
         """K of the current window."""
@@ -407,7 +438,7 @@ class AccumulatingOptimizer(Optimizer):
         """Add a group to the wrapped optimizer and give its parameters buffers."""
         self._store._weight_of.check_new_group(param_group)  # a bad accumulation_weight: nothing added
         self.optimizer.add_param_group(param_group)
-        self._store.refresh()
+        self._store.refresh(self.optimizer.param_groups)
 
     def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
         """Register a hook run before each real update (``hook(wrapper, args, kwargs)``)."""

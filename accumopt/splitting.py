@@ -380,7 +380,7 @@ class MicroBatcher:
         """After an OOM: drop the failed micro-batch's partial gradients, free memory, halve."""
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                pass
+                p.grad = None  # buffered mode: the window lives in the buffers, untouched
         self.optimizer._pre_weight = None
         self.monitor.free_cache()
         self.ooms += 1

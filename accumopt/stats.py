@@ -123,7 +123,10 @@ class Statistics:
         if loss is not None:
             if isinstance(loss, Tensor):
                 loss = loss.detach()
-            self.window_loss = _add(self.window_loss, loss * weight if isinstance(weight, Tensor) or weight != 1.0 else loss)
+            weighted = loss * weight if isinstance(weight, Tensor) or weight != 1.0 else loss
+            if found is not None:  # a dropped micro-batch's loss (often NaN) does not count: NaN * 0 is NaN
+                weighted = torch.where(found > 0, torch.zeros_like(found), weighted)
+            self.window_loss = _add(self.window_loss, weighted)
             self.window_loss_weight = _add(self.window_loss_weight, weight)
 
     def window_mean_loss(self) -> Tensor | float | None:

@@ -239,3 +239,24 @@ def test_zero_size_and_non_contiguous_params(mode):
                                [(torch.cat([d[0] for d in _data(4)]), torch.cat([d[1] for d in _data(4)]))] * 3,
                                4, mode=mode)
     assert report.parameters["empty"] == 0.0 and report.parameters["w"] <= 1e-10
+
+
+@pytest.mark.parametrize("load", ["wrapper", "inner"])
+def test_containers_stay_shared_after_load_state_dict(load):
+    """torch's Optimizer.load_state_dict replaces param_groups and state: the wrapper follows."""
+    model = _model()
+    inner = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    opt = AccumulatingOptimizer(inner, 2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)  # built on the wrapper
+    _train(model, opt, _data(2))
+    sd = opt.state_dict() if load == "wrapper" else inner.state_dict()
+    groups_before = inner.param_groups
+    (opt if load == "wrapper" else inner).load_state_dict(sd)
+    assert inner.param_groups is not groups_before  # torch did replace the list
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)  # the scheduler reaches the wrapped optimizer
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert len(list(opt._store.params)) == 4
+    _train(model, opt, _data(2))
+    assert model[2].weight.grad is None and opt.num_updates == 2 and len(inner.state) == 4
