@@ -181,8 +181,13 @@ class GradientStore:
                 g.seen.update(idx)
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if grads and isinstance(scale, Tensor):
-                torch._foreach_mul_(grads, g.to_device(scale))
-                torch._foreach_add_(bufs, grads)
+                s = g.to_device(scale)
+                if g.same_dtype:
+                    torch._foreach_mul_(grads, s.to(grads[0].dtype))
+                    torch._foreach_add_(bufs, grads)
+                else:  # bf16/fp16 grads: multiply in the buffer's precision, not in theirs
+                    s = s.to(bufs[0].dtype)
+                    torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             elif grads:
                 torch._foreach_add_(bufs, grads, alpha=scale)
             for p in params:

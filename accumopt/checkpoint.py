@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import tempfile
+import zlib
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -391,6 +393,57 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(folder)
 
 
+def _digest(obj: Any) -> int:
+    """CRC-32 of ``obj``'s content (tensor bytes, dtypes, shapes, keys, plain values), in traversal order.
+
+    torch's zip reader does not verify the checksums of tensor records, so a
+    flipped byte in tensor data would load silently; this catches it. Tensors on
+    an accelerator are copied to the host to be hashed.
+    """
+    crc = 0
+
+    def feed(tag: bytes, payload: bytes = b"") -> None:
+        nonlocal crc
+        crc = zlib.crc32(tag + struct.pack("<Q", len(payload)) + payload, crc)
+
+    def walk(x: Any) -> None:
+        nonlocal crc
+        if isinstance(x, Tensor):
+            t = x.detach()
+            if t.is_sparse:
+                t = t.coalesce()
+                feed(b"P", f"{t.dtype}{tuple(t.shape)}".encode())
+                walk(t.indices())
+                walk(t.values())
+                return
+            feed(b"T", f"{t.dtype}{tuple(t.shape)}".encode())
+            flat = t.reshape(-1).contiguous().cpu()
+            if flat.numel():
+                crc = zlib.crc32(flat.view(torch.uint8).numpy().data, crc)
+        elif isinstance(x, Mapping):
+            feed(b"D", str(len(x)).encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            feed(b"L" if isinstance(x, list) else b"U", str(len(x)).encode())
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            feed(b"S", x.encode("utf-8", "surrogatepass"))
+        elif isinstance(x, bool) or x is None:
+            feed(b"B", repr(x).encode())
+        elif isinstance(x, int):
+            feed(b"I", str(x).encode())
+        elif isinstance(x, float):
+            feed(b"F", x.hex().encode())
+        else:
+            feed(b"R", f"{type(x).__name__}:{x!r}".encode())
+
+    walk(obj)
+    return crc
+
+
 def save_checkpoint(path: str | os.PathLike, obj_state: dict[str, Any], extra: Any = None) -> None:
     """Write an optimizer state dict (and optional plain ``extra`` data) to ``path`` atomically.
 
@@ -400,7 +453,8 @@ def save_checkpoint(path: str | os.PathLike, obj_state: dict[str, Any], extra: A
         obj_state: ``opt.state_dict()``.
         extra: anything ``weights_only`` can read back (e.g. ``{"model": model.state_dict()}``).
     """
-    atomic_save({"format": FILE_FORMAT, "version": 1, "optimizer": obj_state, "extra": extra}, path)
+    payload = {"optimizer": obj_state, "extra": extra}
+    atomic_save({"format": FILE_FORMAT, "version": 1, "checksum": _digest(payload), **payload}, path)
 
 
 def _read(path: str | os.PathLike, map_location: Any) -> Any:
@@ -441,6 +495,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> tuple[
         sd = obj.get("optimizer")
         if not isinstance(sd, dict):
             raise ValueError(f"Invalid checkpoint file {name!r}: the 'optimizer' entry is missing or not a dict")
+        if "checksum" in obj and obj["checksum"] != _digest({"optimizer": sd, "extra": obj.get("extra")}):
+            raise ValueError(f"Invalid checkpoint file {name!r}: corrupted (its content does not match the "
+                             "checksum written with it)")
         return sd, obj.get("extra")
     if isinstance(obj, dict) and isinstance(obj.get("accumulation"), dict) and "param_groups" in obj:
         return obj, None

@@ -112,6 +112,7 @@ class Precision:
         self._scaler_found: Tensor | None = None  # the owned scaler's own found_inf tensor of this update
         self._unscaled: int | None = None  # id of the optimizer the owned scaler unscaled this update
         self._external: torch.optim.Optimizer | None = None  # the wrapper, while an external scaler drives it
+        self._external_seen = False  # an external GradScaler has driven this wrapper (it drops micro-batches)
 
     # ------------------------------------------------------------ micro-step
     def micro_factor(
@@ -136,6 +137,7 @@ class Precision:
         grad_scale = getattr(optimizer, "grad_scale", None) if found_inf is not None else None
         inv_scale = None if grad_scale is None else grad_scale.detach().double().reciprocal().float()
         self._external = optimizer if found_inf is not None else None
+        self._external_seen = self._external_seen or found_inf is not None
         if found_inf is not None and self.policy in ("skip", "raise"):
             return (1.0 if inv_scale is None else inv_scale), None
         grads = [g for gs in micro_grads() for g in gs]
@@ -166,7 +168,10 @@ class Precision:
         ``total`` is the window's summed weight; a device total of 0 (every
         micro-batch dropped) makes :meth:`apply` skip the window.
         """
-        self._empty = (total <= 0).float() if isinstance(total, Tensor) else None
+        # Only where micro-batches can be dropped (weight 0) may the total be 0 without the user's doing:
+        # tensor weights given by the user cost no sync here.
+        may_drop = self.policy == "drop" or (self._external_seen and self.policy == "ignore")
+        self._empty = (total <= 0).float() if may_drop and isinstance(total, Tensor) else None
         if self.scaler is not None:
             per_device = _owned_unscale(self.scaler, inner)
             self._unscaled = id(inner)

@@ -6,7 +6,6 @@ large-batch gradient of a plain torch run, and an independent float64 AGC.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

@@ -7,7 +7,6 @@ the micro-batches the policy keeps, or nothing for a skipped window.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

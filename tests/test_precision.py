@@ -8,7 +8,6 @@ gradients computed with plain autograd.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -400,7 +399,11 @@ CONFIGS = {  # name: (constructor kwargs, scaler pattern, host reads per update)
     "drop": ({"nonfinite": "drop", "mode": "buffered"}, None, 1),
     "clip": ({"max_grad_norm": 1.0, "clip_value": 1.0, "agc_clip_factor": 0.1, "track_grad_norm": True}, None, 0),
     "owned scaler": ({}, "owned", 1),
+    "owned scaler + skip": ({"nonfinite": "skip"}, "owned", 1),
+    "owned scaler + raise": ({"nonfinite": "raise"}, "owned", 1),
     "owned scaler + drop": ({"nonfinite": "drop", "mode": "buffered"}, "owned", 1),
+    "external scaler + drop": ({"mode": "buffered", "nonfinite": "drop"}, "external", 1),
+    "external scaler + raise": ({"mode": "buffered", "nonfinite": "raise"}, "external", 1),
     "external scaler": ({"mode": "buffered"}, "external", 1),
     "external scaler + skip": ({"mode": "buffered", "nonfinite": "skip"}, "external", 1),
 }
