@@ -47,6 +47,8 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
     by_key: dict[tuple, list[Tensor]] = defaultdict(list)
     for t in tensors:
         t = t.detach()
+        if t.is_sparse:
+            t = t.coalesce()._values()
         if t.is_complex():
             t = torch.view_as_real(t)
         by_key[(t.device, t.dtype)].append(t)

@@ -180,3 +180,4 @@ class GradSync:
                     p.grad = torch.zeros_like(p)
                 tensors.append(p.grad)
         self.explicit_reductions += all_reduce_mean_(tensors, self.group, self.world_size)
+        store.mark_seen()  # a parameter used on another rank has a reduced gradient here too

@@ -138,6 +138,10 @@ class WeightResolver:
         self._overrides = overrides
         self._layer = layer
 
+    def rebind(self, param_groups: list[dict]) -> None:
+        """Follow the optimizer's current ``param_groups`` (torch replaces the list on load)."""
+        self._param_groups = param_groups
+
     def group_weight(self, index: int) -> float:
         """Weight of param group ``index``: ``group_weights[index] * accumulation_weight``."""
         base = self._overrides[index] if index < len(self._overrides) else 1.0

@@ -228,6 +228,6 @@ def test_with_the_wrappers_own_noise_scale_estimator():
             break
     target = prob.closed_form / b  # 9 samples / 2 = 4.5 micro-batches
     assert abs(opt.noise_scale().item() / prob.closed_form - 1) < 0.35
-    print(ks, opt.noise_scale())
     assert ks[0] == 2 and ks[-1] in (4, 8) and 4 <= target <= 8
-    assert all(a <= c for a, c in zip(ks, ks[1:]))
+    runs = [k for i, k in enumerate(ks) if i == 0 or ks[i - 1] != k]
+    assert len(runs) <= 3 and len(set(runs)) == len(runs)  # at most two moves, never back to a left value

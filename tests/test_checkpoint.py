@@ -414,9 +414,10 @@ def _child_save(path: str, started, stop_after: int) -> None:
     """Build a large optimizer state and save it, blocking for ever after ``stop_after`` bytes (or at fsync)."""
     torch.manual_seed(1)
     model = torch.nn.Linear(512, 512).double()
-    opt = AccumulatingOptimizer(torch.optim.Adam(model.parameters()), 4, mode="buffered")
-    model(torch.randn(8, 512, dtype=torch.float64)).sum().backward()
-    opt.step()
+    opt = AccumulatingOptimizer(torch.optim.Adam(model.parameters()), 2, mode="buffered")
+    for _ in range(3):  # Adam moments (2 x 2 MB) and a pending window (2 MB): a ~6 MB file
+        model(torch.randn(8, 512, dtype=torch.float64)).sum().backward()
+        opt.step()
     real_open = ckpt._open_temp
 
     class Blocking:
@@ -474,7 +475,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_intact(tmp_path):
         started = ctx.Event()
         child = ctx.Process(target=_child_save, args=(str(path), started, stop_after))
         child.start()
-        assert started.wait(timeout=120), "the child never reached the kill point"
+        assert started.wait(timeout=20), f"the child never reached the kill point ({child.exitcode})"
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL

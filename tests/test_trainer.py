@@ -108,8 +108,6 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert t2.optimizer.optimizer.param_groups[0]["lr"] == full.optimizer.optimizer.param_groups[0]["lr"] < 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="core: AccumulatingOptimizer.load_state_dict leaves the wrapper's "
-                   "param_groups bound to the list torch's Optimizer.load_state_dict replaced (patch in report)")
 def test_wrapper_param_groups_follow_a_loaded_state():
     t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), sched=True)
     t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
