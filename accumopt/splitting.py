@@ -29,7 +29,6 @@ silently bias training).
 from __future__ import annotations
 
 import gc
-import math
 import os
 import resource
 from collections.abc import Mapping

@@ -146,8 +146,9 @@ class Statistics:
             self.nonfinite_events = _add(self.nonfinite_events, (found.detach() > 0).float())
         if norm is not None:
             self.last_norm = norm.detach()
-            self.norm_sum = _add(self.norm_sum, self.last_norm)
-            self.norm_count += 1
+            if applied:  # the mean is over applied updates: a skipped window's inf/NaN norm does not poison it
+                self.norm_sum = _add(self.norm_sum, self.last_norm)
+                self.norm_count += 1
         if total is not None:
             self.last_batch = total.detach().clone() if isinstance(total, Tensor) else float(total)
         self.last_loss = self.window_mean_loss()
