@@ -30,3 +30,8 @@ from .adaptive import AdaptiveK  # noqa: E402
 from .splitting import MemoryMonitor, MicroBatcher  # noqa: E402
 
 __all__ += ["AdaptiveK", "MemoryMonitor", "MicroBatcher"]
+
+# Gradient noise scale and checkpoint files (docs/state.md).
+from .noise import NoiseScaleEstimator  # noqa: E402
+
+__all__ += ["NoiseScaleEstimator"]

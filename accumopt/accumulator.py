@@ -16,14 +16,17 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .config import AccumulationMode, GradientAccumulationConfig
+from .adaptive import AdaptiveK
+from .config import AccumulationMode, AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
+from .splitting import MemoryMonitor, MicroBatcher, batch_size_of
 
 __all__ = ["AccumulationState", "GradientAccumulator", "memory_fraction"]
 
@@ -33,33 +36,37 @@ _COSMETIC = {"logging_frequency", "device", "progress_bar", "checkpoint_every", 
              "memory_monitoring", "memory_threshold"}
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
-        return 0
-
-
-def _total_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError):  # pragma: no cover
-        return 0
-
-
 def memory_fraction(device: torch.device | str) -> float:
     """Used fraction of ``device``'s memory: CUDA allocated / total, or process RSS / RAM on CPU.
 
-    Host-side queries only (no device synchronisation).
+    The readings of :class:`~accumopt.MemoryMonitor`: host-side queries only (no device synchronisation).
     """
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(device).total_memory
-        return torch.cuda.memory_allocated(device) / total if total else 0.0
-    total = _total_ram()
-    return _rss_bytes() / total if total else 0.0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    monitor = MemoryMonitor(device)
+    total = monitor.total()
+    return monitor.used() / total if total else 0.0
+
+
+def _cat(batches: list[Any]) -> Any:
+    """Concatenate loader batches along the batch dimension (tensors, nested tuples/lists/dicts, str lists)."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    if isinstance(first, Tensor):
+        return torch.cat(batches) if first.dim() > 0 else first
+    if isinstance(first, Mapping):
+        out = {k: _cat([b[k] for b in batches]) for k in first}
+        return out if type(first) is dict else type(first)(out)
+    if isinstance(first, (list, tuple)):
+        if first and all(isinstance(v, str) for v in first):
+            return [v for b in batches for v in b]
+        items = [_cat([b[i] for b in batches]) for i in range(len(first))]
+        if hasattr(first, "_fields"):
+            return type(first)(*items)
+        return type(first)(items)
+    return first  # shared leaf (a number, None): the same in every batch
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -108,35 +115,6 @@ class AccumulationState:
     epoch: int
 
 
-class _NoiseScaleK:
-    """K for mode=ADAPTIVE: follows the gradient noise scale between bounds, with hysteresis.
-
-    The critical batch of McCandlish et al. 2018 ("An Empirical Model of
-    Large-Batch Training") is near the simple noise scale B_noise; K moves by
-    powers of two toward ``B_noise / micro_batch`` and only when the target is at
-    least twice (or at most half) the current K. A heuristic: without a noise
-    scale estimate from the wrapper's ``stats()`` K stays where it is.
-    """
-
-    def __init__(self, k0: int, lo: int, hi: int, micro_batch: Callable[[], float]) -> None:
-        self.k, self.lo, self.hi = k0, lo, hi
-        self.micro_batch = micro_batch
-        self.opt: AccumulatingOptimizer | None = None
-
-    def __call__(self, updates: int) -> int:
-        if self.opt is None or updates == 0:
-            return self.k
-        noise = self.opt.stats().get("noise_scale")  # one sync per real update, ADAPTIVE mode only
-        if noise is None or not math.isfinite(noise) or noise <= 0:
-            return self.k
-        target = noise / max(self.micro_batch(), 1.0)
-        if target >= 2 * self.k:
-            self.k = min(self.hi, self.k * 2)
-        elif target <= self.k / 2:
-            self.k = max(self.lo, self.k // 2)
-        return self.k
-
-
 class GradientAccumulator:
     """Gradient accumulation driven by a :class:`GradientAccumulationConfig`.
 
@@ -163,6 +141,8 @@ class GradientAccumulator:
         self.optimizer: AccumulatingOptimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.device: torch.device | None = None
+        self.adaptive: AdaptiveK | None = None
+        self.batcher: MicroBatcher | None = None
         self._reset_counters()
         if (model is None) != (optimizer is None):
             raise ValueError("Invalid arguments: give both model and optimizer, or neither (then call setup())")
@@ -177,6 +157,10 @@ class GradientAccumulator:
         self._micro_batch: float | None = None
         self._lr_saved: list[Any] | None = None
         self._over = False
+        self._pending: list[Any] = []  # MEMORY_AWARE: loader batches of the open window
+        self._loss_fn: Callable[[Any], Tensor] | None = None
+        self._batcher_state: dict[str, Any] | None = None
+        self.last_window_loss: tuple[Tensor, int] | None = None  # MEMORY_AWARE: (mean loss, samples)
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
@@ -193,18 +177,13 @@ class GradientAccumulator:
         device = param.device if param is not None else torch.device("cpu")
         if scaler is None and cfg.mixed_precision == "float16" and cfg.gradient_scaling:
             scaler = torch.amp.GradScaler(device.type)
-        steps: Any = cfg.k_schedule
-        adaptive = None
-        if cfg.mode is AccumulationMode.ADAPTIVE:
-            adaptive = _NoiseScaleK(cfg.accumulation_steps, cfg.min_accumulation_steps or 1,
-                                    cfg.max_accumulation_steps or cfg.accumulation_steps, self._micro_batch_size)
-            steps = adaptive
+        steps: Any = cfg.k_schedule  # ADAPTIVE: an AdaptiveK reading the wrapper's noise scale
         wrapper = AccumulatingOptimizer(optimizer, steps, model=model, scheduler=scheduler, scaler=scaler,
                                         track_grad_norm=True, **cfg.optimizer_kwargs())
-        if adaptive is not None:
-            adaptive.opt = wrapper
         self.model, self.optimizer, self.scaler, self.device = model, wrapper, scaler, device
         self.scheduler = scheduler
+        self.adaptive: AdaptiveK | None = steps if isinstance(steps, AdaptiveK) else None
+        self.batcher: MicroBatcher | None = None  # MEMORY_AWARE: built on the first accumulate_batch()
         self._reset_counters()
         if cfg.progressive_scaling and cfg.mode in (AccumulationMode.PROGRESSIVE, AccumulationMode.ADAPTIVE):
             wrapper.optimizer.register_step_pre_hook(self._scale_lr)
@@ -216,10 +195,15 @@ class GradientAccumulator:
             raise RuntimeError("GradientAccumulator is not set up: call setup(model, optimizer) first")
         return self.optimizer
 
-    def _micro_batch_size(self) -> float:
-        if self._micro_batch is not None:
-            return self._micro_batch
-        return float(self.config.effective_batch_size or 1)
+    def _set_noise_unit(self, weight: Any) -> None:
+        """ADAPTIVE: the wrapper's noise scale is in weight units; tell AdaptiveK one micro-batch's weight."""
+        if self.adaptive is None:
+            return
+        if weight is None:
+            self.adaptive.micro_batch_size = 1.0  # weights 1: the noise scale is in micro-batches
+        elif isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0:
+            self.adaptive.micro_batch_size = float(weight)  # samples per micro-batch
+        # (a tensor weight: keep the last known unit; reading it would sync)
 
     # ---------------------------------------------------------------- LR rule
     def lr_factor(self, k: int | None = None) -> float:
@@ -246,6 +230,8 @@ class GradientAccumulator:
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None) -> None:
         """Backward pass of one micro-batch: loss scale (fp16), sum factor (``loss_scaling=False``), weight."""
         opt = self._require()
+        if opt.pending == 0:  # the window's first micro-batch fixes the noise scale's unit (ADAPTIVE)
+            self._set_noise_unit(weight if self.config.loss_scaling else None)
         if not self.config.loss_scaling:
             # Sum, not mean: each micro-batch enters K times, the window divides by K.
             opt.backward(loss * opt.accumulation_steps)
@@ -276,6 +262,8 @@ class GradientAccumulator:
             raise TypeError(f"Invalid loss: {type(loss).__name__} (expected a torch.Tensor)")
         if self.config.loss_scaling is False:
             weight = None
+        if not backward and weight is not None and opt.pending == 0:
+            self._set_noise_unit(weight)  # (with backward=True, backward() does it)
         if backward:
             self.backward(loss, weight=weight)
             weight = None  # taken by backward(); the wrapper remembers it
@@ -322,13 +310,93 @@ class GradientAccumulator:
             self.logger.info("update %d: loss %s, K %d, grad norm %s", n, s.get("last_loss"),
                              opt.accumulation_steps, s.get("last_grad_norm"))
 
-    def flush(self) -> bool:
+    # ------------------------------------------------------ memory-aware path
+    @property
+    def pending_batches(self) -> int:
+        """Loader batches held for the open window by :meth:`accumulate_batch` (MEMORY_AWARE)."""
+        return len(self._pending)
+
+    def accumulate_batch(self, batch: Any, loss_fn: Callable[[Any], Tensor]) -> dict[str, Any]:
+        """``strategy=MEMORY_AWARE``: add one loader batch to the window; run the window at its K-th batch.
+
+        The window's K batches are concatenated (where the loader put them) and run by
+        :class:`~accumopt.MicroBatcher` as one real update: micro-batches of the loader's
+        batch size at first, halved on ``torch.OutOfMemoryError`` (only the failed
+        micro-batch is redone), each weighted by its sample count, so the update is the
+        large-batch update of the window's samples. ``memory_threshold`` is the MicroBatcher's
+        ``memory_fraction``; ``adaptive_scaling`` lets the size grow back (``grow_after=50``).
+
+        Args:
+            batch: one loader batch (a tensor, or a tuple/list/dict of tensors sharing the
+                leading dimension). Kept until the window runs.
+            loss_fn: ``loss_fn(micro_batch) -> mean loss`` (runs the forward pass; move the
+                micro-batch to the device there).
+
+        Returns:
+            The keys of :meth:`accumulate_gradients`, plus ``window_samples``. ``loss`` and
+            ``accumulated_loss`` are None until the window runs, then the window's sample-mean
+            loss (a detached device tensor, not synced).
+        """
+        opt = self._require()
+        if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
+            raise RuntimeError("accumulate_batch needs strategy=AccumulationStrategy.MEMORY_AWARE "
+                               f"(strategy is {self.config.strategy.name}); use accumulate_gradients(loss)")
+        if not callable(loss_fn):
+            raise TypeError(f"Invalid loss_fn: {loss_fn!r} (expected a callable micro_batch -> loss)")
+        if opt.pending:
+            raise RuntimeError(f"accumulate_batch: the window holds {opt.pending} micro-batches from "
+                               "accumulate_gradients() (expected none: call flush() first)")
+        batch_size_of(batch)  # validates the batch before keeping it
+        self._pending.append(batch)
+        self._loss_fn = loss_fn
+        self._micro_steps += 1
+        k = opt.accumulation_steps
+        if len(self._pending) < k:
+            return {"loss": None, "accumulated_loss": None, "accumulation_step": len(self._pending),
+                    "should_optimize": False, "applied": False, "accumulation_steps": k,
+                    "effective_batch_size": self._effective_batch(k), "window_samples": 0}
+        loss, applied, samples = self._run_window()
+        return {"loss": loss, "accumulated_loss": loss, "accumulation_step": k, "should_optimize": True,
+                "applied": applied, "accumulation_steps": k, "effective_batch_size": self._effective_batch(k),
+                "window_samples": samples}
+
+    def _run_window(self, loss_fn: Callable[[Any], Tensor] | None = None) -> tuple[Tensor, bool, int]:
+        """Run the held batches through the MicroBatcher: one real update."""
+        opt, cfg = self._require(), self.config
+        loss_fn = loss_fn or self._loss_fn
+        if loss_fn is None:
+            raise RuntimeError("flush: the window holds loader batches but no loss_fn is known "
+                               "(pass flush(loss_fn=...) after loading a state)")
+        batches, self._pending = self._pending, []
+        first = batch_size_of(batches[0])
+        if self.batcher is None:
+            self.batcher = MicroBatcher(opt, first, grow_after=50 if cfg.adaptive_scaling else 0,
+                                        memory_fraction=cfg.memory_threshold, device=self.device)
+            if self._batcher_state is not None:
+                self.batcher.load_state_dict(self._batcher_state)
+        self._micro_batch = float(first)
+        self._set_noise_unit(first)  # weights are sample counts
+        fn = loss_fn
+        if not cfg.loss_scaling:  # the sum of the K loader batches' mean gradients (exact for equal sizes)
+            count = len(batches)
+            fn = lambda micro: loss_fn(micro) * count  # noqa: E731
+        batch = _cat(batches)
+        loss = self.batcher.step(batch, fn)  # raises after discarding the window if even 1 sample fails
+        samples = batch_size_of(batch)
+        self.last_window_loss = (loss, samples)
+        self._after_update()
+        return loss, opt.stepped, samples
+
+    def flush(self, *, loss_fn: Callable[[Any], Tensor] | None = None) -> bool:
         """Apply the open, partial window now (end of epoch or data).
 
         The update is the weighted mean over the micro-batches actually seen
         (with ``loss_scaling=False``: their sum). Returns whether an update was applied.
+        ``loss_fn``: for batches held by :meth:`accumulate_batch` (default: the last one given).
         """
         opt = self._require()
+        if self._pending:
+            return self._run_window(loss_fn)[1]
         if opt.pending == 0:
             return False
         if not self.config.loss_scaling:
@@ -358,7 +426,7 @@ class GradientAccumulator:
         s = opt._stats
         return AccumulationState(
             total_steps=self._micro_steps,
-            accumulation_step=opt.pending,
+            accumulation_step=len(self._pending) or opt.pending,
             accumulation_steps=opt.accumulation_steps,
             total_optimizer_steps=opt.num_updates,
             skipped_optimizer_steps=s.skipped,
@@ -403,7 +471,8 @@ class GradientAccumulator:
             "optimizer": opt.state_dict(),
             "counters": {"micro_steps": self._micro_steps, "last_update_at": self._last_update_at,
                          "window_loss": self._window_loss, "memory": list(self._memory),
-                         "micro_batch": self._micro_batch},
+                         "micro_batch": self._micro_batch, "pending": list(self._pending),
+                         "batcher": self.batcher.state_dict() if self.batcher is not None else self._batcher_state},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -431,6 +500,11 @@ class GradientAccumulator:
         self._window_loss = wl.to(self.device) if isinstance(wl, Tensor) and self.device is not None else wl
         self._memory = [float(x) for x in c.get("memory", [])]
         self._micro_batch = c.get("micro_batch")
+        pending = c.get("pending") or []
+        self._pending = list(pending)
+        self._batcher_state = c.get("batcher")
+        if self.batcher is not None and self._batcher_state is not None:
+            self.batcher.load_state_dict(self._batcher_state)
 
     def save_accumulation_state(self, filepath: str | os.PathLike) -> None:
         """Write :meth:`state_dict` atomically (temporary file, fsync, rename)."""

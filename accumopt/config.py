@@ -49,8 +49,10 @@ class AccumulationStrategy(enum.Enum):
     * ``PARAMETER_GROUPS``: each param group's gradient times its ``parameter_group_weights`` entry.
     * ``ADAPTIVE_LAYERS``: unit-wise adaptive gradient clipping (AGC, Brock et al. 2021)
       of the accumulated gradient, factor ``agc_clip_factor``.
-    * ``MEMORY_AWARE``: batches are split into micro-batches that fit in memory; an
-      out-of-memory error splits finer and retries. Gradients are never rescaled.
+    * ``MEMORY_AWARE``: each window's batches run through :class:`~accumopt.MicroBatcher`:
+      micro-batches that fit in memory; an out-of-memory error splits finer and redoes
+      only the failed micro-batch. Gradients are never rescaled. Needs buffers, so it
+      overrides ``mode=EFFICIENT``'s in-place storage (with a warning).
     """
 
     UNIFORM = "uniform"
@@ -289,6 +291,13 @@ class GradientAccumulationConfig:
                 _unused("memory_threshold", "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
         else:
             self.memory_threshold = 0.9
+        if memory_aware and self.mode is AccumulationMode.EFFICIENT:
+            warnings.warn(
+                "GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in buffers "
+                "(mode='buffered'), not in .grad: out-of-memory recovery (MicroBatcher) must keep the window's sum "
+                "apart from a micro-batch that fails half-way through its backward. This costs one gradient-sized "
+                "buffer; use strategy=UNIFORM for in-place accumulation without recovery.",
+                UserWarning, stacklevel=4)
 
     def _check_clipping_and_nan(self) -> None:
         if self.clipping_norm is not None:
@@ -346,19 +355,34 @@ class GradientAccumulationConfig:
 
     @property
     def storage(self) -> str:
-        """The wrapper's buffer mode: ``"inplace"`` for EFFICIENT, ``"buffered"`` otherwise."""
-        return "inplace" if self.mode is AccumulationMode.EFFICIENT else "buffered"
+        """The wrapper's buffer mode: ``"inplace"`` for EFFICIENT, ``"buffered"`` otherwise.
+
+        ``MEMORY_AWARE`` is always buffered (:class:`~accumopt.MicroBatcher` requires it).
+        """
+        if self.mode is AccumulationMode.EFFICIENT and self.strategy is not AccumulationStrategy.MEMORY_AWARE:
+            return "inplace"
+        return "buffered"
 
     @property
     def k_schedule(self) -> Any:
         """The ``accumulation_steps`` argument of :class:`~accumopt.AccumulatingOptimizer`."""
         if self.mode is AccumulationMode.PROGRESSIVE:
             return list(self.accumulation_schedule or [])
+        if self.mode is AccumulationMode.ADAPTIVE:
+            from .adaptive import AdaptiveK
+
+            # Noise scale read from the wrapper (noise_scale=True); its unit (samples or
+            # micro-batches) is set by the accumulator through ``micro_batch_size``.
+            return AdaptiveK(k_min=self.min_accumulation_steps or 1,
+                             k_max=self.max_accumulation_steps or self.accumulation_steps,
+                             k_init=self.accumulation_steps)
         return self.accumulation_steps
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~accumopt.AccumulatingOptimizer` (besides optimizer, model, scaler, scheduler)."""
         kw: dict[str, Any] = {"mode": self.storage, "nonfinite": self.nan_policy or "ignore"}
+        if self.mode is AccumulationMode.ADAPTIVE:
+            kw["noise_scale"] = True  # read by AdaptiveK (the K schedule, see k_schedule)
         if self.gradient_clipping:
             kw["max_grad_norm"] = self.clipping_norm
         if self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, TextIO
 import torch
 from torch import Tensor
 
-from .accumulator import GradientAccumulator, atomic_torch_save, memory_fraction
+from .accumulator import GradientAccumulator, atomic_torch_save
 from .config import AccumulationStrategy, GradientAccumulationConfig
 
 __all__ = ["GradientAccumulationTrainer"]
@@ -60,14 +60,6 @@ def _to(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _slice(x: Any, a: int, b: int) -> Any:
-    if isinstance(x, dict):
-        return {k: _slice(v, a, b) for k, v in x.items()}
-    if isinstance(x, (list, tuple)) and not isinstance(x, Tensor):
-        return type(x)(_slice(v, a, b) for v in x)
-    return x[a:b]
-
-
 class GradientAccumulationTrainer:
     """Train a model with gradient accumulation configured by a :class:`GradientAccumulationConfig`.
 
@@ -89,8 +81,6 @@ class GradientAccumulationTrainer:
         self.device: torch.device | None = None
         self.current_epoch = 0
         self.training_history: list[dict[str, Any]] = []
-        self._chunk: int | None = None  # MEMORY_AWARE: the micro-batch size that fits
-        self._chunk_ok = 0
         self._resume: dict[str, Any] | None = None
         self._pos = 0  # batches consumed in the current epoch
         self._epoch_rng: Tensor | None = None
@@ -140,69 +130,35 @@ class GradientAccumulationTrainer:
         """One micro-batch: forward, backward, accumulate (and update at the window's end).
 
         The micro-batch counts by its sample count, so a short last batch is
-        weighted exactly. Returns the accumulator's dict plus shapes and
-        ``num_samples``; ``loss`` is a 0-dim device tensor (not synced).
+        weighted exactly. Returns the accumulator's dict plus shapes, ``num_samples`` and
+        ``loss_samples`` (the samples ``loss`` averages over); ``loss`` is a 0-dim device
+        tensor (not synced). With ``strategy=MEMORY_AWARE`` the batch is held until its
+        window's K-th batch, which runs the window through :class:`~accumopt.MicroBatcher`
+        (``loss`` is None before, then the window's mean loss).
         """
         self._require()
+        if self.config.strategy is AccumulationStrategy.MEMORY_AWARE:
+            # The window's loader batches run through accumopt.MicroBatcher (micro-batches that fit,
+            # out-of-memory recovery); they stay where the loader put them until then.
+            n = _batch_len(target_batch)
+            result = self.accumulator.accumulate_batch((data_batch, target_batch), self._micro_loss)
+            result.update(num_samples=n, loss_samples=result.pop("window_samples"), output_shape=None,
+                          target_shape=getattr(target_batch, "shape", None))
+            return result
         data_batch = _to(data_batch, self.device)
         target_batch = _to(target_batch, self.device)
         n = _batch_len(target_batch)
-        if self.config.strategy is AccumulationStrategy.MEMORY_AWARE:
-            output, loss = self._memory_aware_backward(data_batch, target_batch, n)
-            result = self.accumulator.accumulate_gradients(loss, backward=False)
-        else:
-            output, loss = self._forward(data_batch, target_batch)
-            result = self.accumulator.accumulate_gradients(loss, weight=n)
+        output, loss = self._forward(data_batch, target_batch)
+        result = self.accumulator.accumulate_gradients(loss, weight=n)
         self.accumulator.zero_grad()
-        result.update(num_samples=n, output_shape=getattr(output, "shape", None),
+        result.update(num_samples=n, loss_samples=n, output_shape=getattr(output, "shape", None),
                       target_shape=getattr(target_batch, "shape", None))
         return result
 
-    def _memory_aware_backward(self, data: Any, target: Any, n: int) -> tuple[Any, Tensor]:
-        """Forward/backward ``data`` in chunks that fit; on out-of-memory, halve and redo the batch.
-
-        Gradients are never rescaled: each chunk's mean loss is weighted by its
-        sample count, so the micro-batch's gradient is the same however it is split.
-        """
-        acc, opt, cfg = self.accumulator, self.optimizer, self.config
-        size = min(self._chunk or n, n)
-        while True:
-            if memory_fraction(self.device) > cfg.memory_threshold and size > 1 and self.device.type == "cuda":
-                size = max(1, size // 2)  # over budget before we start: split finer
-            try:
-                total: Tensor | None = None
-                output = None
-                for a in range(0, n, size):
-                    b = min(n, a + size)
-                    output, loss = self._forward(_slice(data, a, b), _slice(target, a, b))
-                    if cfg.loss_scaling:
-                        acc.backward(loss, weight=b - a)
-                    else:
-                        acc.backward(loss * ((b - a) / n))
-                    part = loss.detach() * (b - a)
-                    total = part if total is None else total + part
-                break
-            except torch.OutOfMemoryError:
-                if cfg.storage == "inplace":  # the window's sum in .grad may already hold part of it
-                    raise RuntimeError(
-                        "Out of memory with mode=EFFICIENT: the window's gradient sum lives in .grad and cannot be "
-                        "separated from the failed micro-batch's partial gradients. Use mode=STANDARD (buffered) "
-                        "with strategy=MEMORY_AWARE for exact recovery."
-                    ) from None
-                opt.zero_grad()  # buffered: the window is in the buffers; drop the failed micro-batch's .grad and weight
-                output = loss = total = None
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if size == 1:
-                    raise
-                size = max(1, size // 2)
-                self._chunk, self._chunk_ok = size, 0
-                self.logger.warning("accumopt: out of memory; micro-batch split into chunks of %d", size)
-        if self._chunk is not None and cfg.adaptive_scaling:
-            self._chunk_ok += 1
-            if self._chunk_ok >= 50:  # try a larger chunk again after 50 successes
-                self._chunk, self._chunk_ok = (None if self._chunk * 2 >= n else self._chunk * 2), 0
-        return output, total / n
+    def _micro_loss(self, micro: Any) -> Tensor:
+        """MEMORY_AWARE: the mean loss of one micro-batch ``(data, target)`` (moved to the device here)."""
+        data, target = micro
+        return self._forward(_to(data, self.device), _to(target, self.device))[1]
 
     # ------------------------------------------------------------------ epoch
     def train_epoch(self, train_loader: Iterable) -> dict[str, Any]:
@@ -237,12 +193,13 @@ class GradientAccumulationTrainer:
         for data_batch, target_batch in it:
             m = self.train_step(data_batch, target_batch)
             self._pos += 1
-            n = m["num_samples"]
-            ep["loss_sum"] = ep["loss_sum"] + m["loss"].float() * n
+            n, ls = m["num_samples"], m["loss_samples"]  # ls: samples that m["loss"] averages over
+            if m["loss"] is not None:  # (None: MEMORY_AWARE holds the batch until its window runs)
+                ep["loss_sum"] = ep["loss_sum"] + m["loss"].float() * ls
+                window[0] = window[0] + m["loss"] * ls
+                window[1] += ls
             ep["samples"] += n
             t_samples += n
-            window[0] = window[0] + m["loss"] * n
-            window[1] += n
             if bar is not None:
                 bar.update(1)
             if m["should_optimize"]:
@@ -252,7 +209,12 @@ class GradientAccumulationTrainer:
                 self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches)
         if acc.state.accumulation_step:  # the last, partial window: weighted by what it saw
             k = acc.optimizer.accumulation_steps
-            acc.flush()
+            held = acc.pending_batches
+            acc.flush(loss_fn=self._micro_loss)
+            if held:  # MEMORY_AWARE: the held batches ran now
+                loss, ls = acc.last_window_loss
+                ep["loss_sum"] = ep["loss_sum"] + loss.float() * ls
+                window = [window[0] + loss * ls, window[1] + ls]
             ep["updates"] += 1
             last = {"loss": window[0] / max(window[1], 1), "k": k}
             self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
@@ -345,7 +307,6 @@ class GradientAccumulationTrainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": [dict(h) for h in self.training_history],
-            "chunk": self._chunk,
             "epoch_progress": dict(self._ep),
         }
         atomic_torch_save(state, path)
@@ -365,7 +326,6 @@ class GradientAccumulationTrainer:
         self.model.load_state_dict(state["model"])
         self.current_epoch = int(state["epoch"])
         self.training_history = list(state["history"])
-        self._chunk = state.get("chunk")
         self._pos = int(state["position"])
         if self._pos:
             torch.set_rng_state(state["epoch_rng"])  # the epoch's data order is drawn from here

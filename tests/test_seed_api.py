@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.utils.data as data
 
-from accumopt import (AccumulationMode, AccumulationState, AccumulationStrategy, GradientAccumulationConfig,
-                      GradientAccumulationTrainer, GradientAccumulator)
-from accumopt.accumulator import _NoiseScaleK
+from accumopt import (AccumulationMode, AccumulationState, AccumulationStrategy, AdaptiveK,
+                      GradientAccumulationConfig, GradientAccumulationTrainer, GradientAccumulator, MicroBatcher)
 
 
 @pytest.fixture
@@ -78,6 +77,7 @@ def reference_run_seeded(model, dataset, batch_size, epochs, **kw):
     kw2 = dict(kw)
     opt = torch.optim.Adam(model.parameters(), **({"lr": kw2.pop("lr")} if "lr" in kw2 else {}))
     clip = kw2.pop("clip", None)
+    lrs = iter(kw2.pop("lrs", ()))
     step_size = kw2.pop("scheduler_step", None)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size) if step_size else None
     loader = data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
@@ -87,7 +87,13 @@ def reference_run_seeded(model, dataset, batch_size, epochs, **kw):
             nn.CrossEntropyLoss()(model(x), y).backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            lr = next(lrs, None)
+            if lr is not None:  # an LR sequence given (ADAPTIVE + progressive_scaling): impose it
+                saved = opt.param_groups[0]["lr"]
+                opt.param_groups[0]["lr"] = lr
             opt.step()
+            if lr is not None:
+                opt.param_groups[0]["lr"] = saved
             if sched is not None:
                 sched.step()
     return [p.detach().clone() for p in model.parameters()]
@@ -123,15 +129,22 @@ def test_advanced_example_warns_unused_layer_weights_trains_and_equals_large_bat
     criterion = nn.CrossEntropyLoss()
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5)
     trainer.setup_training(model, optimizer, criterion, scheduler)
+    seen_lr = []  # registered after the accumulator's LR hook: sees the LR of each update
+    optimizer.register_step_pre_hook(lambda o, a, k: seen_lr.append(o.param_groups[0]["lr"]))
     train_loader = data.DataLoader(dataset, batch_size=32, shuffle=True)
     trainer.train(train_loader, num_epochs=10)
     assert losses(trainer)[-1] < 0.5 * losses(trainer)[0]
+    # ADAPTIVE: AdaptiveK moved K with the noise scale, and progressive_scaling scaled the LR by sqrt(K / 8)
+    # on top of StepLR (0.001, x0.1 every 5 updates).
+    assert isinstance(trainer.accumulator.adaptive, AdaptiveK)
+    factors = [lr / (0.001 * 0.1 ** (i // 5)) for i, lr in enumerate(seen_lr)]
+    assert len(factors) == 10 and all(any(abs(f - math.sqrt(2 ** j / 8)) < 1e-9 for j in range(7)) for f in factors)
     # 96 samples per epoch: one partial window (3 of 8 micro-batches) flushed per epoch = one large batch.
     assert [h["optimization_steps"] for h in trainer.training_history] == [1] * 10
     assert len(trainer.accumulator.state.memory_usage) == 10  # memory_monitoring: one reading per update
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
-    ref = reference_run_seeded(ref_model, dataset, 256, 10, lr=0.001, clip=1.0, scheduler_step=5)
+    ref = reference_run_seeded(ref_model, dataset, 256, 10, lr=0.001, clip=1.0, scheduler_step=5, lrs=seen_lr)
     assert max_rel(list(model.parameters()), ref) < 1e-9
 
 
@@ -164,17 +177,18 @@ def test_progressive_example_follows_schedule_and_trains():
 def test_memory_aware_example_trains_and_equals_large_batch(f64):
     dataset = make_dataset()
     torch.manual_seed(1)
-    config = GradientAccumulationConfig(
-        mode=AccumulationMode.EFFICIENT,
-        strategy=AccumulationStrategy.MEMORY_AWARE,
-        accumulation_steps=4,
-        memory_threshold=0.8,
-        memory_monitoring=True,
-        adaptive_scaling=True,
-        gradient_clipping=True,
-        clipping_norm=1.0,
-        nan_handling=True
-    )
+    with pytest.warns(UserWarning, match="mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in buffers"):
+        config = GradientAccumulationConfig(
+            mode=AccumulationMode.EFFICIENT,
+            strategy=AccumulationStrategy.MEMORY_AWARE,
+            accumulation_steps=4,
+            memory_threshold=0.8,
+            memory_monitoring=True,
+            adaptive_scaling=True,
+            gradient_clipping=True,
+            clipping_norm=1.0,
+            nan_handling=True
+        )
     trainer = GradientAccumulationTrainer(config)
     model = nn.Sequential(nn.Linear(784, 10))
     optimizer = torch.optim.Adam(model.parameters())
@@ -183,7 +197,9 @@ def test_memory_aware_example_trains_and_equals_large_batch(f64):
     train_loader = data.DataLoader(dataset, batch_size=16, shuffle=True)
     trainer.train(train_loader, num_epochs=10)
     assert losses(trainer)[-1] < 0.8 * losses(trainer)[0]
-    assert trainer.optimizer.stats()["buffer_bytes"] == 0  # EFFICIENT: in place, no buffers
+    # MEMORY_AWARE runs each window through MicroBatcher, which needs buffers (documented fallback).
+    assert config.storage == "buffered" and trainer.optimizer.stats()["buffer_bytes"] > 0
+    assert isinstance(trainer.accumulator.batcher, MicroBatcher) and trainer.accumulator.batcher.memory_fraction == 0.8
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 10))
     ref = reference_run_seeded(ref_model, dataset, 64, 10, clip=1.0)
@@ -408,21 +424,68 @@ def test_memory_aware_splits_on_oom_and_stays_exact(where):
     cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=4, device="cpu")
     trainer = GradientAccumulationTrainer(cfg)
     trainer.setup_training(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss())
-    for x, y in batches:
-        trainer.train_step(x, y)
-    assert model.raised >= 1 and trainer._chunk == 2
+    results = [trainer.train_step(x, y) for x, y in batches]
+    assert [r["should_optimize"] for r in results] == [False, False, False, True]
+    mb = trainer.accumulator.batcher
+    assert model.raised >= 1 and mb.ooms == 2 and mb.micro_batch_size == 2  # 8 -> 4 -> 2 samples
+    assert sum(mb.last.sizes) == 32 and set(mb.last.sizes) == {2}  # every sample exactly once
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n[4:]], rtol=1e-12, atol=1e-14)
 
 
-def test_memory_aware_efficient_backward_oom_raises_clearly():
-    model, batches = OOMAbove(3, "backward"), _batches(k=4, n=8)
-    cfg = GradientAccumulationConfig(mode=AccumulationMode.EFFICIENT, strategy=AccumulationStrategy.MEMORY_AWARE,
-                                     accumulation_steps=4)
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_memory_aware_trainer_recovers_from_oom_exactly_like_the_large_batch(f64, where, mode):
+    # Adam, 3 epochs, 100 samples in loader batches of 16, K=4: windows of 64 and 36 samples, each
+    # forwarded in micro-batches of at most 5 after the injected out-of-memory errors.
+    dataset = make_dataset(n=100, features=6, classes=3)
+    torch.manual_seed(1)
+    model = OOMAbove(5, where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EFFICIENT + MEMORY_AWARE: the buffered fallback warns
+        cfg = GradientAccumulationConfig(mode=mode, strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=4,
+                                         device="cpu", progress_bar=False)
     trainer = GradientAccumulationTrainer(cfg)
-    trainer.setup_training(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss())
-    with pytest.raises(RuntimeError, match="mode=STANDARD"):
-        trainer.train_step(*batches[0])
+    trainer.setup_training(model, torch.optim.Adam(model.parameters(), lr=0.01), nn.CrossEntropyLoss())
+    torch.manual_seed(2)
+    trainer.train(data.DataLoader(dataset, batch_size=16, shuffle=True), num_epochs=3)
+    assert model.raised >= 2 and trainer.accumulator.batcher.ooms >= 2
+    assert [h["optimization_steps"] for h in trainer.training_history] == [2, 2, 2]
+    ref = _mlp()
+    opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    torch.manual_seed(2)
+    for _ in range(3):
+        for x, y in data.DataLoader(dataset, batch_size=64, shuffle=True):  # same permutation: 64 + 36
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(x), y).backward()
+            opt.step()
+    assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-10
+
+
+def test_memory_aware_accumulator_batches_recover_from_oom_exactly():
+    model, batches = OOMAbove(3, "backward"), _batches(k=3, n=8)
+    batches = batches + [(batches[0][0][:5], batches[0][1][:5])]  # a short batch: 8, 8, 8, 5 samples
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g1 = _large_grad(model.net, batches[:2])
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=2)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    out = [acc.accumulate_batch(b, fn) for b in batches[:2]]
+    assert out[0]["loss"] is None and out[1]["should_optimize"] and out[1]["window_samples"] == 16
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g1[n[4:]], rtol=1e-12, atol=1e-14)
+    after1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g2 = _large_grad(model.net, batches[2:])  # the partial window: 8 + 5 samples, sample-weighted
+    for b in batches[2:]:
+        acc.accumulate_batch(b, fn)
+    assert acc.state.accumulation_step == 0 and acc.state.total_optimizer_steps == 2
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), after1[n] - 0.1 * g2[n[4:]], rtol=1e-12, atol=1e-14)
+    acc.accumulate_batch(batches[0], fn)
+    assert acc.state.accumulation_step == 1 and acc.flush() and acc.state.total_optimizer_steps == 3
+    with pytest.raises(RuntimeError, match="MEMORY_AWARE"):
+        GradientAccumulator(GradientAccumulationConfig(), model=_mlp(),
+                            optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.1)).accumulate_batch(batches[0], fn)
 
 
 def test_progressive_k_by_epoch_and_lr_rule():
@@ -447,24 +510,55 @@ def test_progressive_k_by_epoch_and_lr_rule():
     assert opt.param_groups[0]["lr"] == 0.1  # restored after each step: the scheduler's view is intact
 
 
-def test_adaptive_k_follows_noise_scale_with_hysteresis():
-    class Stub:
-        noise = 100.0
+def test_adaptive_mode_is_adaptive_k_over_the_wrappers_noise_scale():
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, accumulation_steps=4, min_accumulation_steps=2,
+                                     max_accumulation_steps=16)
+    model = _mlp()
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(acc.adaptive, AdaptiveK) and (acc.adaptive.k_min, acc.adaptive.k_max, acc.adaptive.k) == (2, 16, 4)
+    assert acc.optimizer.accumulation_steps == 4 and acc.optimizer.noise_scale() is None  # on, no window yet
 
-        def stats(self):
-            return {"noise_scale": self.noise}
 
-    ctl = _NoiseScaleK(4, 1, 16, lambda: 8.0)
-    ctl.opt = Stub()
-    assert ctl(1) == 8 and ctl(2) == 8  # target 100 / 8 = 12.5: K 4 -> 8, then within [K/2, 2K]: stays
-    Stub.noise = 8 * 40.0
-    assert ctl(3) == 16 and ctl(3) == 16  # grows, then bounded by max_accumulation_steps
-    Stub.noise = 8 * 10.0  # target K 10 within [K/2, 2K] of 16: no change (hysteresis)
-    assert ctl(4) == 16
-    Stub.noise = 8 * 2.0
-    assert ctl(5) == 8 and ctl(6) == 4 and ctl(7) == 2 and ctl(8) == 2
-    Stub.noise = 8 * 0.01
-    assert [ctl(i) for i in range(9, 12)] == [1, 1, 1]  # bounded below
+class _RegressionNoise:
+    """Linear regression with Gaussian label noise: B_simple = (d + 1) + d s^2 / |w - w*|^2 (closed form)."""
+
+    def __init__(self, d: int = 4, sigma: float = 1.0, seed: int = 0) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.d, self.sigma = d, sigma
+        self.w_star = torch.randn(d, generator=self.g, dtype=torch.float64)
+        delta = torch.randn(d, generator=self.g, dtype=torch.float64)
+        self.w0 = self.w_star + delta / delta.norm()  # |w - w*| = 1
+        self.closed_form = (d + 1) + d * sigma ** 2
+
+    def sample(self, b: int):
+        x = torch.randn(b, self.d, generator=self.g, dtype=torch.float64)
+        return x, x @ self.w_star + self.sigma * torch.randn(b, generator=self.g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k0", [2, 32])
+def test_adaptive_mode_moves_k_toward_the_noise_scale(k0):
+    prob, b = _RegressionNoise(), 2  # B_simple = 9 samples: 4.5 micro-batches of 2
+    model = nn.Linear(prob.d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(prob.w0)
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, accumulation_steps=k0, effective_batch_size=b,
+                                     min_accumulation_steps=1, max_accumulation_steps=64)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))  # lr 0: B fixed
+    ks = []
+    for _ in range(20000):
+        x, y = prob.sample(b)
+        r = acc.accumulate_gradients((0.5 * (model(x).squeeze(-1) - y) ** 2).mean(), weight=b)
+        acc.zero_grad()
+        if r["should_optimize"]:
+            ks.append(r["accumulation_steps"])
+        if len(ks) >= 60:
+            break
+    target = prob.closed_form / b
+    assert abs(acc.optimizer.noise_scale().item() / prob.closed_form - 1) < 0.35
+    assert ks[0] == k0 and ks[-1] in (4, 8) and 4 <= target <= 8  # a power of two next to the target
+    assert all(1 <= k <= 64 for k in ks)
+    assert all(abs(math.log(c / target)) <= abs(math.log(a / target)) for a, c in zip(ks, ks[1:]) if a != c)
+    assert len(set(ks[-20:])) == 1  # settled: no oscillation
 
 
 # ------------------------------------------------------------------ fields: effects

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.utils.data as data
 
 import accumopt.trainer as trainer_mod
-from accumopt import AccumulationMode, GradientAccumulationConfig, GradientAccumulationTrainer
+from accumopt import AccumulationMode, AccumulationStrategy, GradientAccumulationConfig, GradientAccumulationTrainer
 
 
 def dataset(n=100, features=8, seed=0):
@@ -71,10 +71,12 @@ def test_history_records_each_epoch_and_loss_decreases():
     assert hist[0]["effective_batch_size"] == 20
 
 
-def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("strategy", [AccumulationStrategy.UNIFORM, AccumulationStrategy.MEMORY_AWARE])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, strategy):
     torch.set_num_threads(1)
     ds = dataset(n=96)
-    cfg = dict(accumulation_steps=3, progress_bar=False, checkpoint_every=5, checkpoint_path=str(tmp_path / "ck.pt"))
+    cfg = dict(accumulation_steps=3, progress_bar=False, checkpoint_every=5, checkpoint_path=str(tmp_path / "ck.pt"),
+               strategy=strategy)
 
     def loader():
         return data.DataLoader(ds, batch_size=8, shuffle=True)
@@ -106,6 +108,27 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(m_full.parameters(), m2.parameters()))
     assert [h["epoch_loss"] for h in t2.training_history] == [h["epoch_loss"] for h in full.training_history]
     assert t2.optimizer.optimizer.param_groups[0]["lr"] == full.optimizer.optimizer.param_groups[0]["lr"] < 0.05
+
+
+def test_memory_aware_checkpoint_mid_window_holds_the_pending_batches(tmp_path):
+    # MEMORY_AWARE keeps a window's loader batches until its K-th (MicroBatcher runs them then).
+    ds = dataset(n=40)
+    batches = list(data.DataLoader(ds, batch_size=8))
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=4,
+                                     progress_bar=False)
+    a, m_a = make(cfg)
+    b, m_b = make(cfg)
+    for x, y in batches[:2]:
+        a.train_step(x, y)
+    assert a.accumulator.state.accumulation_step == 2 and a.accumulator.pending_batches == 2
+    a.save_checkpoint(tmp_path / "mid.pt")
+    b.load_checkpoint(tmp_path / "mid.pt")
+    for t in (a, b):
+        for x, y in batches[2:]:
+            r = t.train_step(x, y)
+        assert r["should_optimize"] is False and t.accumulator.flush(loss_fn=t._micro_loss)
+    assert a.accumulator.state.total_optimizer_steps == b.accumulator.state.total_optimizer_steps == 2
+    assert all(torch.equal(p, q) for p, q in zip(m_a.parameters(), m_b.parameters()))
 
 
 def test_wrapper_param_groups_follow_a_loaded_state():
