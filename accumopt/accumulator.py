@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .adaptive import AdaptiveK
+from .checkpoint import atomic_save
 from .config import AccumulationMode, AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
 from .splitting import MemoryMonitor, MicroBatcher, batch_size_of
@@ -67,23 +67,6 @@ def _cat(batches: list[Any]) -> Any:
             return type(first)(*items)
         return type(first)(items)
     return first  # shared leaf (a number, None): the same in every batch
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename: the old file survives a crash."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True)
@@ -508,7 +491,7 @@ class GradientAccumulator:
 
     def save_accumulation_state(self, filepath: str | os.PathLike) -> None:
         """Write :meth:`state_dict` atomically (temporary file, fsync, rename)."""
-        atomic_torch_save(self.state_dict(), filepath)
+        atomic_save(self.state_dict(), filepath)
         self.logger.info("Accumulation state saved to %s", os.fspath(filepath))
 
     def load_accumulation_state(self, filepath: str | os.PathLike) -> None:

@@ -330,7 +330,9 @@ class CapturedMicroStep:
         return leaves
 
     def _autocast_key(self) -> tuple:
-        return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+            return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return (torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype())  # torch 2.3
 
     def _fast_key(self) -> tuple:
         """Checked on every call: cheap signs of a changed model (top-level mode, registrations, autocast)."""

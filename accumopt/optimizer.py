@@ -302,6 +302,23 @@ class AccumulatingOptimizer(Optimizer):
         self._sync.set(self._window.next_is_last)
         return self._stepped
 
+    def discard(self) -> None:
+        """Forget the pending window without applying it (an unrecoverable error mid-window).
+
+        Parameters and optimizer state are untouched; the next ``step()`` starts a new window
+        of the same K. Data-parallel users must discard on every rank.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._pre_weight = None
+        self._store.reset()
+        self._window.discard()
+        self._stats.discard_window()
+        if self._noise is not None:
+            self._noise.discard_window()
+        self._sync.set(self._window.next_is_last)
+
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
         """``loss.backward()`` with the owned scaler's scale and the micro-batch weight applied.
 

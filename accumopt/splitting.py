@@ -390,17 +390,7 @@ class MicroBatcher:
 
     def _discard(self) -> None:
         """Forget the partial window (an unrecoverable error): nothing half-applied."""
-        opt = self.optimizer
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        opt._pre_weight = None
-        opt._store.reset()
-        opt._window.discard()
-        for name in ("window_loss", "window_loss_weight"):  # the discarded micro-batches' losses
-            if hasattr(opt._stats, name):
-                setattr(opt._stats, name, 0.0)
-        opt._sync.set(opt._window.next_is_last)
+        self.optimizer.discard()
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(micro_batch_size={self.micro_batch_size}, ooms={self.ooms}, "

@@ -24,7 +24,8 @@ from typing import Any, Iterable, TextIO
 import torch
 from torch import Tensor
 
-from .accumulator import GradientAccumulator, atomic_torch_save
+from .accumulator import GradientAccumulator
+from .checkpoint import atomic_save
 from .config import AccumulationStrategy, GradientAccumulationConfig
 
 __all__ = ["GradientAccumulationTrainer"]
@@ -309,7 +310,7 @@ class GradientAccumulationTrainer:
             "history": [dict(h) for h in self.training_history],
             "epoch_progress": dict(self._ep),
         }
-        atomic_torch_save(state, path)
+        atomic_save(state, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore :meth:`save_checkpoint`; training continues where it stopped (bit-identically)."""
