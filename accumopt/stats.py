@@ -52,6 +52,15 @@ def _rss_bytes() -> tuple[int | None, int | None]:
         peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
     except (ImportError, OSError, AttributeError):
         pass
+    try:  # Linux: current and peak from one source (VmRSS, VmHWM), consistent with each other
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        current = int(fields["VmRSS"].split()[0]) * 1024
+        peak = int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, ValueError, KeyError):
+        pass
+    if current is not None and peak is not None:
+        peak = max(peak, current)
     return current, peak
 
 
