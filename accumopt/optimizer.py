@@ -530,6 +530,8 @@ class AccumulatingOptimizer(Optimizer):
 
     def _take_weight(self, weight: Any) -> "float | Tensor":
         pre, self._pre_weight = self._pre_weight, None
+        if weight is not None or pre is not None:
+            self._window.weighted = True  # totals may now differ across ranks (see sync.reduce)
         if weight is not None:
             if pre is not None:
                 raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")

@@ -275,6 +275,7 @@ class Window:
         self.count = 0  # micro-batches in the current window
         self.total: float | Tensor = 0.0  # their summed weight
         self.held = False  # open-ended window (MicroBatcher): only flush() closes it
+        self.weighted = False  # any explicit micro-batch weight so far (sticky for the run)
         self.k = schedule(0, 0)
         self.lr_scaling = None if lr_scaling is None else LRScaling(lr_scaling, param_groups, self.k)
 

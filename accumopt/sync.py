@@ -142,7 +142,10 @@ class GradSync:
                     "multiple of accumulation_steps (e.g. DataLoader(drop_last=True)); the window was kept."
                 )
             self._reduce_sums(store)
-        window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+        if isinstance(window.total, Tensor) or window.weighted or window.count != window.k:
+            # weights, drops or a partial window: totals may differ across ranks. Without any of them
+            # every rank's total is K (the same schedule everywhere), so the mean needs no collective.
+            window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
         self._reduced_window = window.closed
 
     def consolidate(self, store: Any, window: Any) -> None:
