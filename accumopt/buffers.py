@@ -27,7 +27,6 @@ __all__ = ["GradientStore", "MODES"]
 
 MODES = ("inplace", "buffered")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-Scale = "float | Tensor"
 
 
 @dataclass

@@ -318,14 +318,8 @@ def load_optimizer_state(wrapper: Any, state_dict: Mapping[str, Any]) -> None:
     wrapper.state = inner.state
     precision = wrapper._precision
     wrapper._pre_weight = None
-    if acc is None:
-        wrapper._store.reset()
-        wrapper._window.discard()
-        wrapper._stats.discard_window()
-        precision._dropped = None
-        if getattr(wrapper, "_noise", None) is not None:
-            wrapper._noise.discard_window()
-        wrapper._sync.set(wrapper._window.next_is_last)
+    if acc is None:  # a plain optimizer state dict: no window to resume
+        wrapper.discard()
         return
     win = dict(acc["window"])
     if isinstance(win.get("total"), Tensor):
@@ -383,6 +377,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the file torch.save's usual mode
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -34,7 +34,7 @@ from .precision import NONFINITE_POLICIES, Precision
 from .schedule import LR_SCALING_RULES, KSchedule, Window
 from .noise import NoiseScaleEstimator, as_estimator
 from .stats import Statistics
-from .sync import GradSync, unwrap_model
+from .sync import GradSync
 from .weights import check_micro_weight, parameter_names, resolve_weights
 
 __all__ = ["AccumulatingOptimizer"]
@@ -242,6 +242,14 @@ class AccumulatingOptimizer(Optimizer):
         Returns:
             The closure's result, or None.
         """
+        try:
+            return self._micro_step(closure, weight, loss)
+        except BaseException:
+            self._precision.forget_external(self)  # a stale GradScaler scale must not reach the next step
+            raise
+
+    def _micro_step(self, closure: Callable[[], Any] | None, weight: Any, loss: Any) -> Any:
+        """The micro-step sequence (see :meth:`step`)."""
         if weight is not None:
             weight = self._check_step_weight(weight)  # before the closure: a bad weight changes nothing
         result = self._run_closure(closure)
@@ -266,8 +274,7 @@ class AccumulatingOptimizer(Optimizer):
         self._sync.reduce(self._store, self._window)  # data-parallel: make sums and total global (once)
         if not isinstance(self._window.total, Tensor) and self._window.total <= 0:
             n = self._window.count
-            self._store.reset()  # discard the window: nothing half-applied
-            self._window.close()
+            self._abandon_window(closed=True)  # nothing half-applied
             raise ValueError(f"Invalid weights: the {n} micro-batch weights of this window sum to 0 "
                              "(expected a positive total; the window was discarded)")
         self._store.finalize(self._window.inv_total())
@@ -277,13 +284,12 @@ class AccumulatingOptimizer(Optimizer):
         norm = self._clipper(list(self._store.params))
         try:
             applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite)
-        except BaseException:
-            self._store.reset()  # "raise" policy: the window is discarded, nothing half-applied
-            self._window.close()
+        except BaseException:  # "raise" policy: the window counts as skipped and is discarded
+            self._stats.on_update(False, norm, found, self._window.total)
+            self._abandon_window(closed=True)
             raise
         if applied:
             self._step_scheduler()
-        self._precision.after_update()
         self._stats.on_update(applied, norm, found, self._window.total)
         self._store.reset()
         self._window.close()
@@ -296,6 +302,7 @@ class AccumulatingOptimizer(Optimizer):
             Whether an update was applied (False when the window was empty or skipped).
         """
         if self._window.count == 0:
+            self._stepped = False
             return False
         self._sync.prepare_flush()  # its last backward did not synchronise: reduce explicitly
         self._update()
@@ -308,15 +315,23 @@ class AccumulatingOptimizer(Optimizer):
         Parameters and optimizer state are untouched; the next ``step()`` starts a new window
         of the same K. Data-parallel users must discard on every rank.
         """
+        self._abandon_window(closed=False)
+
+    def _abandon_window(self, *, closed: bool) -> None:
+        """Forget the pending window in every piece; ``closed``: it counts as a closed window."""
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
         self._pre_weight = None
         self._store.reset()
-        self._window.discard()
         self._stats.discard_window()
+        self._precision.discard_window()
         if self._noise is not None:
             self._noise.discard_window()
+        if closed:
+            self._window.close()
+        else:
+            self._window.discard()
         self._sync.set(self._window.next_is_last)
 
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
@@ -532,9 +547,7 @@ class AccumulatingOptimizer(Optimizer):
         pre, self._pre_weight = self._pre_weight, None
         if weight is not None or pre is not None:
             self._window.weighted = True  # totals may now differ across ranks (see sync.reduce)
-        if weight is not None:
-            if pre is not None:
-                raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
+        if weight is not None:  # _check_step_weight already refused a weight given to backward() too
             self._pre_scaled = False
             return weight
         self._pre_scaled = pre is not None

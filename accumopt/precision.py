@@ -241,9 +241,19 @@ class Precision:
         self._scaler_found = None
         self._unscaled = None
 
-    def after_update(self) -> None:
-        """Kept for the orchestrator's sequence; the scaler was advanced in :meth:`apply`."""
-        return None
+    def discard_window(self) -> None:
+        """Forget the window's flags (the window was discarded, nothing of it applied)."""
+        self._dropped = None
+
+    def forget_external(self, optimizer: torch.optim.Optimizer) -> None:
+        """After an error inside ``step()``: drop what GradScaler set on ``optimizer``.
+
+        GradScaler deletes ``grad_scale``/``found_inf`` only after a successful step, and
+        multiplies a stale ``grad_scale`` into the next micro-step's.
+        """
+        for attr in ("grad_scale", "found_inf"):
+            optimizer.__dict__.pop(attr, None)
+        self._external = None
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss`` multiplied by the owned scaler's scale (identity without one)."""

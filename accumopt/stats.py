@@ -144,11 +144,6 @@ class Statistics:
             return None
         return self.window_loss / self.window_loss_weight
 
-    def discard_window(self) -> None:
-        """Forget the losses of a window that was discarded."""
-        self.window_loss = 0.0
-        self.window_loss_weight = 0.0
-
     def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
                   total: "Tensor | float | None" = None) -> None:
         """Count a closed window (applied or skipped); ``total`` is its summed weight. No sync unless logging."""

@@ -1,0 +1,101 @@
+"""An error raised mid-loop leaves nothing behind that changes a later window."""
+
+import copy
+
+import pytest
+import torch
+
+import accumopt
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def _data(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
+
+
+def _large_batch(model, x, y, lr=0.1):
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    opt.step()
+    return list(ref.parameters())
+
+
+def test_external_scaler_error_leaves_no_stale_scale():
+    """GradScaler deletes grad_scale/found_inf only after a successful step; a failed step must not
+    leave them on the wrapper, where the next scaler.step would multiply them into its scale."""
+    model = _model()
+    x, y = _data(8)
+    want = _large_batch(model, x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered")
+    scaler.scale(torch.nn.functional.mse_loss(model(x[:4]), y[:4])).backward()
+    with pytest.raises(ValueError, match="Invalid weight"):
+        scaler.step(opt, weight=-1.0)
+    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+    opt.zero_grad()
+    scaler.update()
+    for i in range(2):
+        scaler.scale(torch.nn.functional.mse_loss(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert opt.num_updates == 1
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p, w, rtol=1e-5, atol=1e-6)
+
+
+def test_raise_policy_discards_the_window_losses_and_counts_a_skip():
+    model = _model().double()
+    x, y = (t.double() for t in _data(8))
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, nonfinite="raise",
+                                         model=model)
+    loss = torch.nn.functional.mse_loss(model(x[:4]), y[:4]) * float("nan")
+    loss.backward()
+    opt.step(loss=loss)
+    loss = torch.nn.functional.mse_loss(model(x[4:]), y[4:])
+    loss.backward()
+    with pytest.raises(accumopt.NonFiniteGradientError):
+        opt.step(loss=loss)
+    losses = []
+    for i in range(2):
+        loss = torch.nn.functional.mse_loss(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+        losses.append(loss.item())
+        loss.backward()
+        opt.step(loss=loss)
+    s = opt.stats()
+    assert s["skipped_updates"] == 1 and s["updates"] == 1
+    assert s["last_loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)  # not NaN from the raised window
+
+
+def test_discard_forgets_a_dropped_micro_batch():
+    """Owned scaler + drop: an overflow backs the scale off at the window's end, unless the window was discarded."""
+    model = _model()
+    x, y = _data(8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1000)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered",
+                                         scaler=scaler, nonfinite="drop")
+    opt.backward(torch.nn.functional.mse_loss(model(x[:4]), y[:4]) * float("inf"))
+    opt.step()
+    opt.discard()
+    for i in range(2):
+        opt.backward(torch.nn.functional.mse_loss(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4]))
+        opt.step()
+    assert opt.num_updates == 1
+    assert scaler.get_scale() == 256.0
+
+
+def test_flush_of_an_empty_window_resets_stepped():
+    model = _model()
+    x, y = _data(8)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert opt.stepped
+    assert opt.flush() is False
+    assert not opt.stepped
