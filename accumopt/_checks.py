@@ -7,20 +7,31 @@ for a value out of range, naming the argument, the value and what was expected.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 
-__all__ = ["check_int", "check_real", "check_choice"]
+try:  # numpy is optional; its bool is not an Integral, but be explicit
+    from numpy import bool_ as np_bool
+except ImportError:  # pragma: no cover
+    np_bool = bool
+
+__all__ = ["check_int", "check_real", "check_choice", "weight_dtype"]
+
+
+def weight_dtype(device: torch.device) -> torch.dtype:
+    """dtype for micro-batch weights and their sums: float64 (exact counts) where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum`` (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an int if it is an integer >= ``minimum`` (numpy ints too; bools are rejected)."""
+    if isinstance(value, (bool, np_bool)) or not isinstance(value, Integral):
         raise TypeError(
             f"Invalid {name}: {value!r} (expected an int >= {minimum}, got {type(value).__name__})"
         )
+    value = int(value)
     if value < minimum:
         raise ValueError(f"Invalid {name}: {value} (expected an int >= {minimum})")
     return value

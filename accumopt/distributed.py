@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ._checks import weight_dtype
+
 __all__ = ["BUCKET_BYTES", "all_reduce_mean_", "all_reduce_mean_scalar", "is_distributed"]
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -100,7 +102,7 @@ def all_reduce_mean_scalar(value: "float | Tensor", device: torch.device, group:
     """
     if world_size is None:
         world_size = dist.get_world_size(group)
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = weight_dtype(device)
     if isinstance(value, Tensor):
         t = value.detach().to(device=device, dtype=dtype).reshape(1).clone()
     else:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_choice, check_int, check_real
+from ._checks import check_choice, check_int, check_real, weight_dtype
 from .buffers import MODES, GradientStore
 from .clipping import Clipper
 from .precision import NONFINITE_POLICIES, Precision
@@ -43,8 +43,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _sum_dtype(t: Tensor) -> torch.dtype:
-    """float64 for weight sums (exact counts), float32 where the device has no float64."""
-    return torch.float32 if t.device.type == "mps" else torch.float64
+    return weight_dtype(t.device)
 
 
 def _validate_optimizer(optimizer: Any) -> None:

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import weight_dtype
+
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "Precision", "found_nonfinite"]
 
 NONFINITE_POLICIES = ("ignore", "skip", "drop", "raise")
@@ -150,7 +152,7 @@ class Precision:
         else:
             found = found_inf.detach() > 0  # GradScaler sums flags over devices: may exceed 1
         # float64: the flag also scales the window's weight total, whose reciprocal must stay exact
-        found = found.double() if found.device.type in ("cpu", "cuda") else found.float()
+        found = found.to(weight_dtype(found.device))
         bad = found > 0
         for g in grads:  # one masked fill per tensor, only on this path; no sync
             g.masked_fill_(bad.to(g.device), 0.0)

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ._checks import check_real
+from ._checks import check_real, weight_dtype
 
 __all__ = ["WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity", "resolve_weights"]
 
@@ -286,6 +286,6 @@ def check_micro_weight(weight: Any) -> "float | Tensor":
         w = weight.detach().reshape(())
         if w.device.type == "cpu":
             check_real("weight", w.item(), nonnegative=True)
-        dtype = torch.float32 if w.device.type == "mps" else torch.float64
+        dtype = weight_dtype(w.device)
         return w if w.dtype == dtype else w.to(dtype)
     return check_real("weight", weight, nonnegative=True)  # type: ignore[return-value]
