@@ -174,7 +174,8 @@ class AccumulatingOptimizer(Optimizer):
             )
         for name, value in (("max_grad_norm", max_grad_norm), ("clip_value", clip_value), ("agc_clip_factor", agc_clip_factor)):
             check_real(name, value, positive=True, allow_none=True)
-        check_real("norm_type", norm_type, positive=True) if norm_type != float("inf") else None
+        if norm_type != float("inf"):  # inf: the max-norm, as in clip_grad_norm_
+            check_real("norm_type", norm_type, positive=True)
         if scaler is not None:
             if not isinstance(scaler, torch.amp.GradScaler):
                 raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected a torch.amp.GradScaler)")
