@@ -43,15 +43,29 @@ class _Group:
     # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse
     # tensors, so that the optimizer receives a sparse gradient, as without accumulation.
     sparse: dict = field(default_factory=dict)
+    # Presence in micro-batches that may have been dropped (their keep flag is on the
+    # device): (micro-step number, indices or None for all), resolved at the boundary.
+    maybe: list = field(default_factory=list)
 
     def seen_indices(self) -> list[int] | None:
-        """Indices of the buffers that received a dense gradient this window (None: all)."""
-        return None if self.all_seen else sorted(self.seen)
+        """Indices of the buffers that (may have) received a dense gradient this window (None: all)."""
+        if self.all_seen or any(idx is None for _, idx in self.maybe):
+            return None
+        if not self.maybe:
+            return sorted(self.seen)
+        return sorted(self.seen.union(*(idx for _, idx in self.maybe)))
+
+    def mark(self, idx: list[int] | None) -> None:
+        if idx is None:
+            self.all_seen = True
+        else:
+            self.seen.update(idx)
 
     def clear(self) -> None:
         self.all_seen = False
         self.seen.clear()
         self.sparse.clear()
+        self.maybe.clear()
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -107,6 +121,10 @@ class GradientStore:
         self._param_groups = param_groups
         self.groups: list[_Group] = []
         self.excluded: list[Tensor] = []
+        self._drops: list[Tensor] = []  # dropped flags (device) of this window's maybe-dropped micro-batches
+        # ``zero_grad(set_to_none=False)``: as in torch, a parameter that once had a gradient keeps a
+        # zero ``.grad`` (and so is stepped) in windows where it gets none. Set by the wrapper.
+        self.keep_zero_grads = False
         self.refresh()
 
     # ------------------------------------------------------------------ layout
@@ -157,15 +175,21 @@ class GradientStore:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
-    def accumulate(self, scale: "float | Tensor") -> None:
+    def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None) -> None:
         """Add this micro-batch (times ``scale``) into the window and release ``.grad``.
 
         ``scale`` is the micro-batch weight, possibly times an inverse loss scale.
         In-place groups cannot rescale one micro-batch after backward, so they
         require ``scale == 1`` (weights are then applied to the loss instead).
+        ``dropped``: this micro-batch's device flag (> 0: dropped) when it may be
+        dropped; which parameters it gave a gradient is then settled by :meth:`resolve`.
         """
         for p in self.excluded:
             p.grad = None
+        step = None
+        if dropped is not None:
+            step = len(self._drops)
+            self._drops.append(dropped)
         for g in self.groups:
             if g.buffers is None:
                 continue
@@ -174,10 +198,10 @@ class GradientStore:
                 continue
             if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True)
                 idx, grads = self._accumulate_sparse(g, idx, grads, scale)
-            if idx is None:
-                g.all_seen = True
+            if step is None:
+                g.mark(idx)
             else:
-                g.seen.update(idx)
+                g.maybe.append((step, idx))
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if grads and isinstance(scale, Tensor):
                 s = g.to_device(scale)
@@ -211,6 +235,45 @@ class GradientStore:
         """Count every buffer as holding a gradient (after a cross-rank reduction filled them all)."""
         for g in self.groups:
             g.all_seen = True
+            g.maybe.clear()
+        self._drops.clear()
+
+    def pending_drops(self) -> Tensor | None:
+        """Dropped flags (device, one per maybe-dropped micro-batch) that :meth:`resolve` needs, or None."""
+        if not any(g.maybe for g in self.groups):
+            return None
+        device = self._drops[0].device
+        return torch.stack([d.to(device, torch.float32) for d in self._drops])
+
+    def drop_resolver(self) -> "tuple[Tensor, Callable[[list[bool]], None]] | None":
+        """For the boundary: the pending dropped flags and what to do with their host values, or None."""
+        drops = self.pending_drops()
+        if drops is None:
+            return None
+        return drops, lambda kept: self.resolve(kept, release=True)
+
+    def resolve(self, kept: list[bool], *, release: bool) -> None:
+        """Settle which parameters got a gradient from a micro-batch that was kept.
+
+        A parameter whose only gradients this window came from dropped micro-batches
+        gets none, as in the large batch without them (torch skips it). ``release``:
+        also set the ``.grad`` that :meth:`finalize` gave such a parameter to None.
+        """
+        for g in self.groups:
+            if not g.maybe:
+                continue
+            before = g.seen_indices()
+            for step, idx in g.maybe:
+                if kept[step]:
+                    g.mark(idx)
+            g.maybe.clear()
+            if release:
+                after = g.seen_indices()
+                gone = set(range(len(g.params)) if before is None else before)
+                gone -= set(range(len(g.params)) if after is None else after)
+                for i in gone:
+                    g.params[i].grad = None
+        self._drops.clear()
 
     def has_inplace(self) -> bool:
         """Whether any parameter accumulates in its own ``.grad``."""
@@ -253,19 +316,37 @@ class GradientStore:
         return [p.grad for p in self.params if p.grad is not None]
 
     def reset(self) -> None:
-        """Empty the window: zero the buffers and release ``.grad``."""
+        """Empty the window: zero the buffers and release ``.grad`` (or zero it, see ``keep_zero_grads``)."""
+        keep = self.keep_zero_grads
         for g in self.groups:
             if g.buffers is not None:
                 torch._foreach_zero_(g.buffers)
-                g.clear()
-            for p in g.params:
-                p.grad = None
+                if keep:  # parameters seen so far stay "seen": they get a zero gradient, as in torch
+                    g.sparse.clear()
+                    for _, idx in g.maybe:  # their backward allocated a .grad, dropped or not
+                        g.mark(idx)
+                    g.maybe.clear()
+                else:
+                    g.clear()
+                for p in g.params:
+                    p.grad = None
+            else:
+                present = [p.grad for p in g.params if p.grad is not None] if keep else []
+                if present:
+                    torch._foreach_zero_(present)
+                else:
+                    for p in g.params:
+                        p.grad = None
         for p in self.excluded:
             p.grad = None
+        self._drops.clear()
 
     # -------------------------------------------------------------------- state
     def state(self) -> list[Tensor | None]:
         """The window's pending sums, one entry per accumulated parameter, cloned."""
+        drops = self.pending_drops()
+        if drops is not None:  # a checkpoint may read the device: settle what the drops left
+            self.resolve([d == 0 for d in drops.tolist()], release=False)
         out: list[Tensor | None] = []
         for g in self.groups:
             if g.buffers is None:
@@ -294,6 +375,7 @@ class GradientStore:
     def load(self, entries: list[Tensor | None]) -> None:
         """Restore :meth:`state` (already validated against :meth:`expected`)."""
         it = iter(entries)
+        self._drops.clear()
         for g in self.groups:
             if g.buffers is None:
                 for p in g.params:

@@ -171,6 +171,7 @@ def validate_state_dict(wrapper: Any, optimizer_sd: Any, acc: Any) -> None:
         if not isinstance(value, Mapping):
             raise ValueError(f"Invalid state dict: state[{key!r}] is a {type(value).__name__} (expected a dict)")
     if acc is None:
+        _check_state_shapes(wrapper, groups, state)
         return
     if not isinstance(acc, Mapping):
         raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} (expected a dict)")
@@ -200,6 +201,30 @@ def validate_state_dict(wrapper: Any, optimizer_sd: Any, acc: Any) -> None:
     pre = acc.get("pre_weight")
     if pre is not None:
         _check_scalar("pre_weight", pre)
+    _check_state_shapes(wrapper, groups, state)
+
+
+def _check_state_shapes(wrapper: Any, groups: list, state: Mapping) -> None:
+    """Each per-parameter state tensor must fit its parameter (same shape, or one that broadcasts to it,
+    as Adafactor's row and column factors do): a state dict of another model is refused here, not at
+    the first step."""
+    for gi, (theirs, ours) in enumerate(zip(groups, wrapper.param_groups)):
+        for pi, (key, p) in enumerate(zip(theirs["params"], ours["params"])):
+            for name, t in (state.get(key) or {}).items():
+                if not isinstance(t, Tensor) or t.dim() == 0:
+                    continue
+                try:
+                    fits = t.dim() == p.dim() and torch.broadcast_shapes(t.shape, p.shape) == p.shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    where = wrapper._names.get(id(p)) if getattr(wrapper, "_names", None) else None
+                    label = repr(where) if where else f"param_groups[{gi}]['params'][{pi}]"
+                    raise ValueError(
+                        f"Invalid state dict: state {name!r} of parameter {label} has shape {tuple(t.shape)}, "
+                        f"which does not fit the parameter's shape {tuple(p.shape)} (expected the state dict "
+                        "of this model's optimizer)"
+                    )
 
 
 def _check_window(wrapper: Any, win: Any) -> None:

@@ -78,6 +78,12 @@ def _validate_optimizer(optimizer: Any) -> None:
         )
 
 
+def _note(error: BaseException, text: str) -> None:
+    """Add ``text`` to ``error``'s report (Python >= 3.11; a no-op before)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+
+
 def _validate_scheduler(scheduler: Any, owners: tuple[Optimizer, ...]) -> None:
     if scheduler is None:
         return
@@ -259,7 +265,7 @@ class AccumulatingOptimizer(Optimizer):
         factor, found = self._precision.micro_factor(self, self._store.micro_grads)
         if self._noise is not None:
             self._noise.on_micro_step(self, weight, factor, found)
-        self._store.accumulate(self._store_scale(weight, factor))
+        self._store.accumulate(self._store_scale(weight, factor), dropped=found)
         counted = weight if found is None else weight * (1.0 - found.to(_sum_dtype(found)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
@@ -272,28 +278,46 @@ class AccumulatingOptimizer(Optimizer):
     def _update(self) -> None:
         """The real update: mean, unscale, check, clip, step, scheduler, reset."""
         self._sync.reduce(self._store, self._window)  # data-parallel: make sums and total global (once)
-        if not isinstance(self._window.total, Tensor) and self._window.total <= 0:
-            n = self._window.count
-            self._abandon_window(closed=True)  # nothing half-applied
-            raise ValueError(f"Invalid weights: the {n} micro-batch weights of this window sum to 0 "
-                             "(expected a positive total; the window was discarded)")
-        self._store.finalize(self._window.inv_total())
-        found = self._precision.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
-        if self._noise is not None:
-            self._noise.on_update(self, self._window.total, found)
-        norm = self._clipper(list(self._store.params))
+        self._check_total()
+        norm = found = None
         try:
-            applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite)
-        except BaseException:  # "raise" policy: the window counts as skipped and is discarded
+            self._store.finalize(self._window.inv_total())
+            found = self._precision.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
+            if self._noise is not None:
+                self._noise.on_update(self, self._window.total, found)
+            norm = self._clipper(list(self._store.params))
+            applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite, self._store.drop_resolver())
+        except BaseException as error:  # "raise" policy, or any failure before the step: discard the window
             self._stats.on_update(False, norm, found, self._window.total)
             self._abandon_window(closed=True)
+            _note(error, "accumopt: this accumulation window was discarded (its gradients are gone; "
+                         "the next step() starts a new window)")
             raise
         if applied:
             self._step_scheduler()
         self._stats.on_update(applied, norm, found, self._window.total)
         self._store.reset()
-        self._window.close()
         self._stepped = applied
+        try:
+            self._window.close()  # the next K: a schedule may raise here, after the update stands
+        except (TypeError, ValueError) as error:
+            self._sync.set(self._window.next_is_last)
+            _note(error, f"accumopt: the window's update was {'applied' if applied else 'skipped'}; "
+                         f"K stays {self._window.k}")
+            raise
+
+    def _check_total(self) -> None:
+        """Refuse (and discard) a window whose weights sum to 0, where the host knows the total for free."""
+        total = self._window.total
+        if isinstance(total, Tensor):
+            if total.device.type != "cpu" or self._precision.may_drop:
+                return  # a device total is never read here; a dropped window is skipped, not refused
+            total = float(total)
+        if total <= 0:
+            n = self._window.count
+            self._abandon_window(closed=True)  # nothing half-applied
+            raise ValueError(f"Invalid weights: the {n} micro-batch weights of this window sum to 0 "
+                             "(expected a positive total; the window was discarded)")
 
     def flush(self) -> bool:
         """Apply the partial window now (end of epoch or data), averaged over the micro-batches seen.
@@ -319,9 +343,6 @@ class AccumulatingOptimizer(Optimizer):
 
     def _abandon_window(self, *, closed: bool) -> None:
         """Forget the pending window in every piece; ``closed``: it counts as a closed window."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
         self._pre_weight = None
         self._store.reset()
         self._stats.discard_window()
@@ -347,6 +368,7 @@ class AccumulatingOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
+        self._store.keep_zero_grads = not set_to_none  # as in torch: a parameter keeps a zero .grad
         if self._window.count == 0 or not self._store.has_inplace():
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._pre_weight = None  # its gradient is gone: so is the weight given to backward()

@@ -36,6 +36,11 @@ NONFINITE_POLICIES = ("ignore", "skip", "drop", "raise")
 _CHECKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def host_read(t: Tensor) -> list[float]:
+    """The values of ``t`` on the host: the one device-to-host read of a real update."""
+    return t.cpu().tolist()
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``nonfinite="raise"`` when an accumulated gradient is NaN or inf."""
 
@@ -81,8 +86,11 @@ def _owned_unscale(scaler: "torch.amp.GradScaler", inner: torch.optim.Optimizer)
     they are the single cast of an fp32 sum whose unscale by a power of two is
     as exact as the cast itself, so the refusal does not apply.
     """
-    has_fp16 = any(p.grad is not None and p.grad.dtype == torch.float16
-                   for g in inner.param_groups for p in g["params"])
+    params = [p for g in inner.param_groups for p in g["params"]]
+    has_fp16 = any(p.grad is not None and p.grad.dtype == torch.float16 for p in params)
+    if scaler._scale is None:  # e.g. loaded from a state dict: GradScaler creates it lazily, in scale()
+        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        scaler._lazy_init_scale_growth_tracker(device)
     if not has_fp16:
         scaler.unscale_(inner)
     else:  # mirror of GradScaler.unscale_ with allow_fp16=True
@@ -117,6 +125,11 @@ class Precision:
         self._unscaled: int | None = None  # id of the optimizer the owned scaler unscaled this update
         self._external: torch.optim.Optimizer | None = None  # the wrapper, while an external scaler drives it
         self._external_seen = False  # an external GradScaler has driven this wrapper (it drops micro-batches)
+
+    @property
+    def may_drop(self) -> bool:
+        """Whether micro-batches may be dropped (weight 0 on the device) in this run."""
+        return self.policy == "drop" or (self._external_seen and self.policy == "ignore")
 
     # ------------------------------------------------------------ micro-step
     def micro_factor(
@@ -155,7 +168,7 @@ class Precision:
         found = found.to(weight_dtype(found.device))
         bad = found > 0
         for g in grads:  # one masked fill per tensor, only on this path; no sync
-            g.masked_fill_(bad.to(g.device), 0.0)
+            (g._values() if g.is_sparse else g).masked_fill_(bad.to(g.device), 0.0)
         keep = 1.0 - found
         if inv_scale is not None:
             keep = keep * inv_scale.to(keep.device, keep.dtype)
@@ -174,8 +187,7 @@ class Precision:
         """
         # Only where micro-batches can be dropped (weight 0) may the total be 0 without the user's doing:
         # tensor weights given by the user cost no sync here.
-        may_drop = self.policy == "drop" or (self._external_seen and self.policy == "ignore")
-        self._empty = (total <= 0).float() if may_drop and isinstance(total, Tensor) else None
+        self._empty = (total <= 0).float() if self.may_drop and isinstance(total, Tensor) else None
         if self.scaler is not None:
             per_device = _owned_unscale(self.scaler, inner)
             self._unscaled = id(inner)
@@ -190,12 +202,20 @@ class Precision:
             return found_nonfinite(grads())
         return None
 
-    def apply(self, inner: torch.optim.Optimizer, found: Tensor | None, describe_bad: Callable[[], str]) -> bool:
+    def apply(
+        self,
+        inner: torch.optim.Optimizer,
+        found: Tensor | None,
+        describe_bad: Callable[[], str],
+        drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None,
+    ) -> bool:
         """Step ``inner`` unless the window must be skipped; return whether it stepped.
 
-        At most one host sync (reading ``found`` and the empty-window flag
-        together). With an owned scaler, ``scaler.update()`` runs exactly once
-        here, whether the window is applied, skipped or raises.
+        At most one host sync, reading together ``found``, the empty-window flag and
+        ``drops``: flags of micro-batches that may have been dropped, whose host
+        values go to its callback (``True``: kept) before the step. With an owned
+        scaler, ``scaler.update()`` runs exactly once here, whether the window is
+        applied, skipped or raises.
         """
         self.last_found = found
         try:
@@ -205,8 +225,14 @@ class Precision:
             if self._empty is not None:
                 empty = self._empty if code is None else self._empty.to(code.device)
                 code = empty if code is None else code + empty
-            if code is not None:
-                value = int(code.item())  # the one sync of this update
+            if code is not None or drops is not None:
+                parts = [] if code is None else [code.reshape(1).float()]
+                if drops is not None:
+                    parts.append(drops[0].reshape(-1).float().to(parts[0].device if parts else drops[0].device))
+                host = host_read(torch.cat(parts))  # the one sync of this update
+                value = int(host[0]) if code is not None else 0
+                if drops is not None:
+                    drops[1]([d == 0 for d in host[1 if code is not None else 0:]])
                 if value & 2 and self.policy == "raise":
                     self._forget_external()
                     raise NonFiniteGradientError(
@@ -244,8 +270,17 @@ class Precision:
         self._unscaled = None
 
     def discard_window(self) -> None:
-        """Forget the window's flags (the window was discarded, nothing of it applied)."""
+        """Forget the window's flags (the window was discarded, nothing of it applied).
+
+        If the owned scaler already unscaled this window (an error between unscale and
+        step), its per-optimizer record is dropped too: the scale stays as it was.
+        """
+        if self.scaler is not None and self._unscaled is not None:
+            self.scaler._per_optimizer_states.pop(self._unscaled, None)
         self._dropped = None
+        self._empty = None
+        self._scaler_found = None
+        self._unscaled = None
 
     def forget_external(self, optimizer: torch.optim.Optimizer) -> None:
         """After an error inside ``step()``: drop what GradScaler set on ``optimizer``.

@@ -506,3 +506,44 @@ def test_failed_save_removes_its_temporary_file_and_keeps_the_old_one(tmp_path, 
         opt.save(path)
     assert path.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
+def test_owned_scaler_resume_then_flush_equals_uninterrupted():
+    """GradScaler.load_state_dict leaves the scale tensor to be created lazily by scale(); a flush right
+    after a mid-window resume (no backward yet) must still unscale, like the uninterrupted run."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4,
+                                    scaler=torch.amp.GradScaler("cpu", init_scale=2.0**6))
+        return model, opt
+
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    model, opt = build()
+    for i in range(2):
+        opt.backward(model(x[5 * i:5 * i + 5]).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+    sd, msd = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    model2, opt2 = build()
+    model2.load_state_dict(msd)
+    opt2.load_state_dict(sd)
+    assert opt.flush() and opt2.flush()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert opt.optimizer.state_dict()["state"].keys() == opt2.optimizer.state_dict()["state"].keys()
+
+
+def test_plain_state_dict_of_another_model_is_refused():
+    """A plain torch optimizer state dict whose state tensors do not fit the parameters is refused at
+    load (not at the first step), and the optimizer is left unchanged."""
+    torch.manual_seed(0)
+    small, big = torch.nn.Linear(5, 7), torch.nn.Linear(5, 8)
+    donor = torch.optim.Adam(small.parameters())
+    small(torch.randn(2, 5)).sum().backward()
+    donor.step()
+    opt = AccumulatingOptimizer(torch.optim.Adam(big.parameters()), 2)
+    before = copy.deepcopy(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"'exp_avg' of parameter .* has shape \(7, 5\), which does not fit"):
+        opt.load_state_dict(donor.state_dict())
+    assert opt.optimizer.state_dict() == before

@@ -289,3 +289,29 @@ def test_state_dict_with_unused_parameter_mid_window(mode):
     assert other[2].weight.grad is None and "momentum_buffer" not in opt2.state.get(other[2].weight, {})
     for p, q in zip(model.parameters(), other.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "buffered"])
+def test_zero_grad_set_to_none_false_keeps_torch_semantics_for_unused_parameters(mode):
+    """With zero_grad(set_to_none=False), torch keeps a zero .grad on a parameter once used, so SGD's
+    momentum still moves it in a window where it gets no gradient: the wrapper does the same."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 1).double(), torch.nn.Linear(3, 1).double()
+    a_ref, b_ref = copy.deepcopy(a), copy.deepcopy(b)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = torch.optim.SGD([*a_ref.parameters(), *b_ref.parameters()], lr=0.1, momentum=0.9)
+    opt = AccumulatingOptimizer(torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1, momentum=0.9), 2,
+                                mode=mode)
+    windows = [(True, True), (True, False), (True, False)]  # branch B unused after the first window
+    for w, (use_a, use_b) in enumerate(windows):
+        xs = x[4 * (w % 2):4 * (w % 2) + 4]
+        ref.zero_grad(set_to_none=False)
+        (a_ref(xs).pow(2).mean() + (b_ref(xs).pow(2).mean() if use_b else 0)).backward()
+        ref.step()
+        for j in range(2):
+            part = xs[2 * j:2 * j + 2]
+            (a(part).pow(2).mean() + (b(part).pow(2).mean() if use_b else 0)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    for p, q in zip([*a.parameters(), *b.parameters()], [*a_ref.parameters(), *b_ref.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

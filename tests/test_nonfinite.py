@@ -227,3 +227,85 @@ def test_owned_scaler_overflow(w: int, j: int, kind: str, policy: str) -> None:
     assert len(raised) == (1 if policy == "raise" else 0)
     if raised:
         assert "'0.weight'" in raised[0]
+
+
+def _two_branches() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 1).double(), torch.nn.Linear(3, 1).double()
+
+
+@pytest.mark.parametrize("pattern", ["drop", "owned scaler + drop", "external scaler"])
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_parameter_used_only_by_a_dropped_micro_batch_gets_no_gradient(pattern: str, optim: str) -> None:
+    """The large batch without the dropped micro-batch gives a branch used only there no gradient, so
+    torch skips it (no momentum, weight decay or Adam step); the wrapper must not hand it a zero."""
+    def make(params):
+        if optim == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+        return torch.optim.Adam(params, lr=0.1)
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a_ref, b_ref = _two_branches()
+    ref = make([*a_ref.parameters(), *b_ref.parameters()])
+    (a_ref(x).pow(2).mean() + b_ref(x).pow(2).mean()).backward()  # window 1: both branches, 2 halves
+    ref.step()
+    ref.zero_grad()
+    a_ref(x[:2]).pow(2).mean().backward()  # window 2 without its dropped micro-batch: branch A only
+    ref.step()
+
+    a, b = _two_branches()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    kwargs = {"mode": "buffered"}
+    if pattern != "external scaler":
+        kwargs["nonfinite"] = "drop"
+    if pattern == "owned scaler + drop":
+        kwargs["scaler"] = scaler
+    opt = AccumulatingOptimizer(make([*a.parameters(), *b.parameters()]), 2, **kwargs)
+
+    def micro(loss: torch.Tensor) -> None:
+        if pattern == "external scaler":
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.backward(loss)
+            opt.step()
+        opt.zero_grad()
+
+    micro(a(x[:2]).pow(2).mean() + b(x[:2]).pow(2).mean())
+    micro(a(x[2:]).pow(2).mean() + b(x[2:]).pow(2).mean())
+    micro(a(x[:2]).pow(2).mean())
+    micro(b(x[2:]).pow(2).mean() * math.nan)  # branch B only, non-finite: dropped
+    assert opt.num_updates == 2
+    for p, q in zip([*a.parameters(), *b.parameters()], [*a_ref.parameters(), *b_ref.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for p, q in zip(opt.optimizer.state_dict()["state"].values(), ref.state_dict()["state"].values()):
+        for key in q:
+            torch.testing.assert_close(p[key], q[key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("pattern", ["drop", "external scaler"])
+def test_sparse_gradients_with_a_droppable_micro_batch(pattern: str) -> None:
+    """Sparse gradients (nn.Embedding(sparse=True)) on the drop path: no crash, a clean window exact."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    ref = torch.nn.Embedding(10, 3, sparse=True).double()
+    ref.load_state_dict(emb.state_dict())
+    idx = torch.tensor([[1, 2], [3, 1], [4, 5], [1, 9]])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    opt = AccumulatingOptimizer(torch.optim.SparseAdam(emb.parameters(), lr=0.1), 2, mode="buffered",
+                                nonfinite="drop" if pattern == "drop" else "ignore")
+    for j in range(2):
+        loss = emb(idx[2 * j:2 * j + 2]).pow(2).mean()
+        if pattern == "drop":
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+    ref_opt = torch.optim.SparseAdam(ref.parameters(), lr=0.1)
+    ref(idx).pow(2).mean().backward()
+    ref_opt.step()
+    torch.testing.assert_close(emb.weight, ref.weight, rtol=1e-12, atol=1e-14)

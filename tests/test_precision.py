@@ -8,6 +8,7 @@ gradients computed with plain autograd.
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from accumopt import AccumulatingOptimizer
+from accumopt import precision as precision_module
 
 IN, HID, OUT = 6, 5, 3
 
@@ -380,11 +382,26 @@ def test_accumulate_dtype_float64_for_bf16() -> None:
 # ------------------------------------------------------------------ host synchronisation budget
 
 class _CountSyncs(TorchDispatchMode):
-    """Counts device-to-host reads (``.item()``, ``bool()``, ``float()`` all dispatch to _local_scalar_dense)."""
+    """Counts device-to-host reads: ``.item()``, ``bool()``, ``float()`` (all dispatch to _local_scalar_dense)
+    and the wrapper's own batched read ``accumopt.precision.host_read`` (a copy to the host: free on CPU)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+
+    def __enter__(self):  # noqa: ANN204
+        self._patch = mock.patch.object(precision_module, "host_read", side_effect=self._read)
+        self._patch.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # noqa: ANN002
+        self._patch.stop()
+        return super().__exit__(*exc)
+
+    def _read(self, t):  # noqa: ANN001, ANN202
+        self.count += 1
+        with torch.utils._python_dispatch._disable_current_modes():
+            return t.cpu().tolist()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func is torch.ops.aten._local_scalar_dense.default:
