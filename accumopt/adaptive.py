@@ -20,6 +20,11 @@ oscillate:
   constant estimate gives a fixed point: ``T`` is then within ``sqrt(2)`` of the
   chosen K, inside any band >= ``sqrt(2)``.
 
+With the wrapper's own estimator (``noise_scale=True`` in the wrapper), a window
+of one micro-batch carries no noise information (the estimator compares the
+micro-batch gradients with their mean), so K stays >= 2 there: ``k_min=1`` then
+acts as 2. A callable ``noise_scale`` has no such floor.
+
 Reading the estimate costs one host-device synchronisation per decision (once
 per window, at the boundary); micro-steps in between stay sync-free.
 """
@@ -52,11 +57,11 @@ class AdaptiveK(Schedule):
             scale in *samples* (a float, a 0-dim tensor, or None while unknown). None:
             read the wrapper's estimate (``opt.noise_scale`` if it exists, else
             ``opt.stats()["noise_scale"]``; turn its estimation on in the wrapper).
-        k_min: smallest K.
+        k_min: smallest K (at least 2 with the wrapper's own estimator, see above).
         k_max: largest K.
         micro_batch_size: samples per micro-batch, to turn the noise scale into a K
             (1: the estimate is already in micro-batches).
-        k_init: K of the first windows (default ``k_min``).
+        k_init: K of the first windows (default ``k_min``, raised to the floor).
         band: hysteresis factor (>= sqrt(2)): K moves only when the target leaves
             ``[K / band, K * band]``.
         patience: consecutive out-of-band windows, in the same direction, needed to move.
@@ -93,6 +98,7 @@ class AdaptiveK(Schedule):
         self.patience = check_int("patience", patience)
         self.warmup = check_int("warmup", warmup, minimum=0)
         self.noise_scale = noise_scale
+        self.floor = self.k_min  # the lowest K used; 2 with the wrapper's estimator (see check_source)
         self.candidates = self._candidates()
         self.k = k_init
         self.target: float | None = None  # last target, in micro-batches
@@ -105,10 +111,31 @@ class AdaptiveK(Schedule):
     def _candidates(self) -> list[int]:
         out, k = [], self.k_min
         while k < self.k_max:
-            out.append(k)
+            if k >= self.floor:
+                out.append(k)
             k *= 2
         out.append(self.k_max)
         return out
+
+    def check_source(self, wrapper_estimates: bool) -> None:
+        """Called by the wrapper before it is built: is there an estimate to follow?
+
+        Args:
+            wrapper_estimates: whether the wrapper estimates the noise scale itself.
+
+        Raises:
+            ValueError: no callable ``noise_scale`` and no estimation in the wrapper.
+        """
+        if self.noise_scale is not None:
+            return
+        if not wrapper_estimates:
+            raise ValueError(
+                "Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the wrapper "
+                "with noise_scale=True, or give AdaptiveK(noise_scale=callable))"
+            )
+        self.floor = max(self.k_min, min(2, self.k_max))  # one micro-batch: nothing to estimate from
+        self.candidates = self._candidates()
+        self.k = max(self.k, self.floor)
 
     def bind(self, optimizer: Any) -> None:
         self._optimizer = optimizer
@@ -148,7 +175,7 @@ class AdaptiveK(Schedule):
         self.target = estimate / self.micro_batch_size
         if self.target > self.k * self.band and self.k < self.k_max:
             direction = 1
-        elif self.target < self.k / self.band and self.k > self.k_min:
+        elif self.target < self.k / self.band and self.k > self.floor:
             direction = -1
         else:
             direction = 0

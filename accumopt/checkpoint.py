@@ -451,6 +451,9 @@ def _digest(obj: Any) -> int:
             feed(b"L" if isinstance(x, list) else b"U", str(len(x)).encode())
             for v in x:
                 walk(v)
+        elif isinstance(x, (set, frozenset)):  # iteration order is hash-seeded: digest order-free
+            parts = sorted(_digest(v) for v in x)
+            feed(b"E" if isinstance(x, set) else b"Z", b"".join(struct.pack("<I", d) for d in parts))
         elif isinstance(x, str):
             feed(b"S", x.encode("utf-8", "surrogatepass"))
         elif isinstance(x, bool) or x is None:

@@ -30,6 +30,12 @@ number of data-parallel ranks) and the small batches are micro-batches:
   holds a partial sum; ``B_small`` is its weight. Same expectation, a noisier
   estimate (one small batch per window instead of K), no extra memory.
 
+Data-parallel (a DDP model given to the wrapper): the small-batch terms of all
+ranks are pooled with one small ``all_reduce`` per update (3 numbers), so every
+rank holds the same estimate and an :class:`~accumopt.AdaptiveK` decides the same
+K everywhere. A micro-batch whose backward already averaged ``.grad`` across
+ranks (in-place mode, the window's last) is not a small batch and is not measured.
+
 Units are those of the micro-batch weights: with ``step(weight=n_samples)`` (or
 ``backward(loss, weight=n)``) the noise scale is in samples; with the default
 weight 1 it is in micro-batches. Windows of a single micro-batch (K=1) carry no
@@ -122,6 +128,8 @@ class NoiseScaleEstimator:
         store = opt._store
         if store.has_inplace() and opt._window.count > 0:
             return  # .grad holds a partial sum from here on: only the first micro-batch is measured
+        if store.has_inplace() and opt._sync.distributed and opt._window.next_is_last:
+            return  # its backward averaged .grad across ranks: not a small batch
         device, dtype = self._device_dtype(store)
         sq = None
         for g in store.groups:
@@ -159,9 +167,11 @@ class NoiseScaleEstimator:
         """Fold this window into the averages (after unscaling, before clipping). No sync."""
         try:
             store = opt._store
+            device, dtype = self._device_dtype(store)
+            if opt._sync.distributed:  # pool the ranks' small batches: one estimate on every rank
+                self._pool(device, dtype, opt._sync.group)
             if isinstance(self.small_n, float):
                 return  # nothing measured in this window
-            device, dtype = self._device_dtype(store)
             big_sq = _sq_norm(store.grads(), device, dtype)
             world = opt._sync.world_size if opt._sync.distributed else 1
             b_big = (total.to(device, dtype) if isinstance(total, Tensor)
@@ -186,6 +196,15 @@ class NoiseScaleEstimator:
             self.windows += 1
         finally:
             self._reset_window()
+
+    def _pool(self, device: torch.device, dtype: torch.dtype, group: Any) -> None:
+        """Sum the small-batch terms over the ranks (one ``all_reduce`` of 3 numbers, on every rank)."""
+        def t(x: "Tensor | float") -> Tensor:
+            return x.to(device, dtype) if isinstance(x, Tensor) else torch.full((), float(x), device=device, dtype=dtype)
+
+        flat = torch.stack([t(self.small_sq), t(self.small_n), t(self.small_inv_w)])
+        torch.distributed.all_reduce(flat, group=group)
+        self.small_sq, self.small_n, self.small_inv_w = flat[0], flat[1], flat[2]
 
     def discard_window(self) -> None:
         """Forget the current window's measurements (the window was discarded)."""

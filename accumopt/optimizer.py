@@ -193,6 +193,7 @@ class AccumulatingOptimizer(Optimizer):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
         noise = as_estimator(noise_scale)
+        schedule.check_source(noise is not None)
         if log_every is not None:
             check_int("log_every", log_every)
         _validate_scheduler(scheduler, (optimizer,))  # the wrapper does not exist yet
@@ -222,6 +223,9 @@ class AccumulatingOptimizer(Optimizer):
         self._window = Window(schedule, lr_scaling, optimizer.param_groups)
         schedule.bind(self)
         self._sync = GradSync(model, self._store)
+        if noise is not None and self._sync.kind == "fsdp":
+            raise ValueError("Invalid noise_scale: True with an FSDP2 model (its gradients are sharded; the "
+                             "estimator needs whole micro-batch gradients). Use DDP or turn estimation off.")
         self._stats = Statistics(log_every=log_every, report=self.stats)
         self._noise = noise
         self.scheduler = scheduler

@@ -66,6 +66,9 @@ class Schedule:
     def __call__(self, epoch: int, updates: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_source(self, wrapper_estimates: bool) -> None:
+        """Called before the wrapper is built; ``wrapper_estimates``: it estimates the noise scale."""
+
     def bind(self, optimizer: Any) -> None:
         """Called once with the wrapper that uses this schedule."""
 
@@ -137,6 +140,11 @@ class KSchedule:
                 break
             k = value
         return k
+
+    def check_source(self, wrapper_estimates: bool) -> None:
+        """Let a schedule object refuse a wrapper without the estimate it needs (before it is built)."""
+        if self.kind == "object":
+            self.spec.check_source(wrapper_estimates)
 
     def bind(self, optimizer: Any) -> None:
         """Give a schedule object the wrapper (for example to read its noise scale)."""

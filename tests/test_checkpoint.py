@@ -547,3 +547,22 @@ def test_plain_state_dict_of_another_model_is_refused():
     with pytest.raises(ValueError, match=r"'exp_avg' of parameter .* has shape \(7, 5\), which does not fit"):
         opt.load_state_dict(donor.state_dict())
     assert opt.optimizer.state_dict() == before
+
+
+def test_extra_with_a_set_loads_in_another_process(tmp_path):
+    """A set's iteration order depends on the hash seed: the file's checksum must not."""
+    import subprocess
+    import sys
+
+    _, opt = _trained()
+    path = tmp_path / "ckpt.pt"
+    tags = {f"tag{i}" for i in range(8)}
+    opt.save(path, extra={"tags": tags})
+    _, other = _fresh()
+    assert other.load(path)["tags"] == tags
+    code = ("import torch, accumopt.checkpoint as c; "
+            f"sd, extra = c.load_checkpoint({str(path)!r}); assert extra['tags'] == {tags!r}")
+    for seed in ("1", "2", "3"):
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
