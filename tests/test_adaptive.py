@@ -231,3 +231,31 @@ def test_with_the_wrappers_own_noise_scale_estimator():
     assert ks[0] == 2 and ks[-1] in (4, 8) and 4 <= target <= 8
     runs = [k for i, k in enumerate(ks) if i == 0 or ks[i - 1] != k]
     assert len(runs) <= 3 and len(set(runs)) == len(runs)  # at most two moves, never back to a left value
+
+
+@pytest.mark.parametrize("mode", ["buffered", "inplace"])
+def test_k_min_1_with_the_wrappers_estimator_still_adapts(mode):
+    """A window of one micro-batch gives the estimator nothing; with k_min=1 (the documented example)
+    K must not get stuck at 1: the built-in estimator's floor is 2, and K moves to the noise scale."""
+    d, sigma, b = 4, 1.0, 2
+    prob = RegressionNoise(d, sigma, delta_norm=1.0, seed=1)
+    w = nn.Parameter(prob.w0.clone())
+    ak = AdaptiveK(k_min=1, k_max=64, micro_batch_size=b, patience=3, warmup=20)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD([w], lr=0.0), ak, mode=mode, noise_scale=0.9)
+    assert opt.accumulation_steps == 2
+    ks = []
+    for _ in range(6000):
+        x, y = prob.sample(b)
+        opt.backward((0.5 * (x @ w - y) ** 2).mean(), weight=b)
+        opt.step()
+        if opt.stepped:
+            ks.append(opt.accumulation_steps)
+        if len(ks) >= 150:
+            break
+    assert min(ks) >= 2 and ks[-1] in (4, 8)  # 9 samples / 2 per micro-batch = 4.5 micro-batches
+
+
+def test_adaptive_k_without_an_estimate_is_refused():
+    net = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="AdaptiveK has no noise-scale estimate"):
+        accumopt.AccumulatingOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), AdaptiveK(k_max=8))
