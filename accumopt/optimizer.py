@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
@@ -76,6 +77,31 @@ def _validate_optimizer(optimizer: Any) -> None:
             "loss several times per step (as LBFGS does); an accumulated gradient cannot serve those "
             "re-evaluations. Use the large batch directly with such optimizers."
         )
+
+
+# Optimizers whose update does not scale with the gradient (it is divided by a running
+# estimate of the gradient's own magnitude, or only its sign is used).
+_SCALE_INVARIANT = tuple(getattr(torch.optim, n) for n in (
+    "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta", "Rprop", "SparseAdam", "Adafactor",
+) if hasattr(torch.optim, n))
+
+
+def _warn_scale_invariant(optimizer: Optimizer, weights: set[float]) -> None:
+    """Warn when layer/group weights other than 0 and 1 meet an optimizer that ignores the gradient's scale."""
+    odd = sorted(w for w in weights if w != 1.0)
+    if odd and isinstance(optimizer, _SCALE_INVARIANT):
+        warnings.warn(
+            f"accumulation weights {odd} with {type(optimizer).__name__}: it divides each update by the "
+            "gradient's own running scale, so a constant per-parameter weight barely changes the update "
+            "(weight 0 and exclude still freeze). To scale a layer's step, give it a param group with its "
+            "own lr.", UserWarning, stacklevel=3)
+
+
+def _is_one(w: "float | Tensor") -> bool:
+    """Whether a checked micro-batch weight is exactly 1 (a CPU tensor is read for free; others are not)."""
+    if isinstance(w, Tensor):
+        return w.device.type == "cpu" and float(w) == 1.0
+    return w == 1.0
 
 
 def _note(error: BaseException, text: str) -> None:
@@ -217,6 +243,7 @@ class AccumulatingOptimizer(Optimizer):
 
         self._names = names
         self._store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype, weight_of=weight_of)
+        _warn_scale_invariant(optimizer, {g.weight for g in self._store.groups})
         self._precision = Precision(scaler=scaler, policy=nonfinite)
         self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
                                 agc_factor=agc_clip_factor, track_norm=track_grad_norm)
@@ -561,7 +588,7 @@ class AccumulatingOptimizer(Optimizer):
         w = self._check_weight(weight)
         if self._pre_weight is not None:
             raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
-        if self._store.has_inplace() and not (isinstance(w, float) and w == 1.0):
+        if self._store.has_inplace() and not _is_one(w):
             raise ValueError(
                 "Invalid weight: step(weight=...) with mode='inplace': this micro-batch's gradient is already "
                 "summed into .grad and cannot be reweighted. Give the weight before backward with "

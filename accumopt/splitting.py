@@ -222,6 +222,9 @@ class MicroBatcher:
         if micro_batch_size is not None:
             check_int("micro_batch_size", micro_batch_size)
         self.min_micro_batch_size = check_int("min_micro_batch_size", min_micro_batch_size)
+        if micro_batch_size is not None and micro_batch_size < min_micro_batch_size:
+            raise ValueError(f"Invalid micro_batch_size: {micro_batch_size} (expected an int >= "
+                             f"min_micro_batch_size={min_micro_batch_size})")
         self.grow_after = check_int("grow_after", grow_after, minimum=0)
         if memory_fraction is not None:
             memory_fraction = check_real("memory_fraction", memory_fraction, positive=True)

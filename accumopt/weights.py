@@ -36,7 +36,8 @@ from torch import Tensor
 
 from ._checks import check_real, weight_dtype
 
-__all__ = ["WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity", "resolve_weights"]
+__all__ = ["ParamNames", "WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity",
+           "resolve_weights"]
 
 # Prefixes that wrappers insert into parameter names (DDP / DataParallel, torch.compile,
 # FSDP1, activation checkpointing); users write names of their own module.
@@ -44,13 +45,44 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped
 
 
 def clean_name(name: str) -> str:
-    """``name`` without the components that module wrappers insert."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """``name`` without the components that module wrappers insert (whole components only)."""
+    wrappers = {p[:-1] for p in _WRAPPER_PREFIXES}
+    return ".".join(part for part in name.split(".") if part not in wrappers)
 
 
-def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+class ParamNames(Mapping):
+    """``{id(param): name}`` that survives ``copy.deepcopy`` and pickle.
+
+    Ids change when parameters are copied; this holds the parameters themselves
+    and rebuilds the ids from them, so a copy maps onto the copied parameters.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[Tensor, str]]) -> None:
+        self._pairs = list(pairs)
+        self._index = {id(p): n for p, n in self._pairs}
+        self._objects = {id(p): p for p, _ in self._pairs}
+
+    def __getitem__(self, key: int) -> str:
+        return self._index[key]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def param(self, key: int) -> Tensor:
+        """The parameter whose id is ``key``."""
+        return self._objects[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pairs": self._pairs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["pairs"])
+
+
+def parameter_names(model: torch.nn.Module) -> ParamNames:
     """``{id(param): name}`` for ``model``, with wrapper prefixes removed.
 
     DDP/DataParallel are unwrapped (their ``module.`` prefix disappears), as are
@@ -61,7 +93,7 @@ def parameter_names(model: torch.nn.Module) -> dict[int, str]:
         hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)
     ):
         inner = inner.module
-    return {id(p): clean_name(n) for n, p in inner.named_parameters()}
+    return ParamNames((p, clean_name(n)) for n, p in inner.named_parameters())
 
 
 def pattern_specificity(pattern: str) -> int:
@@ -133,10 +165,11 @@ def _group_overrides(n: int, group_weights: Any) -> list[float]:
 class WeightResolver:
     """Callable ``(group_index, param) -> weight`` built by :func:`resolve_weights`."""
 
-    def __init__(self, param_groups: list[dict], overrides: list[float], layer: dict[int, float]) -> None:
+    def __init__(self, param_groups: list[dict], overrides: list[float], layer: list[tuple[Tensor, float]]) -> None:
         self._param_groups = param_groups
         self._overrides = overrides
-        self._layer = layer
+        self._layer_params = layer  # the parameters themselves: copies map onto copied parameters
+        self._layer = {id(p): w for p, w in layer}
 
     def rebind(self, param_groups: list[dict]) -> None:
         """Follow the optimizer's current ``param_groups`` (torch replaces the list on load)."""
@@ -152,21 +185,13 @@ class WeightResolver:
         check_group_weight(group, len(self._param_groups))
 
     def __getstate__(self) -> dict[str, Any]:
-        # Layer weights are keyed by id(param): store them by position so that
-        # copy.deepcopy and pickle map them onto the copied parameters.
         state = self.__dict__.copy()
-        state["_layer"] = [
-            (gi, j, self._layer[id(p)])
-            for gi, g in enumerate(self._param_groups)
-            for j, p in enumerate(g["params"])
-            if id(p) in self._layer
-        ]
+        del state["_layer"]  # keyed by id: rebuilt from the (copied) parameters
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        positions = state.pop("_layer")
         self.__dict__.update(state)
-        self._layer = {id(self._param_groups[gi]["params"][j]): w for gi, j, w in positions}
+        self._layer = {id(p): w for p, w in self._layer_params}
 
     def __call__(self, group_index: int, p: Tensor) -> float:
         w = self._layer.get(id(p), 1.0) * self.group_weight(group_index)
@@ -180,7 +205,7 @@ class WeightResolver:
 
 def resolve_weights(
     param_groups: list[dict],
-    names: Mapping[int, str] | None,
+    names: ParamNames | None,
     layer_weights: Mapping[str, float] | None = None,
     group_weights: Any = None,
     exclude: Iterable[str | Tensor] | str | None = None,
@@ -223,7 +248,7 @@ def resolve_weights(
         if not isinstance(e, (str, Tensor)):
             raise TypeError(f"Invalid exclude entry: {e!r} (expected a parameter name, a glob pattern or a parameter)")
 
-    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
+    in_optimizer = {id(p): p for g in param_groups for p in g["params"]}
     layer: dict[int, float] = {}
     if (patterns or excluded_names) and names is None:
         raise ValueError(
@@ -259,7 +284,10 @@ def resolve_weights(
                 )
             layer[id(e)] = 0.0
 
-    resolver = WeightResolver(param_groups, overrides, layer)
+    def obj(pid: int) -> Tensor:
+        return in_optimizer[pid] if pid in in_optimizer else names.param(pid)  # type: ignore[union-attr]
+
+    resolver = WeightResolver(param_groups, overrides, [(obj(pid), w) for pid, w in layer.items()])
     weights = [resolver(i, p) for i, g in enumerate(param_groups) for p in g["params"]]
     if weights and all(w == 0.0 for w in weights):
         raise ValueError(

@@ -363,6 +363,8 @@ def test_argument_errors():
         accumopt.MicroBatcher(opt, micro_batch_size=0)
     with pytest.raises(ValueError, match="memory_fraction"):
         accumopt.MicroBatcher(opt, memory_fraction=1.5)
+    with pytest.raises(ValueError, match=r"^Invalid micro_batch_size: 2 \(expected an int >= min_micro_batch_size=4\)$"):
+        accumopt.MicroBatcher(opt, micro_batch_size=2, min_micro_batch_size=4)
     with pytest.raises(TypeError, match="grow_after"):
         accumopt.MicroBatcher(opt, grow_after=1.5)
     mb = accumopt.MicroBatcher(opt)

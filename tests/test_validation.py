@@ -137,6 +137,15 @@ def test_step_weight_in_inplace_mode_is_refused_before_any_change():
     assert opt.pending == 0
 
 
+def test_step_weight_one_as_a_cpu_tensor_is_accepted_in_inplace_mode():
+    """Weight exactly 1 changes nothing in .grad, whatever its type (a CPU tensor is read for free)."""
+    model, opt = _wrapper()
+    for w in (1, 1.0, torch.tensor(1), torch.tensor([1.0])):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step(weight=w)
+    assert opt.num_updates == 2
+
+
 def test_closure_with_owned_scaler_is_refused():
     model = torch.nn.Linear(2, 1)
     scaler = torch.amp.GradScaler("cpu")

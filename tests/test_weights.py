@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from accumopt import AccumulatingOptimizer
 from accumopt.weights import parameter_names, pattern_specificity, resolve_weights
@@ -374,3 +376,48 @@ def test_layer_weights_follow_the_parameters_through_copies(copier):
     clone = copy.deepcopy(opt) if copier == "deepcopy" else pickle.loads(pickle.dumps(opt))
     weights = [clone._store._weight_of(0, p) for p in clone.param_groups[0]["params"]]
     assert weights == [0.5, 0.5, 0.5, 0.5, 1.0, 0.0]
+
+
+def test_weights_of_parameters_added_later_survive_deepcopy():
+    """Layer weights and exclusions of model parameters not yet in the optimizer are kept by parameter,
+    not by id, so a deep copy applies them to the copied parameters when their group is added."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(3, 3), nn.Linear(3, 1)
+
+    net = Net()
+    opt = AccumulatingOptimizer(torch.optim.SGD(net.body.parameters(), lr=0.1), 2, model=net,
+                                exclude=["head.bias"], layer_weights={"head.weight": 0.5})
+    copied = copy.deepcopy({"net": net, "opt": opt})
+    for n, o in ((net, opt), (copied["net"], copied["opt"])):
+        o.add_param_group({"params": list(n.head.parameters())})
+        assert any(p is n.head.bias for p in o._store.excluded)
+        assert o._store._weight_of(1, n.head.weight) == 0.5
+
+
+def test_wrapper_prefixes_are_removed_as_whole_name_components():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_orig_mod, self.head = nn.Linear(2, 2), nn.Linear(2, 1)
+
+    net = Net()
+    assert sorted(parameter_names(net).values()) == ["enc_orig_mod.bias", "enc_orig_mod.weight", "head.bias",
+                                                     "head.weight"]
+    AccumulatingOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), 2, model=net, exclude=["enc_orig_mod.weight"])
+    compiled_like = nn.Module()
+    compiled_like._orig_mod = net
+    assert "enc_orig_mod.weight" in parameter_names(compiled_like).values()
+
+
+@pytest.mark.parametrize("optim, warns", [(torch.optim.Adam, True), (torch.optim.RMSprop, True),
+                                          (torch.optim.SGD, False)])
+def test_fractional_weights_with_a_scale_invariant_optimizer_warn(optim, warns):
+    """Adam-like optimizers divide by the gradient's scale: a weight of 0.5 barely changes their update."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AccumulatingOptimizer(optim(net.parameters(), lr=0.1), 2, model=net, layer_weights={"0.*": 0.5})
+        AccumulatingOptimizer(optim(net.parameters(), lr=0.1), 2, model=net, exclude=["0.*"])  # freezing: fine
+    assert [("barely changes" in str(w.message)) for w in caught] == ([True] if warns else [])
