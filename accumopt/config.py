@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ._checks import check_choice, check_int, check_real
 
 __all__ = ["AccumulationMode", "AccumulationStrategy", "GradientAccumulationConfig"]
@@ -102,6 +104,8 @@ class GradientAccumulationConfig:
     micro-batch (what the data loader yields), ``target_batch_size`` the number
     per real update; they must satisfy ``target = effective x accumulation_steps``.
     Give any two of the three and the third is derived; with none, K is 1.
+    Under ``mode=ADAPTIVE`` the target is the *largest* batch per update:
+    ``max_accumulation_steps = target / effective`` (see ``docs/seed_api.md``).
 
     See ``docs/seed_api.md`` for the table of every field.
     """
@@ -124,13 +128,13 @@ class GradientAccumulationConfig:
     exclude_parameters: list[str] | None = None
     gradient_clipping: bool = False
     clipping_norm: float | None = None
-    agc_clip_factor: float = 0.01
+    agc_clip_factor: float | None = None
     nan_handling: bool = False
     nan_policy: str | None = None
     logging_frequency: int = 10
     min_accumulation_steps: int | None = None
     max_accumulation_steps: int | None = None
-    lr_scaling_rule: str = "sqrt"
+    lr_scaling_rule: str | None = None
     mixed_precision: str | None = None
     device: str | None = None
     progress_bar: bool | None = None
@@ -156,15 +160,42 @@ class GradientAccumulationConfig:
         self._check_adaptive()
         if self.mixed_precision is not None:
             check_choice("mixed_precision", self.mixed_precision, _PRECISIONS)
-        check_choice("lr_scaling_rule", self.lr_scaling_rule, _LR_RULES)
-        if self.device is not None and not isinstance(self.device, str):
+        self._check_lr_rule()
+        self._check_device()
+        self._check_checkpoint()
+
+    def _check_lr_rule(self) -> None:
+        rule = self.lr_scaling_rule
+        if rule is not None:
+            check_choice("lr_scaling_rule", rule, _LR_RULES)
+            if not self.progressive_scaling:
+                _unused(f"lr_scaling_rule={rule!r}", "it is the rule of progressive_scaling=True, which is off")
+                self.lr_scaling_rule = None
+        elif self.progressive_scaling:
+            self.lr_scaling_rule = "sqrt"
+
+    def _check_device(self) -> None:
+        if self.device is None:
+            return
+        if not isinstance(self.device, str):
             raise TypeError(f"Invalid device: {self.device!r} (expected a device string such as 'cpu' or 'cuda')")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
+                             "'cuda' or 'cuda:1')") from None
+
+    def _check_checkpoint(self) -> None:
         if self.checkpoint_every is not None:
             check_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_path is None:
                 raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file path to write)")
-        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
-            raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
+        if self.checkpoint_path is not None:
+            if not isinstance(self.checkpoint_path, str):
+                raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
+            if self.checkpoint_every is None:
+                _unused("checkpoint_path", "the trainer writes it every checkpoint_every real updates, and "
+                        "checkpoint_every is not set")
 
     def _check_batch_sizes(self) -> None:
         k, e, t = self.accumulation_steps, self.effective_batch_size, self.target_batch_size
@@ -189,6 +220,9 @@ class GradientAccumulationConfig:
                 )
             self.accumulation_steps = first if isinstance(first, int) and not isinstance(first, bool) else 1
             return
+        if self.mode is AccumulationMode.ADAPTIVE and t is not None:
+            self._adaptive_target(k, e, t)
+            return
         if k is not None and e is not None and t is not None:
             if e * k != t:
                 raise ValueError(
@@ -208,6 +242,32 @@ class GradientAccumulationConfig:
         elif k is not None and e is not None and t is None:
             t = e * k
         self.accumulation_steps = 1 if k is None else k
+        self.effective_batch_size, self.target_batch_size = e, t
+
+    def _adaptive_target(self, k: int | None, e: int | None, t: int) -> None:
+        """ADAPTIVE: ``target_batch_size`` is the largest batch per update, so it sets ``max_accumulation_steps``."""
+        if e is None:
+            raise ValueError(
+                f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (under ADAPTIVE the "
+                "target is the largest batch per update, effective_batch_size x max K: give effective_batch_size)"
+            )
+        if t % e:
+            raise ValueError(f"Invalid target_batch_size: {t} (expected a multiple of effective_batch_size={e})")
+        k_max = t // e
+        hi = self.max_accumulation_steps
+        if hi is not None and check_int("max_accumulation_steps", hi) != k_max:
+            raise ValueError(
+                f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE the target is "
+                f"the largest batch per update, so max K = target_batch_size / effective_batch_size = {t} / {e} = "
+                f"{k_max}; expected {k_max}, or give only one of the two)"
+            )
+        if k is not None and k > k_max:
+            raise ValueError(
+                f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the target is the "
+                f"largest batch per update; expected a starting K <= {t} / {e} = {k_max})"
+            )
+        self.max_accumulation_steps = k_max
+        self.accumulation_steps = k_max if k is None else k
         self.effective_batch_size, self.target_batch_size = e, t
 
     def _check_schedule(self) -> None:
@@ -233,6 +293,7 @@ class GradientAccumulationConfig:
     def _check_weights(self) -> None:
         lw, gw, ex = self.layer_accumulation_weights, self.parameter_group_weights, self.exclude_parameters
         selective_mode = self.mode is AccumulationMode.SELECTIVE
+        explicit_selective = self.selective_accumulation is True
         if self.selective_accumulation is None:
             self.selective_accumulation = selective_mode
         elif selective_mode and not self.selective_accumulation:
@@ -264,12 +325,25 @@ class GradientAccumulationConfig:
                     "SELECTIVE use layer weights")
         if gw is not None and self.strategy is not AccumulationStrategy.PARAMETER_GROUPS:
             _unused("parameter_group_weights", f"strategy={self.strategy.name}; only PARAMETER_GROUPS uses them")
+        if explicit_selective and not selective_mode and not self.exclude_parameters and not self._zero_weights():
+            _unused("selective_accumulation=True", f"mode={self.mode.name}: it only allows weight 0 and "
+                    "exclude_parameters, and neither is set")
         if self.strategy is AccumulationStrategy.PARAMETER_GROUPS and gw is None:
             raise ValueError("Invalid parameter_group_weights: None with strategy=PARAMETER_GROUPS "
                              "(expected e.g. {'group_0': 1.0, 'group_1': 0.5})")
         if self.strategy is AccumulationStrategy.LAYER_WISE and not lw:
             raise ValueError("Invalid layer_accumulation_weights: empty with strategy=LAYER_WISE "
                              "(expected e.g. {'fc1.weight': 1.0, 'fc2.*': 0.5})")
+
+    def _zero_weights(self) -> bool:
+        """Whether an active layer or group weight is 0 (a frozen parameter)."""
+        zeros = []
+        if self.uses_layer_weights and self.layer_accumulation_weights:
+            zeros += [w == 0.0 for w in self.layer_accumulation_weights.values()]
+        gw = self.parameter_group_weights
+        if self.strategy is AccumulationStrategy.PARAMETER_GROUPS and gw is not None:
+            zeros += [w == 0.0 for w in (gw.values() if isinstance(gw, Mapping) else gw)]
+        return any(zeros)
 
     def _weight(self, name: str, value: Any) -> float:
         w = check_real(name, value, nonnegative=True)
@@ -289,7 +363,8 @@ class GradientAccumulationConfig:
             self.memory_threshold = t
             if not (memory_aware or self.memory_monitoring):
                 _unused("memory_threshold", "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
-        else:
+                self.memory_threshold = None
+        elif memory_aware or self.memory_monitoring:
             self.memory_threshold = 0.9
         if memory_aware and self.mode is AccumulationMode.EFFICIENT:
             warnings.warn(
@@ -307,7 +382,13 @@ class GradientAccumulationConfig:
                                  "(expected gradient_clipping=True, or no clipping_norm)")
         elif self.gradient_clipping:
             self.clipping_norm = 1.0
-        check_real("agc_clip_factor", self.agc_clip_factor, positive=True)
+        if self.agc_clip_factor is not None:
+            self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True)
+            if self.strategy is not AccumulationStrategy.ADAPTIVE_LAYERS:
+                _unused("agc_clip_factor", f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
+                self.agc_clip_factor = None
+        elif self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS:
+            self.agc_clip_factor = 0.01
         if self.nan_policy is not None:
             check_choice("nan_policy", self.nan_policy, _NAN_POLICIES)
             if not self.nan_handling:
@@ -342,10 +423,15 @@ class GradientAccumulationConfig:
             k = self.accumulation_steps
             lo = 1 if lo is None else check_int("min_accumulation_steps", lo)
             hi = max(64, k) if hi is None else check_int("max_accumulation_steps", hi)
+            if lo > hi:
+                raise ValueError(f"Invalid min_accumulation_steps: {lo} > max_accumulation_steps={hi} "
+                                 "(expected min_accumulation_steps <= max_accumulation_steps)")
             if not lo <= k <= hi:
                 raise ValueError(f"Invalid accumulation_steps: {k} (expected the starting K within "
                                  f"min_accumulation_steps={lo} .. max_accumulation_steps={hi})")
             self.min_accumulation_steps, self.max_accumulation_steps = lo, hi
+            if self.effective_batch_size is not None:  # the largest batch per update (see _adaptive_target)
+                self.target_batch_size = self.effective_batch_size * hi
 
     # -------------------------------------------------------------- derived
     @property

@@ -30,7 +30,7 @@ from torch import nn
 
 from .optimizer import AccumulatingOptimizer
 
-__all__ = ["main", "run_demo"]
+__all__ = ["build_parser", "main", "run_demo"]
 
 _RUNS = ("large batch", "accumopt", "small batches")
 
@@ -219,6 +219,25 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     return True
 
 
+def _check_device(device: str) -> torch.device:
+    """``device`` as a torch device the demo can run on (cpu, or cuda when available), else ValueError."""
+    if not isinstance(device, str):
+        raise TypeError(f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"Invalid device: {device!r} (expected an index below the "
+                             f"{torch.cuda.device_count()} CUDA device(s) of this machine)")
+    return dev
+
+
 def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
              output: str | None = "accumopt_demo.png", samples: int = 4096, epochs: int = 3,
              features: int = 64, hidden: int = 256, classes: int = 10, lr: float = 3e-3,
@@ -231,9 +250,7 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     check_int("samples", samples)
     check_int("epochs", epochs)
     check_choice("dtype", dtype, ("float32", "float64"))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
+    dev = _check_device(device)
     out = stream or sys.stdout
     cfg = dict(k=k, micro_batch_size=micro_batch_size, device=str(dev), dtype=dtype, samples=samples,
                epochs=epochs, features=features, hidden=hidden, classes=classes, lr=lr, fork=fork,
@@ -260,10 +277,15 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
         print(f"{r['kind']:<15}{r['final_loss']:>12.6f}{dev_txt:>21}{r['peak_bytes'] / 2**20:>15.1f} MiB"
               f"{r['time']:>8.2f}s", file=out)
     acc_dev = results[1]["deviation"]
-    if dtype == "float32":
-        print("float32: this deviation is rounding, not method: K partial sums round differently from one "
-              "large-batch reduction (~1e-7 relative), and AdamW's division by sqrt(v) amplifies that for weights "
-              "with tiny gradients over the updates; --dtype float64 shows the same run equal to ~1e-14.", file=out)
+    if k == 1:
+        print("K=1: one micro-batch per update, so the three runs are the same training (use --k 2 or more "
+              "to compare accumulation with the large batch).", file=out)
+    elif dtype == "float32":
+        if acc_dev > 0:
+            print("float32: this deviation is rounding, not method: K partial sums round differently from one "
+                  "large-batch reduction (~1e-7 relative), and AdamW's division by sqrt(v) amplifies that for "
+                  "weights with tiny gradients over the updates; --dtype float64 shows the same run equal to "
+                  "~1e-13.", file=out)
     else:
         print(f"float64: accumopt equals the large batch to {acc_dev:.1e} (bar: 1e-9); small batches without "
               f"accumulation follow another trajectory ({results[2]['deviation']:.1e}).", file=out)
@@ -280,18 +302,26 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
             "deviation": acc_dev, "small_deviation": results[2]["deviation"], "png": png}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m accumopt demo``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m accumopt`` (every option of ``demo`` has a help text)."""
     parser = argparse.ArgumentParser(prog="python -m accumopt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="large batch vs accumopt vs small batches, with a table and a PNG")
     d.add_argument("--k", type=int, default=8, help="micro-batches per update (default 8)")
     d.add_argument("--micro-batch-size", type=int, default=32, help="samples per micro-batch (default 32)")
-    d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    d.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<index>")
+    d.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="parameter and data dtype (default float32; float64 shows the equality to ~1e-13)")
     d.add_argument("--output", default="accumopt_demo.png", help="PNG path ('' for none)")
-    d.add_argument("--samples", type=int, default=4096, help="size of the synthetic data set")
-    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--samples", type=int, default=4096,
+                   help="samples in the synthetic data set, seen once per epoch (default 4096)")
+    d.add_argument("--epochs", type=int, default=3, help="passes over the data set (default 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m accumopt demo``; bad arguments are usage errors (exit status 2)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,

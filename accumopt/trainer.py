@@ -10,7 +10,13 @@ position in the epoch).
 
 Host syncs: one per displayed progress update (every ``logging_frequency``
 real updates) and one per epoch (the epoch's mean loss); none on a micro-step
-that does not update.
+that does not update. With ``nan_handling`` a non-finite micro-batch loss is left
+out of the epoch's mean on the device (``torch.where``), without a sync.
+
+Gradients: :meth:`GradientAccumulationTrainer.setup_training`, and the start of
+every epoch that begins with no window pending, clear the gradients of the
+optimizer's parameters (``set_to_none``), as the reference loops'
+``optimizer.zero_grad()``: a ``.grad`` left from before never enters an update.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .config import AccumulationStrategy, GradientAccumulationConfig
 __all__ = ["GradientAccumulationTrainer"]
 
 _CKPT_FORMAT = "accumopt.GradientAccumulationTrainer"
+_NEW_EPOCH = {"loss_sum": 0.0, "loss_count": 0, "samples": 0, "updates": 0, "batch": 0}  # an epoch's totals
 
 
 def _tqdm() -> Any:
@@ -86,21 +93,23 @@ class GradientAccumulationTrainer:
         self._pos = 0  # batches consumed in the current epoch
         self._epoch_rng: Tensor | None = None
         self._epoch_cuda_rng: list[Tensor] | None = None
-        self._ep: dict[str, Any] = {"loss_sum": 0.0, "samples": 0, "updates": 0}  # the open epoch's totals
+        self._ep: dict[str, Any] = dict(_NEW_EPOCH)  # the open epoch's totals
 
     # ------------------------------------------------------------------ setup
     def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Any,
                        scheduler: Any = None) -> None:
         """Move the model to the device and wrap the optimizer (pass the plain torch one).
 
-        The scheduler is stepped once per real update.
+        The scheduler is stepped once per real update. The gradients of the optimizer's
+        parameters are cleared (``set_to_none``): a ``.grad`` from before training (an
+        earlier backward) never enters the first update.
+
+        Raises:
+            ValueError: the configured device does not exist on this machine.
         """
         if not callable(criterion):
             raise TypeError(f"Invalid criterion: {type(criterion).__name__} (expected a callable loss)")
-        name = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"Invalid device: {name!r} (CUDA is not available on this machine)")
+        device = self._device()
         model.to(device)
         for st in optimizer.state.values():  # state from an earlier run, if any
             for k, v in list(st.items()):
@@ -109,6 +118,28 @@ class GradientAccumulationTrainer:
         self.accumulator.setup(model, optimizer, scheduler)
         self.model, self.optimizer, self.scheduler = model, self.accumulator.optimizer, scheduler
         self.criterion, self.device = criterion, device
+
+    def _device(self) -> torch.device:
+        """The configured device (default: cuda if available), checked to exist here."""
+        name = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"Invalid device: {name!r} (expected a torch device string such as 'cpu' or "
+                             "'cuda')") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"Invalid device: {name!r} (CUDA is not available on this machine)")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"Invalid device: {name!r} (expected an index below the "
+                                 f"{torch.cuda.device_count()} CUDA device(s) of this machine)")
+        elif device.type != "cpu":
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+                raise ValueError(f"Invalid device: {name!r} (no {device.type} device on this machine: {first})") from None
+        return device
 
     def _require(self) -> None:
         if self.model is None:
@@ -150,7 +181,7 @@ class GradientAccumulationTrainer:
         target_batch = _to(target_batch, self.device)
         n = _batch_len(target_batch)
         output, loss = self._forward(data_batch, target_batch)
-        result = self.accumulator.accumulate_gradients(loss, weight=n)
+        result = self.accumulator.accumulate_gradients(loss, weight=n, num_samples=n)
         self.accumulator.zero_grad()
         result.update(num_samples=n, loss_samples=n, output_shape=getattr(output, "shape", None),
                       target_shape=getattr(target_batch, "shape", None))
@@ -163,10 +194,18 @@ class GradientAccumulationTrainer:
 
     # ------------------------------------------------------------------ epoch
     def train_epoch(self, train_loader: Iterable) -> dict[str, Any]:
-        """Train one epoch; the last partial window is applied at its end. Returns the epoch's record."""
+        """Train one epoch; the last partial window is applied at its end. Returns the epoch's record.
+
+        Starting with no window pending, the optimizer's gradients are cleared first (``set_to_none``).
+        ``epoch_loss`` is the sample-weighted mean loss; with ``nan_handling`` non-finite micro-batch
+        losses (a dropped or skipped micro-batch) are left out of it. ``effective_batch_size`` is the
+        largest number of samples one update of the epoch used (a short last window uses fewer).
+        """
         self._require()
         self.model.train()
         acc, cfg = self.accumulator, self.config
+        if acc.optimizer.pending == 0 and acc.pending_batches == 0:
+            acc.optimizer.zero_grad(set_to_none=True)  # nothing of a window lives in .grad now
         acc.set_epoch(self.current_epoch)
         try:
             num_batches = len(train_loader)  # type: ignore[arg-type]
@@ -185,8 +224,11 @@ class GradientAccumulationTrainer:
             if resume.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(resume["cuda_rng"])
         bar = self._open_bar(num_batches, self._pos)
-        ep = self._ep = {"loss_sum": 0.0, "samples": 0, "updates": 0} if resume is None else {
-            k: resume[k] for k in ("loss_sum", "samples", "updates")}
+        ep = self._ep = dict(_NEW_EPOCH)
+        if resume is not None:
+            ep.update({k: resume[k] for k in _NEW_EPOCH if k in resume})
+            if "loss_count" not in resume:  # a checkpoint from before the count was kept
+                ep["loss_count"] = ep["samples"]
         t0 = time.perf_counter()
         t_samples = 0
         last = {"loss": None, "k": acc.optimizer.accumulation_steps}
@@ -196,15 +238,14 @@ class GradientAccumulationTrainer:
             self._pos += 1
             n, ls = m["num_samples"], m["loss_samples"]  # ls: samples that m["loss"] averages over
             if m["loss"] is not None:  # (None: MEMORY_AWARE holds the batch until its window runs)
-                ep["loss_sum"] = ep["loss_sum"] + m["loss"].float() * ls
-                window[0] = window[0] + m["loss"] * ls
-                window[1] += ls
+                self._add_loss(ep, window, m["loss"], ls)
             ep["samples"] += n
             t_samples += n
             if bar is not None:
                 bar.update(1)
             if m["should_optimize"]:
                 ep["updates"] += 1
+                ep["batch"] = max(ep["batch"], m["effective_batch_size"] or 0)
                 last = {"loss": window[0] / window[1], "k": m["accumulation_steps"]}
                 window = [0.0, 0]
                 self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches)
@@ -214,14 +255,16 @@ class GradientAccumulationTrainer:
             acc.flush(loss_fn=self._micro_loss)
             if held:  # MEMORY_AWARE: the held batches ran now
                 loss, ls = acc.last_window_loss
-                ep["loss_sum"] = ep["loss_sum"] + loss.float() * ls
-                window = [window[0] + loss * ls, window[1] + ls]
+                self._add_loss(ep, window, loss, ls)
             ep["updates"] += 1
-            last = {"loss": window[0] / max(window[1], 1), "k": k}
+            ep["batch"] = max(ep["batch"], acc.state.effective_batch_size or 0)
+            last = {"loss": window[0] / (window[1] if isinstance(window[1], Tensor) else max(window[1], 1)), "k": k}
             self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
         elapsed = time.perf_counter() - t0
         samples, updates = ep["samples"], ep["updates"]
-        epoch_loss = float(ep["loss_sum"] / samples) if samples else float("nan")  # the epoch's one sync
+        count = ep["loss_count"]
+        # The epoch's one sync (with nan_handling the count of finite-loss samples is a device value).
+        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) or count else float("nan")
         record = {
             "epoch": self.current_epoch,
             "epoch_loss": epoch_loss,
@@ -229,7 +272,7 @@ class GradientAccumulationTrainer:
             "num_samples": samples,
             "optimization_steps": updates,
             "accumulation_steps": acc.optimizer.accumulation_steps,
-            "effective_batch_size": acc.state.effective_batch_size,
+            "effective_batch_size": ep["batch"] or acc.state.effective_batch_size,
             "lr": float(acc.optimizer.optimizer.param_groups[0]["lr"]),
             "time": elapsed,
             "samples_per_second": t_samples / elapsed if elapsed > 0 else 0.0,
@@ -241,8 +284,29 @@ class GradientAccumulationTrainer:
             self._line(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {updates} updates, "
                        f"{record['samples_per_second']:.0f} samples/s")
         self._pos = 0
-        self._ep = {"loss_sum": 0.0, "samples": 0, "updates": 0}
+        self._ep = dict(_NEW_EPOCH)
         return record
+
+    def _add_loss(self, ep: dict[str, Any], window: list[Any], loss: Tensor, samples: int) -> None:
+        """Add a micro-batch's mean loss (``samples`` samples) to the epoch's and the window's sums, on the device.
+
+        With ``nan_handling`` a non-finite loss (a micro-batch the wrapper drops or skips) counts
+        neither in the sum nor in the sample count: ``torch.where``, no host sync.
+        """
+        loss = loss.detach()
+        loss32 = loss.float()
+        if self.config.nan_handling:
+            finite = torch.isfinite(loss32)
+            zero = torch.zeros_like(loss32)
+            ep["loss_sum"] = ep["loss_sum"] + torch.where(finite, loss32 * samples, zero)
+            ep["loss_count"] = ep["loss_count"] + finite.to(loss32.dtype) * samples
+            window[0] = window[0] + torch.where(finite, loss * samples, torch.zeros_like(loss))
+            window[1] = window[1] + finite.to(loss.dtype) * samples
+        else:
+            ep["loss_sum"] = ep["loss_sum"] + loss32 * samples
+            ep["loss_count"] = ep["loss_count"] + samples
+            window[0] = window[0] + loss * samples
+            window[1] = window[1] + samples
 
     def _postfix(self, loss: Any, k: int, sps: float) -> str:
         lr = _fmt_lr(self.optimizer.optimizer.param_groups[0]["lr"])
@@ -287,8 +351,8 @@ class GradientAccumulationTrainer:
         while self.current_epoch < num_epochs:
             record = self.train_epoch(train_loader)
             self.training_history.append(record)
-            self.logger.info("epoch %d: loss %.4f, %d updates", record["epoch"], record["epoch_loss"],
-                             record["optimization_steps"])
+            self.logger.info("epoch %d: loss %.4g, %d updates, %s samples per update", record["epoch"],
+                             record["epoch_loss"], record["optimization_steps"], record["effective_batch_size"])
             self.current_epoch += 1
         return self.training_history
 

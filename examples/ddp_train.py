@@ -3,7 +3,10 @@
 Run on CPU (gloo) or GPUs (nccl)::
 
     torchrun --nproc_per_node=2 examples/ddp_train.py
-    torchrun --nproc_per_node=2 examples/ddp_train.py --steps 8 --mode buffered
+    torchrun --nproc_per_node=2 examples/ddp_train.py --accumulation-steps 8 --mode buffered
+
+Started with plain ``python`` (no torchrun environment), it says so and runs
+as a single process (world size 1).
 
 The loop is the plain one: no ``no_sync()``, no ``loss / K``. Passing ``model=ddp``
 to the wrapper makes DDP all-reduce once per real update (on the backward that
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +33,21 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import accumopt
 
 
+def init_distributed(backend: str) -> str | None:
+    """Join the torchrun process group; without torchrun, a one-process group. Returns the temp file to remove."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        dist.init_process_group(backend)
+        return None
+    print("ddp_train.py: not started by torchrun (RANK/WORLD_SIZE are not set), so running as a single process.\n"
+          "For data-parallel training on 2 processes run:\n"
+          "    torchrun --nproc_per_node=2 examples/ddp_train.py", file=sys.stderr, flush=True)
+    fd, store = tempfile.mkstemp(prefix="accumopt_ddp_")
+    os.close(fd)
+    os.remove(store)  # the file store creates it
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    return store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accumulation-steps", type=int, default=4)
@@ -39,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    store = init_distributed("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -87,6 +106,8 @@ def main() -> None:
             torch.save({"model": model.state_dict(), "optimizer": state}, args.checkpoint)
     dist.barrier()  # let every rank finish before tearing the group down
     dist.destroy_process_group()
+    if store is not None and os.path.exists(store):
+        os.remove(store)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,18 @@ installed), the last partial window of each epoch applied, a checkpoint every N 
 """
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.utils.data as data
+
+try:
+    import accumopt  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accumopt import AccumulationMode, AccumulationStrategy, GradientAccumulationConfig, GradientAccumulationTrainer
 
@@ -40,7 +47,8 @@ trainer.setup_training(model, optimizer, nn.CrossEntropyLoss(), scheduler)
 train_loader = data.DataLoader(dataset, batch_size=16, shuffle=True)   # 63 batches: the last window is partial
 history = trainer.train(train_loader, num_epochs=3)
 for h in history:
-    print(f"epoch {h['epoch']}: loss {h['epoch_loss']:.4f}, {h['optimization_steps']} updates, lr {h['lr']:.1e}")
+    print(f"epoch {h['epoch']}: loss {h['epoch_loss']:.4f}, {h['optimization_steps']} updates of up to "
+          f"{h['effective_batch_size']} samples, lr {h['lr']:.1e}")
 print({k: v for k, v in trainer.accumulator.get_accumulation_stats().items()
        if k in ("total_optimizer_steps", "average_gradient_norm", "nan_detected", "effective_batch_size")})
 

@@ -777,4 +777,275 @@ def test_config_round_trips_as_plain_data():
     d = c.to_dict()
     assert all(isinstance(v, (int, float, str, bool, list, dict, type(None))) for v in d.values())
     assert GradientAccumulationConfig.from_dict(d) == c
-    assert math.isclose(c.memory_threshold, 0.9)
+    assert c.memory_threshold is None  # read by neither memory_monitoring nor MEMORY_AWARE here
+    assert math.isclose(GradientAccumulationConfig(memory_monitoring=True).memory_threshold, 0.9)
+
+
+# ------------------------------------------------------------------ review fixes (regressions)
+def _sgd_step_reference(model, batches, lr=0.1):
+    """Parameters after one plain SGD step on the concatenated batches, computed on a copy from fresh gradients."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    x = torch.cat([b[0] for b in batches]); y = torch.cat([b[1] for b in batches])
+    nn.functional.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        return {n: p - lr * p.grad for n, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_setup_clears_stale_gradients_like_the_seeds_zero_grad(mode):
+    model, batches = _mlp(), _batches()
+    expected = _sgd_step_reference(model, batches)
+    x = torch.cat([b[0] for b in batches]); y = torch.cat([b[1] for b in batches])
+    nn.functional.cross_entropy(model(x), y).backward()  # a stale full-batch gradient, as in the reference script
+    assert all(p.grad is not None for p in model.parameters())
+    acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=4), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert all(p.grad is None for p in model.parameters())
+    for bx, by in batches:
+        acc.accumulate_gradients(nn.functional.cross_entropy(model(bx), by))
+        acc.zero_grad()
+    assert acc.state.total_optimizer_steps == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-14)
+
+
+def test_effective_batch_size_counts_the_samples_of_each_update():
+    model, batches = _mlp(), _batches(k=5)
+    sizes = [2, 3, 4, 5, 6]
+    batches = [(x[:s], y[:s]) for (x, y), s in zip(batches, sizes)]
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=2), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    closed = []
+    for x, y in batches:
+        r = acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=len(x))
+        acc.zero_grad()
+        if r["should_optimize"]:
+            closed.append(r["effective_batch_size"])
+    assert closed == [2 + 3, 4 + 5]
+    assert acc.flush() and acc.state.effective_batch_size == 6  # the flushed partial window: what it held
+    assert acc.get_accumulation_stats()["effective_batch_size"] == 6
+    # loss_scaling=False ignores the weight, but num_samples still counts the samples.
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=2, loss_scaling=False), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    outs = [acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), num_samples=len(x))
+            for x, y in batches[:2]]
+    assert outs[-1]["should_optimize"] and outs[-1]["effective_batch_size"] == 5
+    # Nothing known: None, never a made-up number.
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=2), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    out = acc.accumulate_gradients(nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]))
+    assert out["effective_batch_size"] is None
+    with pytest.raises(ValueError, match="num_samples: -1"):
+        acc.accumulate_gradients(nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]), num_samples=-1)
+
+
+def test_micro_batch_size_other_than_effective_batch_size_warns_once():
+    model, batches = _mlp(), _batches(k=8, n=8)
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=2, effective_batch_size=4), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches:
+            out = acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=len(x))
+            acc.zero_grad()
+    msgs = [str(w.message) for w in caught if "effective_batch_size=4" in str(w.message)]
+    assert len(msgs) == 1 and "8 samples" in msgs[0] and "2 x 8 = 16" in msgs[0]
+    assert out["effective_batch_size"] == 16  # the real batch, not the configured 2 x 4
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=2, effective_batch_size=8), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches[:4]:
+            acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=len(x))
+
+
+def test_adaptive_target_batch_size_is_the_largest_batch_per_update():
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, effective_batch_size=32, target_batch_size=256)
+    assert (cfg.accumulation_steps, cfg.max_accumulation_steps, cfg.min_accumulation_steps) == (8, 8, 1)
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, accumulation_steps=2, effective_batch_size=32,
+                                     target_batch_size=256, max_accumulation_steps=8)
+    assert cfg.accumulation_steps == 2 and cfg.max_accumulation_steps == 8
+    assert GradientAccumulationConfig.from_dict(cfg.to_dict()) == cfg
+    # Without a target it is derived from the upper bound (so that a round trip keeps the bound).
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, accumulation_steps=4, effective_batch_size=2,
+                                     max_accumulation_steps=16)
+    assert cfg.target_batch_size == 32 and GradientAccumulationConfig.from_dict(cfg.to_dict()) == cfg
+
+    def ks(**kw):  # samples of each update, on a problem with a large noise scale (521 samples)
+        prob, b = _RegressionNoise(d=8, sigma=8.0), 2
+        model = nn.Linear(prob.d, 1, bias=False).double()
+        with torch.no_grad():
+            model.weight.copy_(prob.w0)
+        cfg = GradientAccumulationConfig(mode=AccumulationMode.ADAPTIVE, accumulation_steps=2, effective_batch_size=b,
+                                         min_accumulation_steps=2, **kw)
+        acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+        out = []
+        while len(out) < 30:
+            x, y = prob.sample(b)
+            r = acc.accumulate_gradients((0.5 * (model(x).squeeze(-1) - y) ** 2).mean(), weight=b)
+            acc.zero_grad()
+            if r["should_optimize"]:
+                out.append(r["effective_batch_size"])
+        return out
+
+    capped = ks(target_batch_size=16)
+    assert max(capped) == 16 and capped[-1] == 16  # it grows to the target and never beyond
+    assert max(ks(max_accumulation_steps=64)) > 16  # without the target the same run goes further
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode=M.ADAPTIVE, effective_batch_size=32, target_batch_size=256, max_accumulation_steps=4),
+     r"max_accumulation_steps: 4 with target_batch_size=256 .* expected 8"),
+    (dict(mode=M.ADAPTIVE, accumulation_steps=16, effective_batch_size=32, target_batch_size=256),
+     r"accumulation_steps: 16 with target_batch_size=256 .* <= 256 / 32 = 8"),
+    (dict(mode=M.ADAPTIVE, accumulation_steps=2, target_batch_size=256), "needs|give effective_batch_size"),
+    (dict(mode=M.ADAPTIVE, effective_batch_size=32, target_batch_size=100), "multiple of effective_batch_size=32"),
+    (dict(mode=M.ADAPTIVE, min_accumulation_steps=8, max_accumulation_steps=4),
+     r"min_accumulation_steps: 8 > max_accumulation_steps=4"),
+    (dict(device="tpu"), r"Invalid device: 'tpu' \(expected a torch device string"),
+])
+def test_review_contradictions_raise_naming_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientAccumulationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(selective_accumulation=True), "selective_accumulation=True has no effect"),
+    (dict(lr_scaling_rule="linear"), "lr_scaling_rule='linear' has no effect"),
+    (dict(mode=M.PROGRESSIVE, accumulation_schedule=[2, 4], lr_scaling_rule="linear"), "lr_scaling_rule"),
+    (dict(agc_clip_factor=0.05), "agc_clip_factor has no effect"),
+    (dict(checkpoint_path="run.pt"), "checkpoint_path has no effect"),
+])
+def test_settings_without_effect_warn(kwargs, match):
+    with pytest.warns(UserWarning, match=match):
+        GradientAccumulationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(memory_monitoring=True, memory_threshold=0.5),
+    dict(strategy=S.MEMORY_AWARE),
+    dict(mode=M.SELECTIVE, selective_accumulation=True),
+    dict(strategy=S.LAYER_WISE, selective_accumulation=True, layer_accumulation_weights={"0.weight": 0.0}),
+    dict(selective_accumulation=True, exclude_parameters=["0.bias"]),
+    dict(mode=M.PROGRESSIVE, accumulation_schedule=[2, 4], progressive_scaling=True, lr_scaling_rule="linear"),
+    dict(strategy=S.ADAPTIVE_LAYERS, agc_clip_factor=0.05),
+    dict(checkpoint_every=5, checkpoint_path="run.pt"),
+])
+def test_settings_with_effect_and_round_trips_do_not_warn(kwargs):
+    import dataclasses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = GradientAccumulationConfig(**kwargs)
+        assert dataclasses.replace(cfg) == cfg  # re-validation of the resolved values: still silent
+        assert GradientAccumulationConfig(**cfg.to_dict()) == cfg
+    assert cfg.agc_clip_factor == (0.05 if "agc_clip_factor" in kwargs else None)
+    assert cfg.lr_scaling_rule == ("linear" if "lr_scaling_rule" in kwargs else None)
+
+
+def test_stats_are_numbers_before_any_reading_as_in_the_reference():
+    model, batches = _mlp(), _batches()
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=4), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    stats = acc.get_accumulation_stats()
+    assert stats["average_gradient_norm"] == 0.0 and stats["memory_usage"] == 0.0
+    # The reference's formatting of these keys works.
+    assert f"{stats['average_gradient_norm']:.4f} {stats['memory_usage']:.4f}" == "0.0000 0.0000"
+    assert stats["nan_detected"] is False and stats["overflow_detected"] is False
+
+
+def _window_sums(model, batches, weights):
+    """sum_i w_i g_i per parameter name, each g_i from torch.autograd.grad (independent of accumopt)."""
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for (x, y), w in zip(batches, weights):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            out[n] += w * g
+    return out
+
+
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_state_has_the_reference_fields(mode):
+    model, batches = _mlp(), _batches(k=8)
+    weights = [3, 5, 2, 7, 4, 6, 1, 8]
+    acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=4, nan_handling=True),
+                              model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    st = acc.state
+    assert st.accumulated_gradients == {} and st.gradient_norms == () and not st.nan_detected
+    norms = []
+    for w in range(2):
+        window = batches[4 * w: 4 * w + 4]
+        ws = weights[4 * w: 4 * w + 4]
+        sums = _window_sums(model, window[:3], ws[:3])
+        large = _window_sums(model, window, ws)
+        norms.append(torch.sqrt(sum((g / sum(ws)).pow(2).sum() for g in large.values())).item())
+        for (x, y), wt in zip(window[:3], ws[:3]):
+            acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=wt)
+            acc.zero_grad()
+        view = acc.state.accumulated_gradients
+        assert set(view) == set(sums)
+        for n in sums:
+            torch.testing.assert_close(view[n], sums[n], rtol=1e-12, atol=1e-14)
+        with pytest.raises(TypeError):
+            view["0.weight"] = torch.zeros(1)  # read-only mapping
+        x, y = window[3]
+        acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=ws[3])
+        acc.zero_grad()
+        assert acc.state.accumulated_gradients == {}  # the window closed
+    assert acc.state.gradient_norms == pytest.approx(norms, rel=1e-10)
+    assert acc.get_accumulation_stats()["average_gradient_norm"] == pytest.approx(sum(norms) / 2, rel=1e-10)
+    assert not acc.state.nan_detected and not acc.state.overflow_detected
+    x, y = batches[0]
+    acc.accumulate_gradients(nn.functional.cross_entropy(model(x.clone().fill_(float("nan"))), y))
+    acc.flush()  # skipped: non-finite
+    st = acc.state
+    assert st.nan_detected and not st.overflow_detected and st.skipped_optimizer_steps == 1
+    assert st.gradient_norms == pytest.approx(norms, rel=1e-10)  # a skipped window records no norm
+
+
+def test_state_nan_detected_counts_dropped_micro_batches():
+    model, batches = _mlp(), _batches()
+    batches[1] = (batches[1][0].clone().fill_(float("nan")), batches[1][1])
+    acc = _sgd_run(GradientAccumulationConfig(accumulation_steps=4, nan_handling=True, nan_policy="drop"),
+                   model, batches)
+    st = acc.state
+    assert st.total_optimizer_steps == 1 and st.skipped_optimizer_steps == 0 and st.nan_detected
+
+
+def test_setup_errors_name_the_seed_options():
+    model = _mlp()
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.LAYER_WISE, layer_accumulation_weights={"fc9.weight": 0.5})
+    with pytest.raises(ValueError, match=r"Invalid layer_accumulation_weights: \['fc9.weight'\]") as info:
+        GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "layer_weights" not in str(info.value).replace("layer_accumulation_weights", "")
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.PARAMETER_GROUPS,
+                                     parameter_group_weights={"group_0": 1.0, "group_5": 0.5})
+    with pytest.raises(ValueError, match=r"Invalid parameter_group_weights key: 'group_5'"):
+        GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(groups, lr=0.1))
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.PARAMETER_GROUPS, parameter_group_weights=[1.0])
+    with pytest.raises(ValueError, match=r"Invalid parameter_group_weights: \[1.0\] \(expected 2 weights"):
+        GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(groups, lr=0.1))
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.SELECTIVE, exclude_parameters=["nope.*"])
+    with pytest.raises(ValueError, match=r"Invalid exclude_parameters: \['nope.\*'\] match no parameter name"):
+        GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_info_log_rounds_to_four_significant_digits(caplog):
+    with caplog.at_level(logging.INFO, logger="accumopt"):
+        _sgd_run(GradientAccumulationConfig(accumulation_steps=1, logging_frequency=2), _mlp(), _batches(k=4))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("update ")]
+    assert len(lines) == 2
+    import re
+
+    for line in lines:
+        numbers = re.findall(r"(?:loss|grad norm) (\S+?)(?:,|$)", line)
+        assert len(numbers) == 2, line
+        for text in numbers:
+            digits = re.sub(r"e[-+]\d+$", "", text).replace(".", "").replace("-", "").lstrip("0")
+            assert 0 < len(digits) <= 4, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -227,3 +228,123 @@ def test_bad_arguments():
         m = model()
         with pytest.raises(ValueError, match="CUDA is not available"):
             t.setup_training(m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
+
+
+# ------------------------------------------------------------------ review fixes (regressions)
+def _sgd_trained(config, *, stale: str | None, loader, epochs=1, lr=0.5):
+    """Train a fresh model; ``stale``: leave a full-batch .grad before setup_training or between it and train."""
+    m = model()
+    x, y = dataset()[:]
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    if stale == "before_setup":
+        nn.functional.cross_entropy(m(x), y).backward()
+    t = GradientAccumulationTrainer(config, progress_stream=io.StringIO())
+    t.setup_training(m, opt, nn.CrossEntropyLoss())
+    if stale == "before_train":
+        nn.functional.cross_entropy(m(x), y).backward()
+    t.train(loader, num_epochs=epochs)
+    return m
+
+
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+@pytest.mark.parametrize("stale", ["before_setup", "before_train"])
+def test_stale_gradients_from_before_training_never_enter_an_update(mode, stale):
+    cfg = GradientAccumulationConfig(accumulation_steps=4, mode=mode, progress_bar=False, device="cpu")
+    loader = data.DataLoader(dataset(n=64), batch_size=16)  # one window of 64 samples: one SGD step
+    trained = _sgd_trained(cfg, stale=stale, loader=loader)
+    ref = model()  # reference: one plain SGD step from fresh gradients on the 64 samples
+    x, y = dataset(n=64)[:]
+    nn.functional.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        for p, q in zip(trained.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q - 0.5 * q.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_history_counts_the_samples_of_each_update():
+    # Loader batches of 32 while the config says 16: one warning; updates of 4 x 32 = 128 samples reported.
+    cfg = GradientAccumulationConfig(accumulation_steps=4, effective_batch_size=16, target_batch_size=64,
+                                     progress_bar=False)
+    t, _ = make(cfg)
+    with pytest.warns(UserWarning, match=r"micro-batches hold 32 samples but effective_batch_size=16") as rec:
+        hist = t.train(data.DataLoader(dataset(n=256), batch_size=32), num_epochs=2)
+    assert sum("effective_batch_size=16" in str(w.message) for w in rec) == 1
+    assert [h["effective_batch_size"] for h in hist] == [128, 128]
+    assert t.accumulator.get_accumulation_stats()["effective_batch_size"] == 128
+    # No batch sizes in the config: still the real count. PROGRESSIVE K=8 on an epoch of 4 batches of 10:
+    # one flushed update of 40 samples, never 8 x 10.
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.PROGRESSIVE, accumulation_schedule=[2, 8],
+                                     progress_bar=False)
+    t, _ = make(cfg)
+    hist = t.train(data.DataLoader(dataset(n=40), batch_size=10), num_epochs=2)
+    assert [h["effective_batch_size"] for h in hist] == [20, 40]
+    assert all(h["effective_batch_size"] <= h["num_samples"] for h in hist)
+
+
+@pytest.mark.parametrize("policy", ["skip", "drop"])
+def test_non_finite_losses_are_left_out_of_the_epoch_loss(policy):
+    ds = dataset(n=60)
+    x, y = ds[:]
+    x = x.clone()
+    x[20:30] = float("nan")  # the third batch of 10
+    cfg = GradientAccumulationConfig(accumulation_steps=2, nan_handling=True, nan_policy=policy, progress_bar=False)
+    t, m = make(cfg, lr=0.0)  # lr 0: the model stays fixed, so the reference is one forward pass
+    hist = t.train(data.DataLoader(data.TensorDataset(x, y), batch_size=10), num_epochs=1)
+    ok = torch.isfinite(x).all(dim=1)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(m(x[ok]), y[ok]).item()
+    assert hist[0]["epoch_loss"] == pytest.approx(expected, rel=1e-6)
+    assert hist[0]["num_samples"] == 60
+    # Without nan_handling nothing is filtered (the NaN reaches the model too, as in plain torch).
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), lr=0.0)
+    assert math.isnan(t.train(data.DataLoader(data.TensorDataset(x, y), batch_size=10), num_epochs=1)[0]["epoch_loss"])
+
+
+def test_epoch_log_line_rounds_to_four_significant_digits(caplog):
+    import logging
+    import re
+
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False))
+    with caplog.at_level(logging.INFO, logger="accumopt"):
+        t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:"))
+    loss = re.search(r"loss (\S+?),", line).group(1)
+    assert 0 < len(loss.replace(".", "").lstrip("0")) <= 4, line
+    assert "20 samples per update" in line
+
+
+@pytest.mark.parametrize("device,match", [("tpu", r"Invalid device: 'tpu'"), ("mps", r"Invalid device: 'mps'")])
+def test_unusable_device_is_a_value_error(device, match):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ValueError, match=match):
+        t = GradientAccumulationTrainer(GradientAccumulationConfig(device=device))
+        m = model()
+        t.setup_training(m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
+    if torch.cuda.is_available():
+        t = GradientAccumulationTrainer(GradientAccumulationConfig(device=f"cuda:{torch.cuda.device_count()}"))
+        m = model()
+        with pytest.raises(ValueError, match="expected an index below"):
+            t.setup_training(m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
+
+
+def test_micro_steps_that_do_not_update_read_no_device_value(monkeypatch):
+    # A host read of a device value (.item(), float(), bool(), .tolist()) is a sync on an accelerator:
+    # none may happen on a micro-step that does not close a window, nan_handling included.
+    cfg = GradientAccumulationConfig(accumulation_steps=4, nan_handling=True, nan_policy="drop", progress_bar=False)
+    t, _ = make(cfg)
+    x, y = dataset(n=40)[:]
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor on a micro-step that does not update")
+
+    ep, window = dict(trainer_mod._NEW_EPOCH), [0.0, 0]
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            patch.setattr(torch.Tensor, name, no_read)
+        for i in range(3):
+            r = t.train_step(x[10 * i: 10 * i + 10], y[10 * i: 10 * i + 10])
+            t._add_loss(ep, window, r["loss"], r["loss_samples"])
+        st = t.accumulator.state  # the snapshot is built without reading the device
+        assert not r["should_optimize"] and st.accumulation_step == 3 and st.effective_batch_size == 40
+    r = t.train_step(x[30:], y[30:])
+    assert r["should_optimize"] and r["effective_batch_size"] == 40
