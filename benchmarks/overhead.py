@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -44,6 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accumopt  # noqa: E402
+
+# The layer-weights variant measures cost, not effect: its weights with AdamW are deliberate here.
+warnings.filterwarnings("ignore", message="accumulation weights")
 from _common import GPT, GPT_CONFIGS, machine_info, markdown_table, median, num_params, quantiles  # noqa: E402
 
 VARIANTS = ["hand-written", "accumopt", "accumopt + layer weights", "accumopt buffered"]
