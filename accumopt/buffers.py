@@ -46,6 +46,10 @@ class _Group:
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
     maybe: list = field(default_factory=list)
+    # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
+    # ``zero_grad(set_to_none=False)``); ``carried_all``: every one of them.
+    carried: set = field(default_factory=set)
+    carried_all: bool = False
 
     def seen_indices(self) -> list[int] | None:
         """Indices of the buffers that (may have) received a dense gradient this window (None: all)."""
@@ -122,9 +126,6 @@ class GradientStore:
         self.groups: list[_Group] = []
         self.excluded: list[Tensor] = []
         self._drops: list[Tensor] = []  # dropped flags (device) of this window's maybe-dropped micro-batches
-        # ``zero_grad(set_to_none=False)``: as in torch, a parameter that once had a gradient keeps a
-        # zero ``.grad`` (and so is stepped) in windows where it gets none. Set by the wrapper.
-        self.keep_zero_grads = False
         self.refresh()
 
     # ------------------------------------------------------------------ layout
@@ -316,30 +317,52 @@ class GradientStore:
         return [p.grad for p in self.params if p.grad is not None]
 
     def reset(self) -> None:
-        """Empty the window: zero the buffers and release ``.grad`` (or zero it, see ``keep_zero_grads``)."""
-        keep = self.keep_zero_grads
+        """Empty the window: zero the buffers and release ``.grad``.
+
+        Which parameters had a dense gradient is remembered, for :meth:`zero_grads`.
+        """
         for g in self.groups:
             if g.buffers is not None:
                 torch._foreach_zero_(g.buffers)
-                if keep:  # parameters seen so far stay "seen": they get a zero gradient, as in torch
-                    g.sparse.clear()
-                    for _, idx in g.maybe:  # their backward allocated a .grad, dropped or not
-                        g.mark(idx)
-                    g.maybe.clear()
-                else:
-                    g.clear()
+                if not g.carried_all:
+                    if g.all_seen or any(idx is None for _, idx in g.maybe):
+                        g.carried_all = True
+                    else:  # a dropped micro-batch's backward allocated its .grad too, in torch
+                        g.carried.update(g.seen, *(idx for _, idx in g.maybe))
+                g.clear()
                 for p in g.params:
                     p.grad = None
             else:
-                present = [p.grad for p in g.params if p.grad is not None] if keep else []
-                if present:
-                    torch._foreach_zero_(present)
-                else:
-                    for p in g.params:
-                        p.grad = None
+                for i, p in enumerate(g.params):
+                    if p.grad is not None and not g.carried_all and not p.grad.is_sparse:
+                        g.carried.add(i)
+                    p.grad = None
+                if not g.carried_all and len(g.carried) == len(g.params):
+                    g.carried_all = True
         for p in self.excluded:
             p.grad = None
         self._drops.clear()
+
+    def zero_grads(self, set_to_none: bool) -> None:
+        """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.
+
+        ``False``: every parameter that had a gradient at an earlier update holds a zero
+        gradient again (in its buffer, or as a zero ``.grad`` in-place), so the optimizer
+        steps it in a window where it gets none, as torch does. ``True``: forgotten.
+        """
+        for g in self.groups:
+            if set_to_none:
+                g.carried.clear()
+                g.carried_all = False
+                continue
+            idx = range(len(g.params)) if g.carried_all else g.carried
+            if g.buffers is not None:
+                g.mark(None if g.carried_all else list(idx))
+            else:
+                for i in idx:
+                    p = g.params[i]
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # -------------------------------------------------------------------- state
     def state(self) -> list[Tensor | None]:

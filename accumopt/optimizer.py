@@ -399,13 +399,13 @@ class AccumulatingOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
-        self._store.keep_zero_grads = not set_to_none  # as in torch: a parameter keeps a zero .grad
         if self._window.count == 0 or not self._store.has_inplace():
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._pre_weight = None  # its gradient is gone: so is the weight given to backward()
-            return
-        for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
-            p.grad = None
+        else:
+            for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
+                p.grad = None
+        self._store.zero_grads(set_to_none)  # False: as in torch, a parameter keeps a zero .grad
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the K schedule the current epoch (takes effect when the current window closes)."""

@@ -291,25 +291,32 @@ def test_state_dict_with_unused_parameter_mid_window(mode):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
 @pytest.mark.parametrize("mode", ["inplace", "buffered"])
-def test_zero_grad_set_to_none_false_keeps_torch_semantics_for_unused_parameters(mode):
-    """With zero_grad(set_to_none=False), torch keeps a zero .grad on a parameter once used, so SGD's
-    momentum still moves it in a window where it gets no gradient: the wrapper does the same."""
+def test_zero_grad_set_to_none_false_keeps_torch_semantics_for_unused_parameters(mode, optim, k):
+    """With zero_grad(set_to_none=False), torch keeps a zero .grad on a parameter once used, so momentum
+    and weight decay still move it in a window where it gets no gradient: the wrapper does the same,
+    whichever side of the boundary zero_grad is called on."""
+    def make(params):
+        if optim == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+
     torch.manual_seed(0)
     a, b = torch.nn.Linear(3, 1).double(), torch.nn.Linear(3, 1).double()
     a_ref, b_ref = copy.deepcopy(a), copy.deepcopy(b)
     x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = torch.optim.SGD([*a_ref.parameters(), *b_ref.parameters()], lr=0.1, momentum=0.9)
-    opt = AccumulatingOptimizer(torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1, momentum=0.9), 2,
-                                mode=mode)
+    ref = make([*a_ref.parameters(), *b_ref.parameters()])
+    opt = AccumulatingOptimizer(make([*a.parameters(), *b.parameters()]), k, mode=mode)
     windows = [(True, True), (True, False), (True, False)]  # branch B unused after the first window
     for w, (use_a, use_b) in enumerate(windows):
         xs = x[4 * (w % 2):4 * (w % 2) + 4]
-        ref.zero_grad(set_to_none=False)
         (a_ref(xs).pow(2).mean() + (b_ref(xs).pow(2).mean() if use_b else 0)).backward()
         ref.step()
-        for j in range(2):
-            part = xs[2 * j:2 * j + 2]
+        ref.zero_grad(set_to_none=False)
+        for j in range(k):
+            part = xs[4 // k * j:4 // k * (j + 1)]
             (a(part).pow(2).mean() + (b(part).pow(2).mean() if use_b else 0)).backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
