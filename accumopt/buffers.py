@@ -324,11 +324,12 @@ class GradientStore:
         for g in self.groups:
             if g.buffers is not None:
                 torch._foreach_zero_(g.buffers)
-                if not g.carried_all:
-                    if g.all_seen or any(idx is None for _, idx in g.maybe):
+                if not g.carried_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
+                    seen = g.seen_indices()
+                    if seen is None:
                         g.carried_all = True
-                    else:  # a dropped micro-batch's backward allocated its .grad too, in torch
-                        g.carried.update(g.seen, *(idx for _, idx in g.maybe))
+                    else:
+                        g.carried.update(seen)
                 g.clear()
                 for p in g.params:
                     p.grad = None

@@ -72,6 +72,13 @@ def simple_noise_scale_terms(
     return trace, grad_sq
 
 
+def _scalar(x: "Tensor | float", device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``x`` (a number or a 0-dim tensor) as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
+    if isinstance(x, Tensor):
+        return x.to(device, dtype, non_blocking=True)
+    return torch.full((), float(x), device=device, dtype=dtype)
+
+
 def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
     """Sum of squared 2-norms of ``tensors`` as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
@@ -153,8 +160,7 @@ class NoiseScaleEstimator:
         elif f != 1.0:
             sq = sq * (f * f)
         keep = 1.0 if found is None else (1.0 - found.to(device, dtype, non_blocking=True))
-        w = weight.to(device, dtype, non_blocking=True) if isinstance(weight, Tensor) else \
-            torch.full((), float(weight), device=device, dtype=dtype)
+        w = _scalar(weight, device, dtype)
         inv_w = torch.where(w > 0, keep / w.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
         keep_t = keep if isinstance(keep, Tensor) else torch.ones((), device=device, dtype=dtype)
         keep_t = torch.where(w > 0, keep_t, torch.zeros_like(keep_t))
@@ -174,8 +180,7 @@ class NoiseScaleEstimator:
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
             world = opt._sync.world_size if opt._sync.distributed else 1
-            b_big = (total.to(device, dtype) if isinstance(total, Tensor)
-                     else torch.full((), float(total), device=device, dtype=dtype)) * world
+            b_big = _scalar(total, device, dtype) * world
             n = self.small_n
             small_sq = self.small_sq / n.clamp_min(1.0)
             b_small = n / self.small_inv_w.clamp_min(torch.finfo(dtype).tiny)
@@ -199,10 +204,7 @@ class NoiseScaleEstimator:
 
     def _pool(self, device: torch.device, dtype: torch.dtype, group: Any) -> None:
         """Sum the small-batch terms over the ranks (one ``all_reduce`` of 3 numbers, on every rank)."""
-        def t(x: "Tensor | float") -> Tensor:
-            return x.to(device, dtype) if isinstance(x, Tensor) else torch.full((), float(x), device=device, dtype=dtype)
-
-        flat = torch.stack([t(self.small_sq), t(self.small_n), t(self.small_inv_w)])
+        flat = torch.stack([_scalar(x, device, dtype) for x in (self.small_sq, self.small_n, self.small_inv_w)])
         torch.distributed.all_reduce(flat, group=group)
         self.small_sq, self.small_n, self.small_inv_w = flat[0], flat[1], flat[2]
 

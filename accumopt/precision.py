@@ -225,14 +225,16 @@ class Precision:
             if self._empty is not None:
                 empty = self._empty if code is None else self._empty.to(code.device)
                 code = empty if code is None else code + empty
-            if code is not None or drops is not None:
-                parts = [] if code is None else [code.reshape(1).float()]
+            if code is None and drops is not None:
+                code = torch.zeros((), device=drops[0].device)
+            if code is not None:
+                flags = code.reshape(1).float()
                 if drops is not None:
-                    parts.append(drops[0].reshape(-1).float().to(parts[0].device if parts else drops[0].device))
-                host = host_read(torch.cat(parts))  # the one sync of this update
-                value = int(host[0]) if code is not None else 0
+                    flags = torch.cat([flags, drops[0].to(flags.device, torch.float32)])
+                host = host_read(flags)  # the one sync of this update
+                value = int(host[0])
                 if drops is not None:
-                    drops[1]([d == 0 for d in host[1 if code is not None else 0:]])
+                    drops[1]([d == 0 for d in host[1:]])
                 if value & 2 and self.policy == "raise":
                     self._forget_external()
                     raise NonFiniteGradientError(
