@@ -68,3 +68,12 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
         expected = ", ".join(repr(c) for c in choices)
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {expected})")
     return value
+
+
+def check_cuda_present(name: str, device: torch.device) -> None:
+    """Raise ``ValueError`` naming ``name`` when the CUDA ``device`` does not exist on this machine."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {name!r} (CUDA is not available on this machine)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"Invalid device: {name!r} (expected an index below the "
+                         f"{torch.cuda.device_count()} CUDA device(s) of this machine)")

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_cuda_present
 from .optimizer import AccumulatingOptimizer
 
 __all__ = ["build_parser", "main", "run_demo"]
@@ -230,11 +231,7 @@ def _check_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"Invalid device: {device!r} (expected an index below the "
-                             f"{torch.cuda.device_count()} CUDA device(s) of this machine)")
+        check_cuda_present(device, dev)
     return dev
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterable, TextIO
 import torch
 from torch import Tensor
 
+from ._checks import check_cuda_present
 from .accumulator import GradientAccumulator
 from .checkpoint import atomic_save
 from .config import AccumulationStrategy, GradientAccumulationConfig
@@ -128,11 +129,7 @@ class GradientAccumulationTrainer:
             raise ValueError(f"Invalid device: {name!r} (expected a torch device string such as 'cpu' or "
                              "'cuda')") from None
         if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"Invalid device: {name!r} (CUDA is not available on this machine)")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise ValueError(f"Invalid device: {name!r} (expected an index below the "
-                                 f"{torch.cuda.device_count()} CUDA device(s) of this machine)")
+            check_cuda_present(name, device)
         elif device.type != "cpu":
             try:
                 torch.empty(0, device=device)
