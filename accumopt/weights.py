@@ -39,15 +39,15 @@ from ._checks import check_real, weight_dtype
 __all__ = ["ParamNames", "WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity",
            "resolve_weights"]
 
-# Prefixes that wrappers insert into parameter names (DDP / DataParallel, torch.compile,
-# FSDP1, activation checkpointing); users write names of their own module.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Name components that wrappers insert into parameter names (torch.compile,
+# FSDP1, activation checkpointing; DDP's "module." is removed by unwrapping); users write
+# names of their own module.
+_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def clean_name(name: str) -> str:
     """``name`` without the components that module wrappers insert (whole components only)."""
-    wrappers = {p[:-1] for p in _WRAPPER_PREFIXES}
-    return ".".join(part for part in name.split(".") if part not in wrappers)
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 class ParamNames(Mapping):
