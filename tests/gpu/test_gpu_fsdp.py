@@ -12,10 +12,13 @@ import torch.distributed as dist
 
 from accumopt import AccumulatingOptimizer
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not dist.is_available() or not dist.is_nccl_available(),
-    reason="needs a CUDA device and NCCL",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not dist.is_available() or not dist.is_nccl_available(),
+        reason="needs a CUDA device and NCCL",
+    ),
+]
 
 DT = torch.float64
 SIZES = [3, 5, 2, 6, 1, 4]

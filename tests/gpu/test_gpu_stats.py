@@ -7,7 +7,10 @@ import torch
 
 from accumopt import AccumulatingOptimizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def _setup(mode: str, **kw):
