@@ -1,4 +1,4 @@
-"""Graph-captured micro-steps (issue 9): time per real update and peak memory on CUDA.
+"""Graph-captured micro-steps: time per real update and peak memory on CUDA.
 
 Variants, same model and data, each in a fresh process (so that peak memory is
 its own), median over timed real updates after warm-up:
@@ -13,8 +13,17 @@ its own), median over timed real updates after warm-up:
 
 Cases (bf16 autocast, fused AdamW):
 
-* ``gpt-20m``: a GPT with about 20M parameters, micro-batch 4 x 256 tokens, K=16;
+* ``gpt-20m``: a GPT with 19.3M parameters (8 layers, width 256, 256 positions), micro-batch
+  4 x 256 tokens, K=16. Its output layer shares the token embedding (12.9M of them): a count
+  that lists that matrix twice (``state_dict()``) reads 32.1M; the table gives both;
 * ``gpt-124m``: GPT-2 small shape (124M parameters), micro-batch 8 x 1024 tokens, K=8.
+
+Peak memory is reported twice: *allocated* (``torch.cuda.max_memory_allocated``, live
+tensors) and *reserved* (``torch.cuda.max_memory_reserved``, everything the caching
+allocator holds from the device). A CUDA graph keeps its own private memory pool, whose
+blocks stay reserved between replays whether or not a tensor lives in them, so for the
+captured and reduce-overhead variants the reserved peak is the memory the graph really
+costs; compare variants on it.
 
     python benchmarks/graphs.py                 # both cases
     python benchmarks/graphs.py --case gpt-20m --quick
@@ -106,7 +115,8 @@ def one_variant(case: str, variant: str, warmup: int, updates: int) -> dict:
         run()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"times": times, "peak": torch.cuda.max_memory_allocated(), "params": num_params(model)}
+    return {"times": times, "peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+            "params": num_params(model), "params_listed": sum(t.numel() for t in model.state_dict().values())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,29 +148,41 @@ def main(argv: list[str] | None = None) -> None:
                 results[v] = {"error": (res.stderr.strip().splitlines() or ["failed"])[-1]}
             else:
                 results[v] = json.loads(res.stdout.strip().splitlines()[-1])
-        ok = {v: r for v, r in results.items() if "error" not in r}
-        hand = median(ok["hand-written"]["times"]) if "hand-written" in ok else None
-        large = ok.get("one large batch")
-        rows = []
-        for v in VARIANTS:
-            r = results[v]
-            if "error" in r:
-                rows.append([v, "failed: " + r["error"][:80], "", "", "", ""])
-                continue
-            t = median(r["times"])
-            lo, hi = quantiles(r["times"])
-            rows.append([
-                v, f"{t * 1e3:.1f} [{lo * 1e3:.1f}, {hi * 1e3:.1f}]",
-                f"{t / hand:.3f}" if hand else "",
-                f"{t / median(large['times']):.2f}" if large else "",
-                f"{r['peak'] / 2**30:.2f}",
-                f"{r['peak'] / large['peak']:.3f}" if large else "",
-            ])
-        params = next(iter(ok.values()))["params"] if ok else 0
-        print(f"\n### {case}: {params / 1e6:.1f}M parameters, micro-batch {micro}x{tokens} tokens, K={k}, "
-              f"bf16 autocast, fused AdamW ({updates} timed updates after {args.warmup} warm-up)\n")
-        print(markdown_table(["variant", "ms / update, median [IQR]", "x hand-written", "x large batch",
-                              "peak GiB", "memory x large batch"], rows))
+        print(report(case, results, updates, args.warmup))
+
+
+def report(case: str, results: dict[str, dict], updates: int, warmup: int) -> str:
+    """The markdown section of one case: a heading and one row per variant."""
+    micro, tokens, k = CASES[case]
+    ok = {v: r for v, r in results.items() if "error" not in r}
+    hand = median(ok["hand-written"]["times"]) if "hand-written" in ok else None
+    large = ok.get("one large batch")
+    rows = []
+    for v in VARIANTS:
+        r = results[v]
+        if "error" in r:
+            rows.append([v, "failed: " + r["error"][:80], "", "", "", "", "", ""])
+            continue
+        t = median(r["times"])
+        lo, hi = quantiles(r["times"])
+        rows.append([
+            v, f"{t * 1e3:.1f} [{lo * 1e3:.1f}, {hi * 1e3:.1f}]",
+            f"{t / hand:.3f}" if hand else "",
+            f"{t / median(large['times']):.2f}" if large else "",
+            f"{r['peak'] / 2**30:.2f}",
+            f"{r['peak'] / large['peak']:.3f}" if large else "",
+            f"{r['reserved'] / 2**30:.2f}",
+            f"{r['reserved'] / large['reserved']:.3f}" if large else "",
+        ])
+    first = next(iter(ok.values()), {})
+    params, listed = first.get("params", 0), first.get("params_listed", 0)
+    tied = f" ({listed / 1e6:.1f}M counting the tied output layer twice)" if listed != params else ""
+    heading = (f"### {case}: {params / 1e6:.1f}M parameters{tied}, micro-batch {micro}x{tokens} tokens, K={k}, "
+               f"bf16 autocast, fused AdamW ({updates} timed updates after {warmup} warm-up)")
+    table = markdown_table(["variant", "ms / update, median [IQR]", "x hand-written", "x large batch",
+                            "peak allocated GiB", "allocated x large batch", "peak reserved GiB",
+                            "reserved x large batch"], rows)
+    return f"\n{heading}\n\n{table}"
 
 
 if __name__ == "__main__":
