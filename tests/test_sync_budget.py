@@ -134,8 +134,9 @@ def _torch_location() -> tuple[str, str, bool]:
     """(torch's package directory, its version, whether it was built with CUDA)."""
     torch = sys.modules.get("torch")  # tests/conftest.py has imported it; this module must not (see _child)
     if torch is None:
-        code = "import torch, os; print(os.path.dirname(torch.__file__)); print(torch.__version__); print(torch.version.cuda)"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+        code = "import torch, os; print(os.path.dirname(torch.__file__), torch.__version__, torch.version.cuda, sep='\\n')"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
         return out[0], out[1], out[2] != "None"
     return os.path.dirname(torch.__file__), torch.__version__, torch.version.cuda is not None
 
