@@ -254,9 +254,10 @@ def test_containers_stay_shared_after_load_state_dict(load):
     assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
     sched.step()
     assert inner.param_groups[0]["lr"] == pytest.approx(0.05)  # the scheduler reaches the wrapped optimizer
-    if load == "inner":
-        return  # add_param_group after a direct inner load: see the report (weights.WeightResolver keeps the old list)
+    # add_param_group after either load: the new parameters get their accumulation and are trained
     opt.add_param_group({"params": list(model[2].parameters())})
     assert len(list(opt._store.params)) == 4
+    head = model[2].weight.detach().clone()
     _train(model, opt, _data(2))
+    assert not torch.equal(model[2].weight, head)  # the group added after the load is trained
     assert model[2].weight.grad is None and opt.num_updates == 2 and len(inner.state) == 4
