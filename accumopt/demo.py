@@ -85,7 +85,8 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss()
     inner = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     k, mb = cfg["k"], cfg["micro_batch_size"]
-    opt = AccumulatingOptimizer(inner, k) if kind == "accumopt" else inner
+    acc = AccumulatingOptimizer(inner, k) if kind == "accumopt" else None
+    opt: torch.optim.Optimizer = acc if acc is not None else inner
     batch = k * mb if kind == "large batch" else mb
     curve: list[tuple[int, torch.Tensor]] = []  # (samples seen, loss), kept on the device until the end
     window: list[Any] = [0.0, 0]
@@ -109,12 +110,12 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
             loss = loss_fn(model(x[idx]), y[idx])
             n = len(idx)
             seen += n
-            if kind == "accumopt":
-                opt.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
-                opt.step()
-                opt.zero_grad()
+            if acc is not None:
+                acc.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
+                acc.step()
+                acc.zero_grad()
                 window = [window[0] + loss.detach() * n, window[1] + n]
-                if opt.pending == 0:
+                if acc.pending == 0:
                     curve.append((seen, window[0] / window[1]))
                     window = [0.0, 0]
             else:
@@ -122,7 +123,7 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 opt.step()
                 opt.zero_grad()
                 curve.append((seen, loss.detach()))
-        if kind == "accumopt" and opt.flush():  # the epoch's last, partial window
+        if acc is not None and acc.flush():  # the epoch's last, partial window
             curve.append((seen, window[0] / window[1]))
             window = [0.0, 0]
     if device.type == "cuda":
@@ -178,10 +179,11 @@ def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     proc = ctx.Process(target=_child, args=(kind, cfg, child))
     proc.start()
     child.close()
-    result = parent.recv()
+    received = parent.recv()
     proc.join()
-    if isinstance(result, BaseException):
-        raise result
+    if isinstance(received, BaseException):
+        raise received
+    result: dict[str, Any] = received
     result["params"] = torch.load(io.BytesIO(result.pop("params_bytes")), weights_only=True)
     return result
 

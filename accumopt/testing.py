@@ -97,9 +97,13 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
         raise ValueError(f"Invalid micro_batches: {sizes} (expected sizes >= 1 adding up to the batch size {n})")
     out, start = [], 0
     for s in sizes:
-        out.append(_map_tensors(batch, lambda t, a=start, b=start + s: t[a:b]))
+        out.append(_map_tensors(batch, _rows(start, start + s)))
         start += s
     return out
+
+
+def _rows(a: int, b: int) -> Callable[[Tensor], Tensor]:
+    return lambda t: t[a:b]
 
 
 def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
@@ -320,7 +324,7 @@ def check_equivalence(
                              f"the first into {len(sizes0)} (expected the same K for every batch)")
         # reference: one step on the whole batch
         ref_opt.zero_grad()
-        loss_fn(ref_model, batch).backward()
+        torch.autograd.backward(loss_fn(ref_model, batch))
         ref_opt.step()
         # accumulated: one step() per micro-batch
         before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
@@ -329,7 +333,7 @@ def check_equivalence(
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
             if even:
-                loss.backward()
+                torch.autograd.backward(loss)
             else:
                 opt.backward(loss, weight=float(sizes[i]))
             opt.step()
@@ -354,7 +358,7 @@ def check_equivalence(
 class OptimizerConfig:
     """A torch optimizer class and its keyword arguments; ``build(params)`` makes one."""
 
-    cls: type
+    cls: type[torch.optim.Optimizer]
     kwargs: Mapping[str, Any]
 
     def build(self, params: Any) -> torch.optim.Optimizer:
@@ -366,7 +370,7 @@ class OptimizerConfig:
         return f"{self.cls.__name__}({args})"
 
 
-def _hypothesis():
+def _hypothesis() -> Any:
     try:
         from hypothesis import strategies as st
     except ImportError as e:  # pragma: no cover - depends on the environment
