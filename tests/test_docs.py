@@ -87,6 +87,21 @@ class _Page:
 _pages: dict[str, _Page] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_leftovers() -> Any:
+    """A page that failed half-way must not leave a process group to the rest of the suite."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _exec(block: Block, page: _Page) -> None:
     # Blank lines in front, so that a traceback shows the page and its line numbers.
     code = compile("\n" * block.line + block.source, str(ROOT / block.page), "exec")
