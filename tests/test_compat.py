@@ -300,5 +300,6 @@ def test_check_equivalence_names_batchnorm_in_training_mode():
 @pytest.mark.parametrize("build, k", [(_bn_model(eval_bn=True), 4), (_bn_model("gn"), [5, 4, 3]), (_bn_model(), 1)])
 def test_check_equivalence_passes_the_alternatives(build, k):
     # BatchNorm with running statistics, GroupNorm, and BatchNorm in training mode without accumulation (K=1).
+    # Measured: 4.3e-16, 5.5e-16 and 0.
     report = check_equivalence(build, _mse, _sgd, _bn_batches(), k)
-    assert report.passed and not report.problems and report.max_deviation <= 1e-12
+    assert report.passed and not report.problems and report.max_deviation <= 1e-13
