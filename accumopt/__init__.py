@@ -4,7 +4,12 @@ from .optimizer import AccumulatingOptimizer
 from .precision import NonFiniteGradientError
 
 __all__ = ["AccumulatingOptimizer", "NonFiniteGradientError"]
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml); a plain source tree has none
+    from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
+
+    __version__: str = _version("accumopt")
+except _NotFound:  # pragma: no cover - running from a checkout that was never installed
+    __version__ = "0.0.0+unknown"
 
 # The documented configuration / trainer API (docs/seed_api.md).
 from .config import AccumulationMode, AccumulationStrategy, GradientAccumulationConfig  # noqa: E402

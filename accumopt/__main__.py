@@ -1,8 +1,8 @@
-"""``python -m accumopt demo`` (see :mod:`accumopt.demo`)."""
+"""``python -m accumopt demo``: the same command line as the ``accumopt`` script (see :mod:`accumopt.demo`)."""
 
 import sys
 
 from .demo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m accumopt"))

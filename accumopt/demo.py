@@ -1,4 +1,4 @@
-"""``python -m accumopt demo``: one large batch vs accumopt (K micro-batches) vs plain small batches.
+"""``accumopt demo``: one large batch vs accumopt (K micro-batches) vs plain small batches.
 
 A small MLP on built-in synthetic data (a fixed random teacher network labels
 Gaussian inputs), trained three ways on the same samples in the same order:
@@ -23,7 +23,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from .optimizer import AccumulatingOptimizer
 __all__ = ["build_parser", "main", "run_demo"]
 
 _RUNS = ("large batch", "accumopt", "small batches")
+
+DESCRIPTION = "Train a small MLP three ways on the same samples: one large batch, accumopt (K micro-batches), \
+and plain small batches; print a table and plot the loss curves."
 
 
 def _data(n: int, features: int, classes: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +85,8 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss()
     inner = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     k, mb = cfg["k"], cfg["micro_batch_size"]
-    opt = AccumulatingOptimizer(inner, k) if kind == "accumopt" else inner
+    acc = AccumulatingOptimizer(inner, k) if kind == "accumopt" else None
+    opt: torch.optim.Optimizer = acc if acc is not None else inner
     batch = k * mb if kind == "large batch" else mb
     curve: list[tuple[int, torch.Tensor]] = []  # (samples seen, loss), kept on the device until the end
     window: list[Any] = [0.0, 0]
@@ -105,12 +110,12 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
             loss = loss_fn(model(x[idx]), y[idx])
             n = len(idx)
             seen += n
-            if kind == "accumopt":
-                opt.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
-                opt.step()
-                opt.zero_grad()
+            if acc is not None:
+                acc.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
+                acc.step()
+                acc.zero_grad()
                 window = [window[0] + loss.detach() * n, window[1] + n]
-                if opt.pending == 0:
+                if acc.pending == 0:
                     curve.append((seen, window[0] / window[1]))
                     window = [0.0, 0]
             else:
@@ -118,7 +123,7 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 opt.step()
                 opt.zero_grad()
                 curve.append((seen, loss.detach()))
-        if kind == "accumopt" and opt.flush():  # the epoch's last, partial window
+        if acc is not None and acc.flush():  # the epoch's last, partial window
             curve.append((seen, window[0] / window[1]))
             window = [0.0, 0]
     if device.type == "cuda":
@@ -174,10 +179,11 @@ def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     proc = ctx.Process(target=_child, args=(kind, cfg, child))
     proc.start()
     child.close()
-    result = parent.recv()
+    received = parent.recv()
     proc.join()
-    if isinstance(result, BaseException):
-        raise result
+    if isinstance(received, BaseException):
+        raise received
+    result: dict[str, Any] = received
     result["params"] = torch.load(io.BytesIO(result.pop("params_bytes")), weights_only=True)
     return result
 
@@ -191,6 +197,50 @@ def _deviation(params: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> f
     return worst
 
 
+def _image_formats() -> list[str] | None:
+    """The file extensions matplotlib can write (None without matplotlib)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+
+
+def check_output(path: str) -> None:
+    """Refuse an output path the plot could not be written to, before any training.
+
+    Raises:
+        ValueError: an extension matplotlib cannot write, a folder, or a place
+            where the file cannot be created (one-line message).
+    """
+    formats = _image_formats()
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if formats is not None and ext not in formats:
+        raise ValueError(f"Invalid output: {path!r} (expected a file name ending in one of "
+                         f"{', '.join('.' + f for f in formats)})")
+    if os.path.isdir(path):
+        raise ValueError(f"Invalid output: {path!r} is a folder (expected a file name, e.g. {path}/demo.png)")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):  # the nearest folder that exists: the plot creates the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"Invalid output: {path!r} ({existing!r} is not a folder)")
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"Invalid output: {path!r} (cannot create folders in {existing!r})")
+        return
+    created = not os.path.exists(path)
+    try:  # the only reliable test (procfs, read-only mounts, permissions): open it for writing
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ValueError(f"Invalid output: {path!r} (cannot write there: {e.strerror or e})") from None
+    if created:
+        os.remove(path)
+
+
 def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     try:
         import matplotlib
@@ -200,9 +250,11 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    styles = {"large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
-              "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
-              "small batches": dict(lw=0.8, alpha=0.8, color="tab:green")}
+    styles: dict[str, dict[str, Any]] = {
+        "large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
+        "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
+        "small batches": dict(lw=0.8, alpha=0.8, color="tab:green"),
+    }
     for r in results:
         xs = [s for s, _ in r["curve"]]
         ys = [v for _, v in r["curve"]]
@@ -238,8 +290,19 @@ def _check_device(device: str) -> torch.device:
 def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
              output: str | None = "accumopt_demo.png", samples: int = 4096, epochs: int = 3,
              features: int = 64, hidden: int = 256, classes: int = 10, lr: float = 3e-3,
-             fork: bool = True, threads: int | None = None, stream: Any = None) -> dict[str, Any]:
-    """Run the three trainings, print the table; returns the figures (and the PNG path if written)."""
+             fork: bool = True, threads: int | None = None, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run the three trainings and print the table.
+
+    Every argument, and the output path, is checked before training starts.
+
+    Returns:
+        The figures per run, the deviations from the large batch and the plot's
+        path (None when none was written).
+
+    Raises:
+        ValueError, TypeError: a bad argument or an output path that cannot be
+            written (checked before training).
+    """
     from ._checks import check_choice, check_int
 
     check_int("k", k)
@@ -248,6 +311,13 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     check_int("epochs", epochs)
     check_choice("dtype", dtype, ("float32", "float64"))
     dev = _check_device(device)
+    if output:
+        check_output(output)
+    if samples < k * micro_batch_size:
+        same = ("so the three runs are the same training" if samples <= micro_batch_size else
+                "so each epoch is a single, partial window")
+        warnings.warn(f"--samples {samples} is smaller than one large batch (K {k} x micro-batch {micro_batch_size} "
+                      f"= {k * micro_batch_size} samples), {same}", UserWarning, stacklevel=2)
     out = stream or sys.stdout
     cfg = dict(k=k, micro_batch_size=micro_batch_size, device=str(dev), dtype=dtype, samples=samples,
                epochs=epochs, features=features, hidden=hidden, classes=classes, lr=lr, fork=fork,
@@ -264,7 +334,7 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     for r in results:
         r["deviation"] = _deviation(r["params"], ref)
     mem = "peak GPU memory" if dev.type == "cuda" else "peak RSS (+)"
-    print(f"accumopt demo: {samples} samples, {epochs} epochs, {dtype} on {dev}; AdamW; "
+    print(f"accumopt demo: {samples} samples, {epochs} epoch{'' if epochs == 1 else 's'}, {dtype} on {dev}; AdamW; "
           f"large batch {k * micro_batch_size} = K {k} x micro-batch {micro_batch_size}", file=out)
     header = f"{'run':<15}{'final loss':>12}{'max rel. deviation':>21}{mem:>18}{'time':>9}"
     print(header, file=out)
@@ -299,30 +369,56 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
             "deviation": acc_dev, "small_deviation": results[2]["deviation"], "png": png}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m accumopt`` (every option of ``demo`` has a help text)."""
-    parser = argparse.ArgumentParser(prog="python -m accumopt", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "accumopt") -> argparse.ArgumentParser:
+    """The command line (every option of ``demo`` has a help text).
+
+    Args:
+        prog: the name the program is run by (``accumopt``, or ``python -m accumopt``).
+    """
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description="accumopt: gradient accumulation for any torch optimizer.")
+    parser.add_argument("--version", action="version", version=f"accumopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="large batch vs accumopt vs small batches, with a table and a PNG")
+    d = sub.add_parser("demo", help="large batch vs accumopt vs small batches, with a table and a PNG",
+                       description=DESCRIPTION)
     d.add_argument("--k", type=int, default=8, help="micro-batches per update (default 8)")
     d.add_argument("--micro-batch-size", type=int, default=32, help="samples per micro-batch (default 32)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<index>")
     d.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="parameter and data dtype (default float32; float64 shows the equality to ~1e-13)")
-    d.add_argument("--output", default="accumopt_demo.png", help="PNG path ('' for none)")
+    d.add_argument("--output", default="accumopt_demo.png",
+                   help="path of the plot, checked before training; .png, .pdf, .svg, ... ('' for none)")
     d.add_argument("--samples", type=int, default=4096,
                    help="samples in the synthetic data set, seen once per epoch (default 4096)")
     d.add_argument("--epochs", type=int, default=3, help="passes over the data set (default 3)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m accumopt demo``; bad arguments are usage errors (exit status 2)."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "accumopt") -> int:
+    """Entry point of the ``accumopt`` command (and of ``python -m accumopt``).
+
+    Bad arguments and output paths are refused before training with a one-line
+    message (exit status 2); an I/O error while writing is one line too
+    (exit status 1). Warnings are printed as ``<prog>: warning: ...``.
+    """
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    show_before: Callable[..., None] = warnings.showwarning
+    warnings.showwarning = show
     try:
         run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
                  output=args.output or None, samples=args.samples, epochs=args.epochs)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        parser.exit(2, f"{prog}: error: {e}\n")
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        parser.exit(1, f"{prog}: error: {e.strerror or e}{where}\n")
+    finally:
+        warnings.showwarning = show_before
     return 0

@@ -26,6 +26,13 @@ relative deviation is over the tolerance, and returns the report otherwise::
 reduction): uneven micro-batches are then weighted by their size, so the
 accumulated update is exactly the large batch's.
 
+Some models cannot be equal to the large batch under any accumulation: layers
+that depend on the whole batch (BatchNorm in training mode normalises each
+micro-batch by its own statistics) and losses that are not a mean of
+per-sample terms (contrastive losses with in-batch negatives). The check names
+BatchNorm layers in training mode in its report instead of only failing on
+tolerance (see :func:`batch_dependent_layers`).
+
 Hypothesis strategies (:func:`micro_batch_splits`, :func:`optimizer_configs`)
 need the optional ``hypothesis`` package; the rest of this module does not.
 """
@@ -46,6 +53,7 @@ from .optimizer import AccumulatingOptimizer
 __all__ = [
     "EquivalenceReport",
     "OptimizerConfig",
+    "batch_dependent_layers",
     "check_equivalence",
     "micro_batch_splits",
     "optimizer_configs",
@@ -89,9 +97,13 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
         raise ValueError(f"Invalid micro_batches: {sizes} (expected sizes >= 1 adding up to the batch size {n})")
     out, start = [], 0
     for s in sizes:
-        out.append(_map_tensors(batch, lambda t, a=start, b=start + s: t[a:b]))
+        out.append(_map_tensors(batch, _rows(start, start + s)))
         start += s
     return out
+
+
+def _rows(a: int, b: int) -> Callable[[Tensor], Tensor]:
+    return lambda t: t[a:b]
 
 
 def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
@@ -204,6 +216,34 @@ def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt:
         report._note(report.state, key, value)
 
 
+def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the layers whose output depends on the other samples of the batch, in the mode they are in.
+
+    These are the BatchNorm layers (``BatchNorm1d/2d/3d``, their lazy variants
+    and ``SyncBatchNorm``) in training mode: each normalises its input by the
+    statistics of the batch it sees, so K micro-batches are normalised
+    differently from one large batch. In eval mode with running statistics
+    they are per-sample and accumulation is exact (without running statistics,
+    ``track_running_stats=False``, they use the batch's in eval mode too).
+
+    Args:
+        model: the model, in the mode it trains in.
+
+    Returns:
+        The module names (``"<root>"`` for the model itself), in ``named_modules`` order.
+    """
+    norm = torch.nn.modules.batchnorm._BatchNorm
+    return [name or "<root>" for name, m in model.named_modules()
+            if isinstance(m, norm) and (m.training or m.running_mean is None)]
+
+
+def _batch_problem(layers: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+    return (f"BatchNorm using batch statistics ({shown}): it normalises each micro-batch by its own mean and variance, "
+            "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
+            "with running statistics (e.g. from a pre-trained model)")
+
+
 def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
     return [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
@@ -251,7 +291,9 @@ def check_equivalence(
 
     Raises:
         AssertionError: with the report, when a deviation is over ``rtol`` or an
-            update was applied at the wrong micro-batch.
+            update was applied at the wrong micro-batch. A model with BatchNorm
+            layers in training mode (which no accumulation can make equal to the
+            large batch) is reported as such, naming the layers.
     """
     if not batches:
         raise ValueError("Invalid batches: empty (expected at least one large batch)")
@@ -270,6 +312,9 @@ def check_equivalence(
     cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
 
     report = EquivalenceReport(rtol=rtol)
+    batch_layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
+    if batch_layers:
+        report.problems.append(_batch_problem(batch_layers))
     for update, batch in enumerate(batches):
         batch = _map_tensors(batch, cast)
         n = _batch_size(batch)
@@ -279,7 +324,7 @@ def check_equivalence(
                              f"the first into {len(sizes0)} (expected the same K for every batch)")
         # reference: one step on the whole batch
         ref_opt.zero_grad()
-        loss_fn(ref_model, batch).backward()
+        torch.autograd.backward(loss_fn(ref_model, batch))
         ref_opt.step()
         # accumulated: one step() per micro-batch
         before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
@@ -288,7 +333,7 @@ def check_equivalence(
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
             if even:
-                loss.backward()
+                torch.autograd.backward(loss)
             else:
                 opt.backward(loss, weight=float(sizes[i]))
             opt.step()
@@ -313,7 +358,7 @@ def check_equivalence(
 class OptimizerConfig:
     """A torch optimizer class and its keyword arguments; ``build(params)`` makes one."""
 
-    cls: type
+    cls: type[torch.optim.Optimizer]
     kwargs: Mapping[str, Any]
 
     def build(self, params: Any) -> torch.optim.Optimizer:
@@ -325,7 +370,7 @@ class OptimizerConfig:
         return f"{self.cls.__name__}({args})"
 
 
-def _hypothesis():
+def _hypothesis() -> Any:
     try:
         from hypothesis import strategies as st
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -80,9 +80,9 @@ class GPTConfig:
 
 
 GPT_CONFIGS = {
-    # GPT-2 small shape (weights tied): 124M parameters; the issues' "124M" and "136M" cases.
+    # GPT-2 small shape (weights tied): 124M parameters; the "124M" case.
     "gpt-124m": GPTConfig(),
-    # A small GPT for the launch-bound case of issue 9 (about 20M parameters).
+    # A small GPT for the launch-bound case (about 20M parameters).
     "gpt-20m": GPTConfig(block_size=256, n_layer=8, n_head=8, n_embd=256),
 }
 

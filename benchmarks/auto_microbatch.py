@@ -1,6 +1,6 @@
 """Automatic micro-batching under a memory cap vs a sweep of fixed micro-batch sizes (CUDA).
 
-Issue 6's bar: with a memory cap, ``MicroBatcher``'s automatic split (start from
+The target: with a memory cap, ``MicroBatcher``'s automatic split (start from
 the whole batch, halve on out-of-memory, remember the size that fits) must take
 no more than 10% longer per real update than the best fixed micro-batch size.
 

@@ -6,7 +6,7 @@ fresh subprocess per variant. Both are reported as ratios to the hand-written
 loop (``loss / K``; ``loss.backward()``; ``opt.step(); opt.zero_grad()`` every K).
 
 Variants: ``accumopt`` (default in-place mode), ``accumopt + layer weights``
-(issue 4's bar compares it with ``accumopt``), ``accumopt buffered`` (for
+(compared with ``accumopt``), ``accumopt buffered`` (for
 information: one buffer per parameter by design, so more memory).
 
 CPU (always): an MLP whose micro-step takes tens of milliseconds. Peak memory on

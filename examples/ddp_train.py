@@ -48,11 +48,22 @@ def init_distributed(backend: str) -> str | None:
     return store
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (refused before any process group exists)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (expected an int >= 1)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value} (expected an int >= 1)")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accumulation-steps", type=int, default=4)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accumulation-steps", type=positive_int, default=4, help="K, micro-batches per update")
+    parser.add_argument("--micro-batch", type=positive_int, default=16, help="samples per micro-batch")
+    parser.add_argument("--epochs", type=positive_int, default=2)
     parser.add_argument("--mode", choices=("inplace", "buffered"), default="inplace")
     parser.add_argument("--checkpoint", default="", help="save a checkpoint here at the end (rank 0 writes)")
     args = parser.parse_args()

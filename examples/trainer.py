@@ -23,7 +23,8 @@ from accumopt import AccumulationMode, AccumulationStrategy, GradientAccumulatio
 torch.manual_seed(0)
 x = torch.randn(1000, 784)
 dataset = data.TensorDataset(x, (x @ torch.randn(784, 10)).argmax(1))
-checkpoint = os.path.join(tempfile.mkdtemp(), "trainer.pt")
+folder = tempfile.TemporaryDirectory(prefix="accumopt_trainer_")  # removed at the end (or at exit)
+checkpoint = os.path.join(folder.name, "trainer.pt")
 
 config = GradientAccumulationConfig(
     accumulation_steps=4,
@@ -60,3 +61,4 @@ resumed.setup_training(model2, optimizer2, nn.CrossEntropyLoss(),
                        torch.optim.lr_scheduler.StepLR(optimizer2, step_size=20, gamma=0.5))
 resumed.train(train_loader, num_epochs=4, resume_from=checkpoint)
 print(f"resumed from {checkpoint}: {len(resumed.training_history)} epochs in its history")
+folder.cleanup()

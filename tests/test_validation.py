@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import accumopt
 from accumopt import AccumulatingOptimizer
 
 
@@ -112,9 +115,56 @@ def test_rejected_with_exact_message(make, k, kwargs, exc, message):
         assert "step" not in vars(inner) and not inner.state
 
 
-def test_messages_are_distinct_and_never_assertions():
+def test_table_messages_are_distinct():
     assert len({c[-1] for c in CASES}) == len(CASES)
     assert all(c[-2] in (TypeError, ValueError) for c in CASES)
+
+
+_PACKAGE = Path(accumopt.__file__).resolve().parent
+
+
+def _modules() -> list[tuple[Path, ast.Module]]:
+    return [(f, ast.parse(f.read_text(encoding="utf-8"), str(f))) for f in sorted(_PACKAGE.glob("*.py"))]
+
+
+def test_the_library_never_asserts():
+    """`assert` vanishes under python -O, so no check of user input (or anything else) may rely on it."""
+    found = [f"{f.name}:{node.lineno}" for f, tree in _modules() for node in ast.walk(tree)
+             if isinstance(node, ast.Assert)]
+    assert found == []
+
+
+def _constructor_raises() -> list[tuple[str, ast.Raise]]:
+    """raise ValueError/TypeError(...) in the __init__ of every public class, and in the argument checkers."""
+    public = set(accumopt.__all__)
+    sites = []
+    for f, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name in public:
+                functions = [m for m in node.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"]
+            elif f.name == "_checks.py" and isinstance(node, ast.FunctionDef) and node.name.startswith("check_"):
+                functions = [node]
+            else:
+                continue
+            for fn in functions:
+                for r in ast.walk(fn):
+                    if (isinstance(r, ast.Raise) and isinstance(r.exc, ast.Call) and isinstance(r.exc.func, ast.Name)
+                            and r.exc.func.id in ("ValueError", "TypeError")):
+                        sites.append((f"{f.name}:{r.lineno}", r))
+    return sites
+
+
+def test_constructor_errors_name_the_value_and_the_expectation():
+    """Every ValueError/TypeError a public constructor (or an argument checker) raises is built from a message
+    that says what is invalid or what was expected; never a bare exception."""
+    sites = _constructor_raises()
+    assert len(sites) >= 20  # the scan sees the constructors (AccumulatingOptimizer alone has more)
+    bad = []
+    for where, r in sites:
+        text = " ".join(n.value for n in ast.walk(r.exc) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+        if not r.exc.args or not ("Invalid" in text or "expected" in text):
+            bad.append(where)
+    assert bad == []
 
 
 # ------------------------------------------------------------ runtime misuse
