@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback  # type: ignore[import-untyped]
+from lightning.pytorch import Callback
 
 from ..optimizer import AccumulatingOptimizer
 
@@ -62,7 +62,7 @@ def accumulating_optimizers(trainer: Any) -> list[AccumulatingOptimizer]:
     return [o for o in found if isinstance(o, AccumulatingOptimizer)]
 
 
-class AccumulationCallback(Callback):  # type: ignore[misc]
+class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
     It also restores a mid-window checkpoint's pending sums after Lightning's

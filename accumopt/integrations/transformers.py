@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import Trainer, TrainingArguments  # type: ignore[import-untyped]
-from transformers.trainer_callback import CallbackHandler  # type: ignore[import-untyped]
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
 from ..optimizer import AccumulatingOptimizer
 
@@ -86,7 +86,7 @@ class _PerUpdateScheduler:
         return getattr(self.scheduler, name)
 
 
-class _WindowCallbackHandler(CallbackHandler):  # type: ignore[misc]
+class _WindowCallbackHandler(CallbackHandler):
     """Dispatches the per-step callback events once per window, not once per micro-batch.
 
     ``on_step_begin`` runs at the first micro-batch of a window, ``on_pre_optimizer_step``,
@@ -97,33 +97,38 @@ class _WindowCallbackHandler(CallbackHandler):  # type: ignore[misc]
 
     trainer: "AccumulatingTrainer"
 
-    def on_step_begin(self, args: Any, state: Any, control: Any) -> Any:
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> Any:
         opt = self.trainer.accumulating_optimizer
         if opt is None or opt.pending == 0:  # the first micro-batch of a window
             return super().on_step_begin(args, state, control)
         return control
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any) -> Any:
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> Any:
         if self.trainer._closing:
             return super().on_pre_optimizer_step(args, state, control)
         return control
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any) -> Any:
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> Any:
         trainer = self.trainer
-        if trainer._closing and trainer.accumulating_optimizer.pending:
-            trainer.accumulating_optimizer.flush()  # the last, partial window of the epoch
+        opt = trainer.accumulating_optimizer
+        if trainer._closing and opt is not None and opt.pending:
+            opt.flush()  # the last, partial window of the epoch
         if trainer._closing:
             return super().on_optimizer_step(args, state, control)
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any) -> Any:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> Any:
         if self.trainer._closing:
             return super().on_step_end(args, state, control)
         state.global_step -= 1  # the Trainer counted a micro-batch; global_step counts updates
         return super().on_substep_end(args, state, control)
 
 
-class AccumulatingTrainer(Trainer):  # type: ignore[misc]
+class AccumulatingTrainer(Trainer):
     """A ``transformers.Trainer`` whose gradient accumulation is done by accumopt.
 
     Args:
@@ -180,9 +185,9 @@ class AccumulatingTrainer(Trainer):  # type: ignore[misc]
         if self.is_deepspeed_enabled:
             raise ValueError("AccumulatingTrainer does not support DeepSpeed (it accumulates itself): "
                              "use the Trainer's own gradient_accumulation_steps there")
-        handler = _WindowCallbackHandler(self.callback_handler.callbacks, self.callback_handler.model,
-                                         self.callback_handler.processing_class,
-                                         self.callback_handler.optimizer, self.callback_handler.lr_scheduler)
+        handler = _WindowCallbackHandler(  # type: ignore[no-untyped-call]
+            self.callback_handler.callbacks, self.callback_handler.model, self.callback_handler.processing_class,
+            self.callback_handler.optimizer, self.callback_handler.lr_scheduler)
         handler.trainer = self
         self.callback_handler = handler
         self.accumulating_optimizer: AccumulatingOptimizer | None = None
@@ -215,7 +220,7 @@ class AccumulatingTrainer(Trainer):  # type: ignore[misc]
         scheduler = super().create_scheduler(num_training_steps, optimizer=opt.optimizer)
         if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return scheduler  # the Trainer steps ReduceLROnPlateau after evaluation, i.e. after updates
-        self.lr_scheduler = _PerUpdateScheduler(scheduler, opt)
+        self.lr_scheduler = _PerUpdateScheduler(scheduler, opt)  # type: ignore[assignment]
         return self.lr_scheduler
 
     # ------------------------------------------------------------- counting in updates
@@ -264,7 +269,7 @@ class AccumulatingTrainer(Trainer):  # type: ignore[misc]
             raise ValueError(f"Cannot resume: the optimizer holds {opt.pending} pending micro-batches but the "
                              f"checkpoint is {self._micro_in_epoch} micro-batches into the epoch "
                              f"(K={self._k}); resume with the same accumulation steps and data")
-        return super()._run_epoch(*args, **kwargs)
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------- one micro-batch
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -279,11 +284,12 @@ class AccumulatingTrainer(Trainer):  # type: ignore[misc]
         self._micro_in_epoch += 1
         self._closing = opt.sync_gradients or self._micro_in_epoch >= self._steps_in_epoch
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        train_mode = getattr(self.optimizer, "train", None)  # schedule-free optimizers
+        if callable(train_mode):
+            train_mode()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = cast(torch.Tensor, self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch))
         del inputs
         if self.args.n_gpu > 1:
             loss = loss.mean()
