@@ -107,11 +107,20 @@ def test_fixed_length_equals_trainer_accumulation(tmp_path):
     assert trainer.lr_scheduler.scheduler.last_epoch == 8
 
 
+class FetchSpy(AccumulatingTrainer):
+    """Records how many batches the Trainer fetches at once (its own accumulation fetches a whole window)."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        self.fetched = getattr(self, "fetched", []) + [num_batches]
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
 def test_variable_length_equals_one_large_batch(tmp_path):
     data = make_data(28, variable=True)
     big, _ = train(Trainer, data, tmp_path / "big", per_device_train_batch_size=2 * K)
-    acc, trainer = train(AccumulatingTrainer, data, tmp_path / "acc", gradient_accumulation_steps=K)
+    acc, trainer = train(FetchSpy, data, tmp_path / "acc", gradient_accumulation_steps=K)
     assert rel(acc, big) <= 1e-12
+    assert set(trainer.fetched) == {1} and len(trainer.fetched) == 28  # one micro-batch at a time, no prefetch
     assert trainer.state.global_step == trainer.accumulating_optimizer.num_updates == 8
 
     # Control: each micro-batch's own token mean, averaged over the window (no token counts).

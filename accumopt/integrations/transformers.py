@@ -51,13 +51,6 @@ _REQUIRED = ("_init_training_state", "_run_epoch", "set_initial_training_values"
              "create_scheduler", "training_step", "compute_loss", "_prepare_inputs")
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The optimizer under Accelerate's ``AcceleratedOptimizer`` (and similar single wrappers)."""
-    while not isinstance(optimizer, AccumulatingOptimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 class _PerUpdateScheduler:
     """The Trainer's ``lr_scheduler``: steps the real scheduler only after a real update.
 
