@@ -195,7 +195,11 @@ class AccumulatingTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the Trainer's optimizer (or take ``optimizers[0]``) and wrap it in accumopt."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if isinstance(optimizer, AccumulatingOptimizer):
+        inner = optimizer
+        while not isinstance(inner, AccumulatingOptimizer) and isinstance(getattr(inner, "optimizer", None),
+                                                                           torch.optim.Optimizer):
+            inner = inner.optimizer  # Accelerate's AcceleratedOptimizer from an earlier train() call
+        if isinstance(inner, AccumulatingOptimizer):
             return optimizer
         self.accumulating_optimizer = AccumulatingOptimizer(
             optimizer, self._k, mode="buffered", max_grad_norm=self._max_grad_norm, model=self.model,
