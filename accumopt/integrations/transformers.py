@@ -195,7 +195,7 @@ class AccumulatingTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the Trainer's optimizer (or take ``optimizers[0]``) and wrap it in accumopt."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        inner = optimizer
+        inner: Any = optimizer
         while not isinstance(inner, AccumulatingOptimizer) and isinstance(getattr(inner, "optimizer", None),
                                                                            torch.optim.Optimizer):
             inner = inner.optimizer  # Accelerate's AcceleratedOptimizer from an earlier train() call
