@@ -19,7 +19,8 @@ one you give in ``optimizers=``). Compared with the Trainer's own accumulation:
   token-weighted mean loss;
 * a checkpoint saved mid-window (for example by a callback setting
   ``control.should_save`` in ``on_substep_end``) holds the pending sums, and
-  ``trainer.train(resume_from_checkpoint=...)`` continues bit-identically.
+  ``trainer.train(resume_from_checkpoint=...)`` continues bit-identically (the loss
+  logged for the interrupted window covers its micro-batches after the resume only).
 
 Internally the Trainer runs with ``gradient_accumulation_steps=1`` and
 ``max_grad_norm=0`` (a copy of your arguments). Windows never span epochs: the
