@@ -386,6 +386,29 @@ class GradientStore:
                         out.append(b.detach().clone() if i in seen else None)
         return out
 
+    def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
+        """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
+
+        Dense sums are detached views of the live buffers (or ``.grad`` in-place):
+        read-only. A parameter with both sparse and dense gradients gets a new tensor.
+        Sums of micro-batches that may have been dropped are included (a dropped one
+        added zeros).
+        """
+        out: list[tuple[Tensor, Tensor]] = []
+        for g in self.groups:
+            if g.buffers is None:
+                out.extend((p, p.grad.detach()) for p in g.params if p.grad is not None)
+                continue
+            idx = g.seen_indices()
+            seen = set(range(len(g.params))) if idx is None else set(idx)
+            for i, (p, b) in enumerate(zip(g.params, g.buffers)):
+                sparse = g.sparse.get(i)
+                if sparse is not None:
+                    out.append((p, b.detach() + sparse if i in seen else sparse.detach()))
+                elif i in seen:
+                    out.append((p, b.detach()))
+        return out
+
     def expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of each entry of :meth:`state` (buffers or grads)."""
         out = []

@@ -169,8 +169,13 @@ class NoiseScaleEstimator:
         self.small_inv_w = self.small_inv_w + inv_w
 
     # -------------------------------------------------------------- boundary
-    def on_update(self, opt: Any, total: "float | Tensor", found: Tensor | None) -> None:
-        """Fold this window into the averages (after unscaling, before clipping). No sync."""
+    def on_update(self, opt: Any, total: "float | Tensor", found: Tensor | None,
+                  mean_factor: "float | Tensor" = 1.0) -> None:
+        """Fold this window into the averages (after unscaling, before clipping). No sync.
+
+        ``mean_factor`` turns the applied gradient into the window's mean (``1 / total``
+        with ``reduction="sum"``).
+        """
         try:
             store = opt._store
             device, dtype = self._device_dtype(store)
@@ -179,6 +184,8 @@ class NoiseScaleEstimator:
             if isinstance(self.small_n, float):
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
+            if isinstance(mean_factor, Tensor) or mean_factor != 1.0:
+                big_sq = big_sq * _scalar(mean_factor, device, dtype).square()
             world = opt._sync.world_size if opt._sync.distributed else 1
             b_big = _scalar(total, device, dtype) * world
             n = self.small_n

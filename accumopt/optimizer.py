@@ -32,7 +32,7 @@ from ._checks import check_choice, check_int, check_real, weight_dtype
 from .buffers import MODES, GradientStore
 from .clipping import Clipper
 from .precision import NONFINITE_POLICIES, Precision
-from .schedule import LR_SCALING_RULES, KSchedule, Window
+from .schedule import LR_SCALING_RULES, REDUCTIONS, KSchedule, Window
 from .noise import NoiseScaleEstimator, as_estimator
 from .stats import Statistics
 from .sync import GradSync
@@ -162,6 +162,14 @@ class AccumulatingOptimizer(Optimizer):
             :class:`~accumopt.noise.NoiseScaleEstimator`); see :meth:`noise_scale`.
         log_every: log :meth:`stats` through the ``accumopt`` logger every this many
             real updates (one sync at that update, only while INFO is enabled).
+        reduction: ``"mean"`` (default): apply the window's weighted mean,
+            ``sum(w_i g_i) / sum(w_i)``; ``"sum"``: apply ``sum(w_i g_i)`` undivided
+            (optax ``MultiSteps(use_grad_mean=False)``).
+
+    A disabled ``GradScaler`` (``GradScaler(enabled=False)``) means no loss scaling,
+    exactly as ``scaler=None``; torch warns when it disables one itself (device
+    ``"cuda"`` without CUDA). ``max_grad_norm``, ``clip_value`` or ``agc_clip_factor``
+    of 0 (or None) means no clipping, as in the Hugging Face Trainer.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf: no sync per micro-step
@@ -189,6 +197,7 @@ class AccumulatingOptimizer(Optimizer):
         track_grad_norm: bool = False,
         noise_scale: "bool | float | NoiseScaleEstimator" = False,
         log_every: int | None = None,
+        reduction: str = "mean",
     ) -> None:
         # Validate everything before touching any state: nothing is half-applied.
         _validate_optimizer(optimizer)
@@ -197,6 +206,7 @@ class AccumulatingOptimizer(Optimizer):
             check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
         check_choice("mode", mode, MODES)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        check_choice("reduction", reduction, REDUCTIONS)
         if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
             raise TypeError(f"Invalid accumulate_dtype: {accumulate_dtype!r} (expected one of {_FLOAT_DTYPES})")
         if nonfinite == "drop" and mode != "buffered":
@@ -204,18 +214,20 @@ class AccumulatingOptimizer(Optimizer):
                 "Invalid nonfinite: 'drop' with mode='inplace' (dropping one micro-batch needs its gradient "
                 "apart from the window's: use mode='buffered')"
             )
-        for name, value in (("max_grad_norm", max_grad_norm), ("clip_value", clip_value), ("agc_clip_factor", agc_clip_factor)):
-            check_real(name, value, positive=True, allow_none=True)
+        # 0 means "no clipping", as in the Hugging Face Trainer and nanoGPT
+        max_grad_norm, clip_value, agc_clip_factor = (
+            check_real(name, value, nonnegative=True, allow_none=True) or None
+            for name, value in (("max_grad_norm", max_grad_norm), ("clip_value", clip_value),
+                                ("agc_clip_factor", agc_clip_factor)))
         if norm_type != float("inf"):  # inf: the max-norm, as in clip_grad_norm_
             check_real("norm_type", norm_type, positive=True)
         if scaler is not None:
             if not isinstance(scaler, torch.amp.GradScaler):
                 raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected a torch.amp.GradScaler)")
+            # A disabled scaler means no loss scaling (``GradScaler(enabled=use_amp)``). torch has already
+            # warned if it disabled one itself (device "cuda" without CUDA): the two cannot be told apart.
             if not scaler.is_enabled():
-                raise ValueError(
-                    "Invalid scaler: the GradScaler is disabled (for example device 'cuda' without CUDA); "
-                    "pass scaler=None to train without loss scaling"
-                )
+                scaler = None
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
         noise = as_estimator(noise_scale)
@@ -247,7 +259,7 @@ class AccumulatingOptimizer(Optimizer):
         self._precision = Precision(scaler=scaler, policy=nonfinite)
         self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
                                 agc_factor=agc_clip_factor, track_norm=track_grad_norm)
-        self._window = Window(schedule, lr_scaling, optimizer.param_groups)
+        self._window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
         schedule.bind(self)
         self._sync = GradSync(model, self._store)
         if noise is not None and self._sync.kind == "fsdp":
@@ -312,10 +324,11 @@ class AccumulatingOptimizer(Optimizer):
         self._check_total()
         norm = found = None
         try:
-            self._store.finalize(self._window.inv_total())
+            self._store.finalize(self._window.grad_factor())
             found = self._precision.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
             if self._noise is not None:
-                self._noise.on_update(self, self._window.total, found)
+                mean_factor = self._window.inv_total() if self._window.reduction == "sum" else 1.0
+                self._noise.on_update(self, self._window.total, found, mean_factor)
             norm = self._clipper(list(self._store.params))
             applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite, self._store.drop_resolver())
         except BaseException as error:  # "raise" policy, or any failure before the step: discard the window
@@ -494,6 +507,28 @@ class AccumulatingOptimizer(Optimizer):
         (``noise_scale=False``) or before the first window; NaN until a usable window.
         """
         return None if self._noise is None else self._noise.value()
+
+    def accumulated_gradients(self) -> dict[str, Tensor]:
+        """The pending window's gradient sums by parameter name (empty when no window is pending).
+
+        Each is the undivided, weighted sum ``sum(w_i g_i)`` so far, in its accumulation
+        dtype (fp32 for bf16/fp16 parameters), times the owned ``GradScaler``'s scale if
+        there is one. Names are the model's (``model=``), else
+        ``"param_groups[i]['params'][j]"``. The tensors are detached views of the live
+        sums: read-only, valid until the window changes. No host synchronisation.
+        """
+        if self._window.count == 0:
+            return {}
+        names = self._names or {}
+        where = {id(p): (i, j) for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
+        out: dict[str, Tensor] = {}
+        for p, t in self._store.pending_sums():
+            name = names.get(id(p))
+            if name is None:
+                i, j = where[id(p)]
+                name = f"param_groups[{i}]['params'][{j}]"
+            out[name] = t
+        return out
 
     def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
         """Write :meth:`state_dict` (and optional ``extra`` plain data) to ``path`` atomically.

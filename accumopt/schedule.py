@@ -40,9 +40,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_int
 
-__all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "Schedule", "Window"]
+__all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "REDUCTIONS", "Schedule", "Window"]
 
 LR_SCALING_RULES = ("linear", "sqrt")
+REDUCTIONS = ("mean", "sum")
 
 
 def _as_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -269,10 +270,12 @@ class Window:
         schedule: the K schedule.
         lr_scaling: optional LR rule (``"linear"``, ``"sqrt"``) applied when K changes.
         param_groups: the groups whose LR ``lr_scaling`` scales.
+        reduction: ``"mean"`` (the update is the sum over the weight total) or ``"sum"``.
     """
 
     def __init__(self, schedule: KSchedule, lr_scaling: str | None = None,
-                 param_groups: list[dict] | None = None) -> None:
+                 param_groups: list[dict] | None = None, reduction: str = "mean") -> None:
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         if lr_scaling is not None:
             check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
             if param_groups is None:
@@ -299,6 +302,10 @@ class Window:
     def next_is_last(self) -> bool:
         """Whether the next micro-batch closes the window."""
         return not self.held and self.count + 1 >= self.k
+
+    def grad_factor(self) -> "float | Tensor":
+        """What the window's sum is multiplied by to give the applied gradient."""
+        return self.inv_total() if self.reduction == "mean" else 1.0
 
     def inv_total(self) -> "float | Tensor":
         if isinstance(self.total, Tensor):
