@@ -174,7 +174,7 @@ def test_track_grad_norm_without_clipping() -> None:
 
 
 @pytest.mark.parametrize("name", ["max_grad_norm", "clip_value", "agc_clip_factor"])
-@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
 def test_bad_thresholds_rejected(name: str, bad: float) -> None:
     model = make_model()
     with pytest.raises(ValueError, match=f"Invalid {name}"):
