@@ -1,18 +1,11 @@
-"""``GradientAccumulator`` and ``AccumulationState``: the configuration API's accumulation loop.
+"""``GradientAccumulator`` and ``AccumulationState``: the configuration API over one AccumulatingOptimizer.
 
-A thin layer over one :class:`~accumopt.AccumulatingOptimizer`, built from
-:meth:`GradientAccumulationConfig.optimizer_kwargs`. Averaging, weights, clipping,
-the non-finite policy, the loss scale, LR scaling, statistics, logging and files
-all live in the wrapper; what this class adds is the documented call
-(:meth:`GradientAccumulator.accumulate_gradients`) and its result, host counts of
-samples per update, memory readings, and the memory-aware path (whole loader
-batches run through :class:`~accumopt.MicroBatcher`).
-
-Host synchronisation: :meth:`~GradientAccumulator.accumulate_gradients` never
-reads a device value; its ``loss`` is a detached 0-dim tensor on the loss's
-device. :attr:`~GradientAccumulator.state` and
-:meth:`~GradientAccumulator.get_accumulation_stats` read the wrapper's
-statistics (``opt.stats()``): one host read each.
+The wrapper is built from :meth:`GradientAccumulationConfig.optimizer_kwargs` and does the work
+(averaging, weights, clipping, non-finite policy, loss scale, LR scaling, statistics, logging,
+files). This layer adds the documented calls and results, host sample counts per update, memory
+readings, and the memory-aware path (loader batches run through :class:`~accumopt.MicroBatcher`).
+:meth:`~GradientAccumulator.accumulate_gradients` never reads a device value; ``state`` and
+``get_accumulation_stats()`` read ``opt.stats()`` (one host read).
 """
 
 from __future__ import annotations
@@ -35,22 +28,12 @@ from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
 from .splitting import MemoryMonitor, MicroBatcher, batch_size_of
 
-__all__ = ["AccumulationState", "GradientAccumulator", "memory_fraction"]
+__all__ = ["AccumulationState", "GradientAccumulator"]
 
 # Config keys that do not change what a saved state means (they may differ on load).
 _COSMETIC = {"logging_frequency", "device", "progress_bar", "checkpoint_every", "checkpoint_path",
              "memory_monitoring", "memory_threshold"}
 Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing the leading dimension
-
-
-def memory_fraction(device: torch.device | str) -> float:
-    """Used fraction of ``device``'s memory: CUDA allocated / total, or process RSS / RAM on CPU (no sync)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        device = torch.device("cpu")
-    monitor = MemoryMonitor(device)
-    total = monitor.total()
-    return monitor.used() / total if total else 0.0
 
 
 def _cat(batches: list[Batch]) -> Batch:
@@ -75,24 +58,9 @@ def _cat(batches: list[Batch]) -> Batch:
 class AccumulationState:
     """A read-only snapshot of the accumulation, built from the wrapper's ``stats()``.
 
-    Attributes:
-        total_steps: micro-batches accumulated so far (under ``MEMORY_AWARE``: the
-            micro-batches the MicroBatcher ran).
-        accumulation_step: micro-batches (``MEMORY_AWARE``: loader batches) in the open window.
-        accumulation_steps: K of the open window.
-        total_optimizer_steps: real updates applied.
-        skipped_optimizer_steps: windows closed without an update (non-finite or overflow).
-        last_optimizer_step: ``total_steps`` when the last window closed.
-        effective_batch_size: samples of the last update (None if unknown; before the
-            first update, K x the configured ``effective_batch_size``).
-        accumulated_loss: the open window's (weighted) mean loss, None without one.
-        average_gradient_norm: mean global L2 norm (before clipping) over the applied updates.
-        last_gradient_norm: that norm at the last closed window.
-        nan_detected: a NaN/inf gradient was found (a micro-batch dropped or a window skipped).
-        overflow_detected: a window was skipped by a float16 loss-scale overflow (GradScaler).
-        memory_usage: memory fractions recorded at each closed window (``memory_monitoring``).
-        accumulated_gradients: the open window's undivided gradient sums by parameter name
-            (before layer/group weights; empty between windows).
+    ``docs/configuration.md`` describes each field. ``total_steps`` counts micro-batches (under
+    ``MEMORY_AWARE``, those the MicroBatcher ran; ``accumulation_step`` counts loader batches there);
+    ``accumulated_gradients`` holds the open window's undivided sums by parameter name.
     """
 
     total_steps: int
@@ -114,10 +82,8 @@ class AccumulationState:
 class GradientAccumulator:
     """Gradient accumulation driven by a :class:`GradientAccumulationConfig`.
 
-    ``GradientAccumulator(config)`` then :meth:`setup` (or pass ``model`` and ``optimizer``
-    here). Per micro-batch, :meth:`accumulate_gradients` runs the backward pass and the
-    wrapper's micro-step, which applies the real update at the end of each window. Call
-    :meth:`flush` at the end of the data to apply the last, partial window.
+    ``GradientAccumulator(config)`` then :meth:`setup` (or pass ``model`` and ``optimizer`` here);
+    :meth:`accumulate_gradients` per micro-batch; :meth:`flush` for the last, partial window.
 
     Args:
         config: the configuration.
@@ -156,14 +122,10 @@ class GradientAccumulator:
 
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
               scaler: torch.amp.GradScaler | None = None) -> GradientAccumulator:
-        """Wrap ``optimizer`` (the plain torch one) as configured; clear its gradients (``set_to_none``).
+        """Wrap ``optimizer`` (the plain torch one) as configured and clear its gradients (``set_to_none``).
 
         A GradScaler is created for ``mixed_precision="float16"`` with ``gradient_scaling=True``
-        (unless ``scaler`` is given).
-
-        Raises:
-            TypeError, ValueError: a bad model/optimizer/scheduler, or an option naming parameters
-                or param groups the model and optimizer do not have.
+        unless ``scaler`` is given. Raises ``TypeError``/``ValueError`` for bad arguments.
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
@@ -220,11 +182,9 @@ class GradientAccumulator:
                 (default: ``weight`` when it is a number, else the configured ``effective_batch_size``).
 
         Returns:
-            ``loss`` (0-dim device tensor, not synced), ``accumulation_step`` (micro-batches in
-            the window after this call, K when it closed), ``should_optimize`` (this call closed
-            the window), ``applied`` (an update was applied: False when it was skipped),
-            ``accumulation_steps`` (K of that window) and ``effective_batch_size`` (samples of the
-            window this call closed; else K x this micro-batch's size).
+            ``loss`` (detached device tensor), ``accumulation_step``, ``should_optimize`` (this call
+            closed the window), ``applied`` (False: skipped), ``accumulation_steps`` (K of the window)
+            and ``effective_batch_size`` (see ``docs/configuration.md``).
         """
         opt = self._require()
         if not isinstance(loss, Tensor):
@@ -268,10 +228,9 @@ class GradientAccumulator:
     def _check_size(self, n: float) -> None:
         """Warn once when the first micro-batch's size differs from the configured ``effective_batch_size``."""
         e, target = self.config.effective_batch_size, self.config.target_batch_size
-        if self._size_checked or e is None or n == e:
-            self._size_checked = True
+        checked, self._size_checked = self._size_checked, True
+        if checked or e is None or n == e:
             return
-        self._size_checked = True
         k = self._require().accumulation_steps
         size = int(n) if n.is_integer() else n
         warnings.warn(
@@ -300,7 +259,8 @@ class GradientAccumulator:
         self._window_samples = 0.0
         threshold = self.config.memory_threshold
         if self.config.memory_monitoring and threshold is not None:
-            frac = memory_fraction(self.device)
+            monitor = MemoryMonitor(self.device)  # host queries only: CUDA allocated, or process RSS
+            frac = monitor.used() / max(monitor.total(), 1)
             self._memory.append(frac)
             if frac > threshold and not self._over:  # warn when crossing the threshold, not at every update
                 self.logger.warning("accumopt: memory use %.1f%% of %s is above memory_threshold=%.0f%%",
@@ -316,21 +276,10 @@ class GradientAccumulator:
     def accumulate_batch(self, batch: Batch, loss_fn: Callable[[Batch], Tensor]) -> dict[str, Any]:
         """``strategy=MEMORY_AWARE``: add one loader batch to the window; run the window at its K-th batch.
 
-        The window's K batches are concatenated and run by :class:`~accumopt.MicroBatcher` as one
-        real update: micro-batches of the loader's batch size at first, halved on
-        ``torch.OutOfMemoryError`` (only the failed micro-batch is redone), each weighted by its
-        sample count, so the update is the large-batch update of the window's samples.
-        ``memory_threshold`` is the MicroBatcher's ``memory_fraction``; ``adaptive_scaling`` lets
-        the size grow back (``grow_after=50``).
-
-        Args:
-            batch: one loader batch, kept until the window runs.
-            loss_fn: ``loss_fn(micro_batch) -> mean loss`` (runs the forward pass; move the
-                micro-batch to the device there).
-
-        Returns:
-            The keys of :meth:`accumulate_gradients` plus ``window_samples``; ``loss`` is None until
-            the window runs, then the window's sample-mean loss (a device tensor, not synced).
+        The K batches are concatenated and run by :class:`~accumopt.MicroBatcher` as one real update
+        (micro-batches weighted by sample count, halved on out-of-memory errors). ``loss_fn(micro_batch)``
+        returns a micro-batch's mean loss (and moves it to the device). Returns the keys of
+        :meth:`accumulate_gradients` plus ``window_samples``; ``loss`` is None until the window runs.
         """
         opt = self._require()
         if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
@@ -377,11 +326,9 @@ class GradientAccumulator:
         return loss, opt.stepped, samples
 
     def flush(self, *, loss_fn: Callable[[Batch], Tensor] | None = None) -> bool:
-        """Apply the open, partial window now (end of epoch or data); returns whether an update was applied.
+        """Apply the open, partial window now; returns whether an update was applied.
 
-        The update is the weighted mean over the micro-batches actually seen (with
-        ``loss_scaling=False``: their sum). ``loss_fn``: for batches held by
-        :meth:`accumulate_batch` (default: the last one given).
+        ``loss_fn``: for batches held by :meth:`accumulate_batch` (default: the last one given).
         """
         opt = self._require()
         if self._pending:
@@ -427,13 +374,7 @@ class GradientAccumulator:
         return self._state(self._require().stats())
 
     def get_accumulation_stats(self) -> dict[str, Any]:
-        """The wrapper's :meth:`~AccumulatingOptimizer.stats` plus the documented keys (one host read).
-
-        ``current_step``, ``accumulation_step``, ``accumulation_steps``, ``effective_batch_size``
-        (the last update's sample count), ``accumulated_loss``, ``average_gradient_norm``,
-        ``total_optimizer_steps``, ``nan_detected``, ``overflow_detected``, ``memory_usage`` (the last
-        reading), ``mode`` and ``strategy``. Norms, losses and memory are numbers, 0.0 before any reading.
-        """
+        """The wrapper's ``stats()`` plus the documented keys (one host read; numbers, 0.0 before any reading)."""
         s = self._require().stats()
         st = self._state(s)
         return {**s, "current_step": st.total_steps, "accumulation_step": st.accumulation_step,
@@ -479,11 +420,10 @@ class GradientAccumulator:
         self.logger.info("Accumulation state saved to %s", os.fspath(filepath))
 
     def load_accumulation_state(self, filepath: str | os.PathLike[str]) -> Any:
-        """Load a file of :meth:`save_accumulation_state` (``weights_only=True``); returns its ``extra``.
+        """Load a file of :meth:`save_accumulation_state`; returns its ``extra``.
 
-        Raises:
-            ValueError: a corrupted or foreign file, or one saved with another configuration
-                (then nothing changes).
+        A corrupted or foreign file, or one saved with another configuration, raises ``ValueError``
+        and changes nothing.
         """
         optimizer_state, saved = load_checkpoint(filepath, map_location=self.device)
         if not isinstance(saved, Mapping) or "accumulator" not in saved:

@@ -1,11 +1,8 @@
-"""``GradientAccumulationConfig`` and its two enums: the configuration API's options.
+"""``GradientAccumulationConfig`` and its two enums: the options of the configuration API.
 
-The configuration is data only. It is validated once, in ``__post_init__`` (errors
-name the option, the value and what was expected), and translated into
+Data only: validated once in ``__post_init__`` (errors name the option), translated into
 :class:`~accumopt.AccumulatingOptimizer` keyword arguments by one function,
-:meth:`GradientAccumulationConfig.optimizer_kwargs`. Every field is described in
-``docs/configuration.md``; settings that have no effect in the chosen mode or
-strategy warn.
+:meth:`GradientAccumulationConfig.optimizer_kwargs`. Fields: ``docs/configuration.md``.
 """
 
 from __future__ import annotations
@@ -31,14 +28,9 @@ __all__ = ["AccumulationMode", "AccumulationStrategy", "GradientAccumulationConf
 class AccumulationMode(enum.Enum):
     """How K (micro-batches per real update) is chosen, and where the window's sum lives.
 
-    * ``STANDARD``: fixed K; a buffer per parameter (a failed micro-batch never
-      touches the window; ``nan_policy="drop"`` possible).
-    * ``EFFICIENT``: fixed K; in-place accumulation in ``.grad``, no extra memory.
-    * ``ADAPTIVE``: K adapts to the measured gradient noise scale, between
-      ``min_accumulation_steps`` and ``max_accumulation_steps``.
-    * ``PROGRESSIVE``: K follows ``accumulation_schedule`` (one K per epoch).
-    * ``SELECTIVE``: fixed K; ``layer_accumulation_weights`` and
-      ``exclude_parameters`` weight or freeze parameters.
+    ``STANDARD``: fixed K, a buffer per parameter. ``EFFICIENT``: fixed K, the sum in ``.grad``.
+    ``ADAPTIVE``: K follows the gradient noise scale. ``PROGRESSIVE``: K by epoch
+    (``accumulation_schedule``). ``SELECTIVE``: fixed K; layer weights and ``exclude_parameters``.
     """
 
     STANDARD = "standard"
@@ -51,15 +43,9 @@ class AccumulationMode(enum.Enum):
 class AccumulationStrategy(enum.Enum):
     """What happens per parameter (or per batch) inside a window.
 
-    * ``UNIFORM``: every parameter gets the window's mean gradient (large-batch exact).
-    * ``LAYER_WISE``: each parameter's gradient times its ``layer_accumulation_weights`` entry.
-    * ``PARAMETER_GROUPS``: each param group's gradient times its ``parameter_group_weights`` entry.
-    * ``ADAPTIVE_LAYERS``: unit-wise adaptive gradient clipping (AGC, Brock et al. 2021)
-      of the accumulated gradient, factor ``agc_clip_factor``.
-    * ``MEMORY_AWARE``: each window's batches run through :class:`~accumopt.MicroBatcher`:
-      micro-batches that fit in memory; an out-of-memory error splits finer and redoes
-      only the failed micro-batch. Gradients are never rescaled. Needs buffers, so it
-      overrides ``mode=EFFICIENT``'s in-place storage (with a warning).
+    ``UNIFORM``: the window's mean gradient. ``LAYER_WISE`` / ``PARAMETER_GROUPS``: times a weight
+    per parameter / param group. ``ADAPTIVE_LAYERS``: unit-wise adaptive gradient clipping (AGC).
+    ``MEMORY_AWARE``: each window runs through :class:`~accumopt.MicroBatcher` (out-of-memory recovery).
     """
 
     UNIFORM = "uniform"
@@ -90,9 +76,9 @@ def _enum(name: str, value: Any, cls: type[_E]) -> _E:
         f"Invalid {name}: {value!r} (expected one of {expected})")
 
 
-def _unused(what: str, why: str) -> None:
+def _unused(what: str, why: str, level: int = 5) -> None:
     warnings.warn(f"GradientAccumulationConfig: {what} has no effect here ({why}); it is ignored.",
-                  UserWarning, stacklevel=5)
+                  UserWarning, stacklevel=level)
 
 
 def _is_list(value: Any) -> bool:
@@ -103,12 +89,8 @@ def _is_list(value: Any) -> bool:
 class GradientAccumulationConfig:
     """Configuration of :class:`GradientAccumulator` and :class:`GradientAccumulationTrainer`.
 
-    Batch sizes: ``effective_batch_size`` is the number of samples per micro-batch
-    (what the data loader yields), ``target_batch_size`` the number per real update;
-    ``target = effective x accumulation_steps``. Give any two of the three and the
-    third is derived; with none, K is 1. Under ``mode=ADAPTIVE`` the target is the
-    *largest* batch per update: ``max_accumulation_steps = target / effective``.
-    ``docs/configuration.md`` describes every field.
+    ``target_batch_size = effective_batch_size x accumulation_steps`` (give two, the third is
+    derived; with none, K is 1). ``docs/configuration.md`` describes every field.
     """
 
     accumulation_steps: int | None = None
@@ -159,7 +141,10 @@ class GradientAccumulationConfig:
         self._check_adaptive()
         if self.mixed_precision is not None:
             check_choice("mixed_precision", self.mixed_precision, _PRECISIONS)
-        self._check_lr_rule()
+        if self.lr_scaling_rule is not None:
+            check_choice("lr_scaling_rule", self.lr_scaling_rule, LR_SCALING_RULES)
+        self._option("lr_scaling_rule", self.progressive_scaling, "sqrt",
+                     "it is the rule of progressive_scaling=True, which is off")
         self._check_device_and_checkpoint()
 
     def _check_schedule(self) -> None:
@@ -281,14 +266,10 @@ class GradientAccumulationConfig:
                              "(expected e.g. {'fc1.weight': 1.0, 'fc2.*': 0.5})")
 
     def _zero_weights(self) -> bool:
-        """Whether an active layer or group weight is 0 (a frozen parameter)."""
-        weights: list[float] = []
-        if self.uses_layer_weights and self.layer_accumulation_weights:
-            weights += self.layer_accumulation_weights.values()
-        gw = self.parameter_group_weights
-        if self.strategy is AccumulationStrategy.PARAMETER_GROUPS and gw is not None:
-            weights += gw.values() if isinstance(gw, Mapping) else gw
-        return 0.0 in weights
+        """Whether a layer or group weight is 0 (a frozen parameter)."""
+        gw = self.parameter_group_weights or []
+        return 0.0 in (self.layer_accumulation_weights or {}).values() or 0.0 in (
+            gw.values() if isinstance(gw, Mapping) else gw)
 
     def _weight(self, name: str, value: Any) -> float:
         w = cast(float, check_real(name, value, nonnegative=True))
@@ -297,18 +278,27 @@ class GradientAccumulationConfig:
                              "selective_accumulation=True / mode=SELECTIVE to freeze parameters on purpose)")
         return w
 
+    def _option(self, name: str, active: bool, default: Any, why: str, *, strict: bool = False) -> None:
+        """An option read only when ``active``: ``default`` there when unset; set elsewhere it is
+        dropped with a warning (``strict``: ``ValueError``, ``why`` naming what it needs)."""
+        value = getattr(self, name)
+        if value is None:
+            value = default if active else None
+        elif not active:
+            if strict:
+                raise ValueError(f"Invalid {name}: {value!r} with {why}")
+            _unused(f"{name}={value!r}", why, level=6)
+            value = None
+        setattr(self, name, value)
+
     def _check_memory(self) -> None:
         memory_aware = self.strategy is AccumulationStrategy.MEMORY_AWARE
         if self.memory_threshold is not None:
             t = check_real("memory_threshold", self.memory_threshold)
             if t is None or not 0.0 < t <= 1.0:
                 raise ValueError(f"Invalid memory_threshold: {t} (expected a fraction of device memory in (0, 1])")
-            self.memory_threshold = t
-            if not (memory_aware or self.memory_monitoring):
-                _unused("memory_threshold", "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
-                self.memory_threshold = None
-        elif memory_aware or self.memory_monitoring:
-            self.memory_threshold = 0.9
+        self._option("memory_threshold", memory_aware or self.memory_monitoring, 0.9,
+                     "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
         if memory_aware and not self.loss_scaling:
             raise ValueError("Invalid loss_scaling: False with strategy=MEMORY_AWARE (the window's batches are "
                              "re-split into micro-batches of varying size, so a sum over micro-batches has no fixed "
@@ -321,28 +311,16 @@ class GradientAccumulationConfig:
                 "buffer; use strategy=UNIFORM for in-place accumulation without recovery.", UserWarning, stacklevel=4)
 
     def _check_clipping_and_nan(self) -> None:
-        if self.clipping_norm is not None:
-            check_real("clipping_norm", self.clipping_norm, positive=True)
-            if not self.gradient_clipping:
-                raise ValueError(f"Invalid clipping_norm: {self.clipping_norm} with gradient_clipping=False "
-                                 "(expected gradient_clipping=True, or no clipping_norm)")
-        elif self.gradient_clipping:
-            self.clipping_norm = 1.0
-        agc = self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS
-        if self.agc_clip_factor is not None:
-            self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True)
-            if not agc:
-                _unused("agc_clip_factor", f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
-                self.agc_clip_factor = None
-        elif agc:
-            self.agc_clip_factor = 0.01
+        self.clipping_norm = check_real("clipping_norm", self.clipping_norm, positive=True, allow_none=True)
+        self._option("clipping_norm", self.gradient_clipping, 1.0,
+                     "gradient_clipping=False (expected gradient_clipping=True, or no clipping_norm)", strict=True)
+        self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True, allow_none=True)
+        self._option("agc_clip_factor", self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS, 0.01,
+                     f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
         if self.nan_policy is not None:
             check_choice("nan_policy", self.nan_policy, _NAN_POLICIES)
-            if not self.nan_handling:
-                raise ValueError(f"Invalid nan_policy: {self.nan_policy!r} with nan_handling=False "
-                                 "(expected nan_handling=True)")
-        elif self.nan_handling:
-            self.nan_policy = "skip"
+        self._option("nan_policy", self.nan_handling, "skip", "nan_handling=False (expected nan_handling=True)",
+                     strict=True)
         if self.nan_policy == "drop" and self.mode is AccumulationMode.EFFICIENT:
             raise ValueError("Invalid nan_policy: 'drop' with mode=EFFICIENT (dropping one micro-batch needs its "
                              "gradient apart from the window's sum; use mode=STANDARD)")
@@ -381,16 +359,6 @@ class GradientAccumulationConfig:
         if self.effective_batch_size is not None:  # the largest batch per update (see _adaptive_target)
             self.target_batch_size = self.effective_batch_size * hi
 
-    def _check_lr_rule(self) -> None:
-        rule = self.lr_scaling_rule
-        if rule is None:
-            self.lr_scaling_rule = "sqrt" if self.progressive_scaling else None
-            return
-        check_choice("lr_scaling_rule", rule, LR_SCALING_RULES)
-        if not self.progressive_scaling:
-            _unused(f"lr_scaling_rule={rule!r}", "it is the rule of progressive_scaling=True, which is off")
-            self.lr_scaling_rule = None
-
     def _check_device_and_checkpoint(self) -> None:
         if self.device is not None:
             if not isinstance(self.device, str):
@@ -404,20 +372,13 @@ class GradientAccumulationConfig:
             check_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_path is None:
                 raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file path to write)")
-        if self.checkpoint_path is not None:
-            if not isinstance(self.checkpoint_path, str):
-                raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
-            if self.checkpoint_every is None:
-                _unused("checkpoint_path", "the trainer writes it every checkpoint_every real updates, and "
-                        "checkpoint_every is not set")
+        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
+            raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
+        self._option("checkpoint_path", self.checkpoint_every is not None, None,
+                     "the trainer writes it every checkpoint_every real updates, and checkpoint_every is not set")
 
     def check_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Check the options that name parameters or param groups against ``model`` and ``optimizer``.
-
-        Raises:
-            ValueError: a layer weight or exclusion pattern matches no parameter name, or a
-                group weight names a group the optimizer does not have.
-        """
+        """Raise ``ValueError`` if an option names a parameter or param group ``model``/``optimizer`` lack."""
         names = sorted(parameter_names(model).values())
         patterns = (("layer_accumulation_weights", list(self.layer_accumulation_weights or ()) if self.uses_layer_weights
                      else []), ("exclude_parameters", self.exclude_parameters or []))
@@ -442,7 +403,7 @@ class GradientAccumulationConfig:
     # -------------------------------------------------------------- mapping
     @property
     def k(self) -> int:
-        """The (first) K: ``accumulation_steps`` once resolved (1 when nothing sets it)."""
+        """The (first) K: ``accumulation_steps`` once resolved."""
         return self.accumulation_steps or 1
 
     @property

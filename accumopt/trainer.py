@@ -1,20 +1,9 @@
 """``GradientAccumulationTrainer``: a small training loop over :class:`GradientAccumulator`.
 
-What it adds to the accumulator: device placement, mixed precision (autocast; a
-GradScaler for float16), a progress bar (tqdm when installed, plain lines
-otherwise) showing loss, LR, K and samples per second, the last partial window of
-every epoch applied with sample-count weights, a per-epoch history, and
-checkpoints every N real updates that resume bit-identically (model, optimizer,
-accumulation, scheduler, RNG and the position in the epoch).
-
-Host syncs: one per displayed progress update (every ``logging_frequency`` real
-updates) and one per epoch (the epoch's mean loss); none on a micro-step that does
-not update. With ``nan_handling`` a non-finite micro-batch loss is left out of the
-epoch's mean on the device (``torch.where``), without a sync.
-
-:meth:`GradientAccumulationTrainer.setup_training`, and the start of every epoch
-that begins with no window pending, clear the optimizer's gradients
-(``set_to_none``): a ``.grad`` left from before never enters an update.
+It adds device placement, mixed precision, a progress bar (tqdm when installed, plain lines
+otherwise), sample-count weights (a short last batch and the last partial window of each epoch
+count exactly), a per-epoch history, and checkpoints that resume bit-identically. Host syncs:
+one per displayed progress update and one per epoch; none on a micro-step that does not update.
 """
 
 from __future__ import annotations
@@ -93,12 +82,9 @@ class GradientAccumulationTrainer:
     # ------------------------------------------------------------------ setup
     def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        criterion: Callable[[Any, Any], Tensor], scheduler: Any = None) -> None:
-        """Move the model to the device and wrap the optimizer (pass the plain torch one).
+        """Move the model to the device and wrap the optimizer (the plain torch one); clear its gradients.
 
-        The scheduler is stepped once per real update; the optimizer's gradients are cleared.
-
-        Raises:
-            ValueError: the configured device does not exist on this machine.
+        The scheduler is stepped once per real update. A device missing here raises ``ValueError``.
         """
         if not callable(criterion):
             raise TypeError(f"Invalid criterion: {type(criterion).__name__} (expected a callable loss)")
@@ -143,14 +129,11 @@ class GradientAccumulationTrainer:
 
     # ------------------------------------------------------------------- step
     def train_step(self, data_batch: Any, target_batch: Any) -> dict[str, Any]:
-        """One micro-batch: forward, backward, accumulate (and update at the window's end).
+        """One micro-batch, weighted by its sample count: forward, backward, accumulate (update at the window's end).
 
-        The micro-batch counts by its sample count, so a short last batch is weighted
-        exactly. Returns the accumulator's dict plus ``output_shape``, ``target_shape``,
-        ``num_samples`` and ``loss_samples`` (the samples ``loss`` averages over); ``loss`` is a
-        0-dim device tensor (not synced). With ``strategy=MEMORY_AWARE`` the batch is held
-        until its window's K-th batch, which runs the whole window (``loss`` is None before,
-        then the window's mean loss).
+        Returns the accumulator's dict plus ``output_shape``, ``target_shape``, ``num_samples`` and
+        ``loss_samples`` (the samples ``loss`` averages over). ``MEMORY_AWARE`` holds the batch until
+        its window's K-th batch (``loss`` is None before, then the window's mean loss).
         """
         self._parts()
         n = _batch_len(target_batch)
@@ -174,12 +157,7 @@ class GradientAccumulationTrainer:
 
     # ------------------------------------------------------------------ epoch
     def train_epoch(self, train_loader: Iterable[Any]) -> dict[str, Any]:
-        """Train one epoch; the last partial window is applied at its end. Returns the epoch's record.
-
-        ``epoch_loss`` is the sample-weighted mean loss (with ``nan_handling``, non-finite
-        micro-batch losses are left out). ``effective_batch_size`` is the largest number of
-        samples one update of the epoch used (a short last window uses fewer).
-        """
+        """Train one epoch and apply its last partial window; returns the epoch's record (``docs/configuration.md``)."""
         model, opt, _ = self._parts()
         model.train()
         acc = self.accumulator
@@ -245,10 +223,9 @@ class GradientAccumulationTrainer:
         return record
 
     def _add_loss(self, ep: dict[str, Any], loss: Tensor, samples: int) -> None:
-        """Add a micro-batch's mean loss (over ``samples`` samples) to the epoch's sums, on the device.
+        """Add a mean loss over ``samples`` samples to the epoch's sums on the device (no sync).
 
-        With ``nan_handling`` a non-finite loss (a micro-batch the wrapper drops or skips) counts
-        neither in the sum nor in the sample count: ``torch.where``, no host sync.
+        With ``nan_handling`` a non-finite loss (dropped or skipped) counts in neither sum.
         """
         loss32 = loss.detach().float()
         if self.config.nan_handling:

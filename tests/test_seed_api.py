@@ -764,7 +764,7 @@ def test_contradictions_and_bad_values_raise(kwargs, exc, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(adaptive_scaling=True), "adaptive_scaling=True has no effect"),
     (dict(progressive_scaling=True), "progressive_scaling=True has no effect"),
-    (dict(memory_threshold=0.5), "memory_threshold has no effect"),
+    (dict(memory_threshold=0.5), "memory_threshold=0.5 has no effect"),
     (dict(parameter_group_weights=[1.0]), "parameter_group_weights has no effect"),
     (dict(layer_accumulation_weights={"x": 1.0}), "layer_accumulation_weights has no effect"),
 ])
@@ -917,8 +917,8 @@ def test_review_contradictions_raise_naming_the_value(kwargs, match):
     (dict(selective_accumulation=True), "selective_accumulation=True has no effect"),
     (dict(lr_scaling_rule="linear"), "lr_scaling_rule='linear' has no effect"),
     (dict(mode=M.PROGRESSIVE, accumulation_schedule=[2, 4], lr_scaling_rule="linear"), "lr_scaling_rule"),
-    (dict(agc_clip_factor=0.05), "agc_clip_factor has no effect"),
-    (dict(checkpoint_path="run.pt"), "checkpoint_path has no effect"),
+    (dict(agc_clip_factor=0.05), "agc_clip_factor=0.05 has no effect"),
+    (dict(checkpoint_path="run.pt"), "checkpoint_path='run.pt' has no effect"),
 ])
 def test_settings_without_effect_warn(kwargs, match):
     with pytest.warns(UserWarning, match=match):
