@@ -227,7 +227,7 @@ class GradientAccumulationTrainer:
 
         With ``nan_handling`` a non-finite loss (dropped or skipped) counts in neither sum.
         """
-        loss32 = loss.detach().float()
+        loss32 = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
         if self.config.nan_handling:
             finite = torch.isfinite(loss32)
             ep["loss_sum"] = ep["loss_sum"] + torch.where(finite, loss32 * samples, torch.zeros_like(loss32))

@@ -69,7 +69,7 @@ def test_basic_example_trains_and_equals_large_batch(f64):
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 10))
     ref = reference_run_seeded(ref_model, dataset, 64, 10)
-    assert max_rel(list(model.parameters()), ref) < 1e-10
+    assert max_rel(list(model.parameters()), ref) < 1e-12
 
 
 def reference_run_seeded(model, dataset, batch_size, epochs, **kw):
@@ -139,14 +139,14 @@ def test_advanced_example_warns_unused_layer_weights_trains_and_equals_large_bat
     # on top of StepLR (0.001, x0.1 every 5 updates).
     assert isinstance(trainer.accumulator.adaptive, AdaptiveK)
     factors = [lr / (0.001 * 0.1 ** (i // 5)) for i, lr in enumerate(seen_lr)]
-    assert len(factors) == 10 and all(any(abs(f - math.sqrt(2 ** j / 8)) < 1e-9 for j in range(7)) for f in factors)
+    assert len(factors) == 10 and all(any(abs(f - math.sqrt(2 ** j / 8)) < 1e-12 for j in range(7)) for f in factors)
     # 96 samples per epoch: one partial window (3 of 8 micro-batches) flushed per epoch = one large batch.
     assert [h["optimization_steps"] for h in trainer.training_history] == [1] * 10
     assert len(trainer.accumulator.state.memory_usage) == 10  # memory_monitoring: one reading per update
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
     ref = reference_run_seeded(ref_model, dataset, 256, 10, lr=0.001, clip=1.0, scheduler_step=5, lrs=seen_lr)
-    assert max_rel(list(model.parameters()), ref) < 1e-9
+    assert max_rel(list(model.parameters()), ref) < 1e-11  # measured 2e-13 (Adam over 10 updates, K moving)
 
 
 def test_progressive_example_follows_schedule_and_trains():
@@ -204,7 +204,7 @@ def test_memory_aware_example_trains_and_equals_large_batch(f64):
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 10))
     ref = reference_run_seeded(ref_model, dataset, 64, 10, clip=1.0)
-    assert max_rel(list(model.parameters()), ref) < 1e-10
+    assert max_rel(list(model.parameters()), ref) < 1e-12
 
 
 # ------------------------------------------------------------------ configuration snippets, as written
@@ -393,7 +393,7 @@ def test_adaptive_layers_is_unitwise_adaptive_clipping():
         gn = gr.norm(dim=dims, keepdim=True) if w.ndim > 1 else gr.norm()
         ref = torch.where(gn > 0.01 * wn, gr * (0.01 * wn / gn.clamp_min(1e-6)), gr)
         clipped_any |= bool((gn > 0.01 * wn).any())
-        torch.testing.assert_close(p.detach(), w - 0.1 * ref, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(p.detach(), w - 0.1 * ref, rtol=1e-12, atol=1e-14)
     assert clipped_any
 
 
@@ -460,7 +460,7 @@ def test_memory_aware_trainer_recovers_from_oom_exactly_like_the_large_batch(f64
             opt.zero_grad()
             nn.functional.cross_entropy(ref(x), y).backward()
             opt.step()
-    assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-10
+    assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-12
 
 
 def test_memory_aware_accumulator_batches_recover_from_oom_exactly():
@@ -602,7 +602,7 @@ def test_gradient_clipping_equals_clip_grad_norm_on_the_large_batch():
     assert total > 0.05
     _sgd_run(GradientAccumulationConfig(accumulation_steps=4, gradient_clipping=True, clipping_norm=0.05), model, batches)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n] * (0.05 / (total + 1e-6)), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n] * (0.05 / (total + 1e-6)), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("nan_handling", [True, False])
@@ -627,9 +627,7 @@ def test_nan_policy_drop_keeps_the_good_micro_batches():
     batches[2] = (batches[2][0].clone().fill_(float("nan")), batches[2][1])
     _sgd_run(GradientAccumulationConfig(accumulation_steps=4, nan_handling=True, nan_policy="drop"), model, batches)
     for n, p in model.named_parameters():
-        # rtol 1e-6, not 1e-12: the core keeps the window's weight total in float32 once a non-finite
-        # flag enters it (1/3 in float32); reported to the lead with a patch to accumopt/schedule.py.
-        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n], rtol=1e-12, atol=1e-14)
 
 
 def test_memory_monitoring_records_and_warns_over_threshold(caplog):
