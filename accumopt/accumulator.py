@@ -37,7 +37,7 @@ Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing
 
 
 def _cat(batches: list[Batch]) -> Batch:
-    """Concatenate loader batches along the batch dimension (tensors, nested tuples/lists/dicts, str lists)."""
+    """Concatenate loader batches along the batch dimension (tensors, nested tuples/lists/dicts)."""
     first = batches[0]
     if len(batches) == 1:
         return first
@@ -47,8 +47,6 @@ def _cat(batches: list[Batch]) -> Batch:
         out = {k: _cat([b[k] for b in batches]) for k in first}
         return out if type(first) is dict else cast(Any, type(first))(out)
     if isinstance(first, (list, tuple)):
-        if first and all(isinstance(v, str) for v in first):
-            return [v for b in batches for v in b]
         items = [_cat([b[i] for b in batches]) for i in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
     return first  # a leaf shared by every batch (a number, None)
@@ -158,23 +156,14 @@ class GradientAccumulator:
         self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
 
     # ------------------------------------------------------------- micro-step
-    def backward(self, loss: Tensor, *, weight: float | Tensor | None = None) -> None:
-        """Backward pass of one micro-batch with the loss scale and ``weight`` (ignored with ``loss_scaling=False``)."""
-        opt = self._require()
-        if not self.config.loss_scaling:
-            weight = None
-        if opt.pending == 0:  # the window's first micro-batch fixes the noise scale's unit (ADAPTIVE)
-            self._set_noise_unit(weight)
-        opt.backward(loss, weight=weight)
-
     def accumulate_gradients(self, loss: Tensor, backward: bool = True, *, weight: float | Tensor | None = None,
                              num_samples: int | None = None) -> dict[str, Any]:
         """Accumulate one micro-batch; the real update is applied when its window is complete.
 
         Args:
             loss: the micro-batch's plain mean loss (never divide it by K).
-            backward: run the backward pass here. With ``backward=False`` you ran
-                :meth:`backward` (or ``loss.backward()`` without a GradScaler) yourself.
+            backward: run the backward pass here; with ``backward=False`` you ran
+                ``acc.optimizer.backward(loss, weight=n)`` (it applies the loss scale) yourself.
             weight: how much this micro-batch counts (its sample count), a number or a
                 0-dim device tensor; the update is ``sum(w_i g_i) / sum(w_i)``.
                 Ignored with ``loss_scaling=False`` (the update is the sum of the gradients).
@@ -190,13 +179,12 @@ class GradientAccumulator:
         if not isinstance(loss, Tensor):
             raise TypeError(f"Invalid loss: {type(loss).__name__} (expected a torch.Tensor)")
         samples = self._samples_of(num_samples, weight)
-        if not self.config.loss_scaling:
-            weight = None
-        if backward:
-            self.backward(loss, weight=weight)
-            weight = None  # taken by backward(); the wrapper remembers it
-        elif opt.pending == 0 and weight is not None:
+        weight = weight if self.config.loss_scaling else None
+        if opt.pending == 0:  # the window's first micro-batch fixes the noise scale's unit (ADAPTIVE)
             self._set_noise_unit(weight)
+        if backward:
+            opt.backward(loss, weight=weight)
+            weight = None  # taken by backward(); the wrapper remembers it
         k = opt.accumulation_steps
         try:
             opt.step(weight=weight, loss=loss.detach())
@@ -240,12 +228,10 @@ class GradientAccumulator:
             + ". effective_batch_size in the results counts the samples actually seen; set the loader's "
             f"batch_size={e} or effective_batch_size={size}.", UserWarning, stacklevel=4)
 
-    def _effective_batch(self, k: int, micro: float | None = None) -> int | None:
-        """Samples of the last closed window; before the first, K x the micro-batch size (``micro`` or configured)."""
+    def _effective_batch(self, k: int, micro: float | None) -> int | None:
+        """Samples of the last closed window; before the first, K x the micro-batch size ``micro``."""
         if self._last_samples is not None:
             return round(self._last_samples)
-        if micro is None and self.config.effective_batch_size is not None:
-            micro = float(self.config.effective_batch_size)
         return None if micro is None else round(k * micro)
 
     @property
@@ -357,7 +343,7 @@ class GradientAccumulator:
         opt = self._require()
         skipped = int(s["skipped_updates"])
         overflow = self.scaler is not None and skipped > 0
-        batch = self._effective_batch(opt.accumulation_steps)
+        batch = self._effective_batch(opt.accumulation_steps, self.config.effective_batch_size)
         return AccumulationState(
             total_steps=s["micro_steps"], accumulation_step=len(self._pending) or opt.pending,
             accumulation_steps=opt.accumulation_steps, total_optimizer_steps=s["updates"],
@@ -401,10 +387,10 @@ class GradientAccumulator:
             raise ValueError("Invalid accumulation state: not a GradientAccumulator state (expected the keys "
                              "'optimizer' and 'accumulator' of GradientAccumulator.state_dict())")
         ours, theirs = self.config.to_dict(), own["config"]
-        differ = sorted(k for k in set(ours) | set(theirs) if k not in _COSMETIC and ours.get(k) != theirs.get(k))
+        differ = "; ".join(f"{k}={theirs.get(k)!r}, here {v!r}" for k, v in ours.items()
+                           if k not in _COSMETIC and theirs.get(k) != v)
         if differ:
-            raise ValueError(f"Invalid accumulation state: saved with a different configuration ({', '.join(differ)}: "
-                             + "; ".join(f"{k} {theirs.get(k)!r} != {ours.get(k)!r}" for k in differ[:4]) + ")")
+            raise ValueError(f"Invalid accumulation state: saved with a different configuration ({differ})")
         opt.load_state_dict(state["optimizer"])
         self._memory = [float(x) for x in own["memory"]]
         self._window_samples, self._last_samples = own["window_samples"], own["last_samples"]

@@ -133,26 +133,25 @@ class GradientAccumulationConfig:
             if not isinstance(value, bool) and not (value is None and name in _OPTIONAL_FLAGS):
                 raise TypeError(f"Invalid {name}: {value!r} (expected True or False, got {type(value).__name__})")
         check_int("logging_frequency", self.logging_frequency)
+        for name, choices in (("nan_policy", _NAN_POLICIES), ("mixed_precision", _PRECISIONS),
+                              ("lr_scaling_rule", LR_SCALING_RULES)):
+            if getattr(self, name) is not None:
+                check_choice(name, getattr(self, name), choices)
         self._check_schedule()
         self._check_batch_sizes()
         self._check_weights()
         self._check_memory()
         self._check_clipping_and_nan()
         self._check_adaptive()
-        if self.mixed_precision is not None:
-            check_choice("mixed_precision", self.mixed_precision, _PRECISIONS)
-        if self.lr_scaling_rule is not None:
-            check_choice("lr_scaling_rule", self.lr_scaling_rule, LR_SCALING_RULES)
         self._option("lr_scaling_rule", self.progressive_scaling, "sqrt",
                      "it is the rule of progressive_scaling=True, which is off")
         self._check_device_and_checkpoint()
 
     def _check_schedule(self) -> None:
-        s = self.accumulation_schedule
-        if self.mode is not AccumulationMode.PROGRESSIVE:
-            if s is not None:
-                raise ValueError(f"Invalid accumulation_schedule: {s!r} with mode={self.mode.name} (a schedule "
-                                 "needs mode=AccumulationMode.PROGRESSIVE)")
+        s, progressive = self.accumulation_schedule, self.mode is AccumulationMode.PROGRESSIVE
+        self._option("accumulation_schedule", progressive, None,
+                     f"mode={self.mode.name} (a schedule needs mode=AccumulationMode.PROGRESSIVE)", strict=True)
+        if not progressive:
             return
         if s is None:
             raise ValueError("Invalid accumulation_schedule: None with mode=PROGRESSIVE "
@@ -317,8 +316,6 @@ class GradientAccumulationConfig:
         self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True, allow_none=True)
         self._option("agc_clip_factor", self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS, 0.01,
                      f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
-        if self.nan_policy is not None:
-            check_choice("nan_policy", self.nan_policy, _NAN_POLICIES)
         self._option("nan_policy", self.nan_handling, "skip", "nan_handling=False (expected nan_handling=True)",
                      strict=True)
         if self.nan_policy == "drop" and self.mode is AccumulationMode.EFFICIENT:
@@ -340,13 +337,12 @@ class GradientAccumulationConfig:
         if self.progressive_scaling and self.mode in _FIXED_K:
             _unused("progressive_scaling=True", f"mode={self.mode.name} keeps K fixed, so the learning rate "
                     "never needs rescaling")
-        lo, hi = self.min_accumulation_steps, self.max_accumulation_steps
+        for name in ("min_accumulation_steps", "max_accumulation_steps"):
+            self._option(name, adaptive_mode, None, f"mode={self.mode.name} (it bounds K in mode=ADAPTIVE only)",
+                         strict=True)
         if not adaptive_mode:
-            if lo is not None or hi is not None:
-                raise ValueError("Invalid min/max_accumulation_steps: set with mode="
-                                 f"{self.mode.name} (they bound K in mode=ADAPTIVE only)")
             return
-        k = self.k
+        lo, hi, k = self.min_accumulation_steps, self.max_accumulation_steps, self.k
         lo = 1 if lo is None else check_int("min_accumulation_steps", lo)
         hi = max(64, k) if hi is None else check_int("max_accumulation_steps", hi)
         if lo > hi:

@@ -42,6 +42,16 @@ def _batch_len(x: Any) -> int:
     return len(x)
 
 
+def _get_rng() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, Tensor):
         return x.to(device, non_blocking=True)
@@ -75,8 +85,7 @@ class GradientAccumulationTrainer:
         self.training_history: list[dict[str, Any]] = []
         self._resume: dict[str, Any] | None = None
         self._pos = 0  # batches consumed in the current epoch
-        self._epoch_rng: Tensor | None = None
-        self._epoch_cuda_rng: list[Tensor] | None = None
+        self._epoch_rng: dict[str, Any] | None = None  # the RNG state the epoch's data order is drawn from
         self._ep: dict[str, Any] = dict(_NEW_EPOCH)  # the open epoch's totals
 
     # ------------------------------------------------------------------ setup
@@ -167,16 +176,12 @@ class GradientAccumulationTrainer:
         num_batches = len(train_loader) if isinstance(train_loader, Sized) else None
         resume, self._resume = self._resume, None
         if resume is None:
-            self._epoch_rng = torch.get_rng_state()
-            self._epoch_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            self._pos = 0
+            self._epoch_rng, self._pos = _get_rng(), 0
         it = iter(train_loader)
         if resume is not None:
             for _ in range(self._pos):  # the same batches in the same order, skipped
                 next(it)
-            torch.set_rng_state(resume["rng"])
-            if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            _set_rng(resume["rng"])
         bar = self._open_bar(num_batches, self._pos)
         ep = self._ep = {**_NEW_EPOCH, **{k: v for k, v in (resume or {}).items() if k in _NEW_EPOCH}}
         t0, t_samples = time.perf_counter(), 0
@@ -202,9 +207,8 @@ class GradientAccumulationTrainer:
             ep["batch"] = max(ep["batch"], acc.effective_batch_size or 0)
             self._on_update(bar, applied, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
         elapsed = time.perf_counter() - t0
-        count = ep["loss_count"]
-        # The epoch's one sync (with nan_handling the count of finite-loss samples is a device value).
-        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) or count else float("nan")
+        count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
+        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
         record = {
             "epoch": self.current_epoch, "epoch_loss": epoch_loss, "num_batches": self._pos,
             "num_samples": ep["samples"], "optimization_steps": ep["updates"],
@@ -227,14 +231,10 @@ class GradientAccumulationTrainer:
 
         With ``nan_handling`` a non-finite loss (dropped or skipped) counts in neither sum.
         """
-        loss32 = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
-        if self.config.nan_handling:
-            finite = torch.isfinite(loss32)
-            ep["loss_sum"] = ep["loss_sum"] + torch.where(finite, loss32 * samples, torch.zeros_like(loss32))
-            ep["loss_count"] = ep["loss_count"] + finite.to(loss32.dtype) * samples
-        else:
-            ep["loss_sum"] = ep["loss_sum"] + loss32 * samples
-            ep["loss_count"] = ep["loss_count"] + samples
+        value = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
+        keep = torch.isfinite(value) if self.config.nan_handling else torch.ones_like(value, dtype=torch.bool)
+        ep["loss_sum"] = ep["loss_sum"] + torch.where(keep, value * samples, torch.zeros_like(value))
+        ep["loss_count"] = ep["loss_count"] + keep.to(value.dtype) * samples
 
     def _postfix(self, loss: float | None, sps: float) -> str:
         _, opt, _ = self._parts()
@@ -287,10 +287,7 @@ class GradientAccumulationTrainer:
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write model, optimizer, accumulation, scheduler, RNG and epoch position atomically (``opt.save``)."""
         model, _, _ = self._parts()
-        cuda = torch.cuda.is_available()
-        trainer = {"epoch": self.current_epoch, "position": self._pos, "epoch_rng": self._epoch_rng,
-                   "epoch_cuda_rng": self._epoch_cuda_rng, "rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+        trainer = {"epoch": self.current_epoch, "position": self._pos, "epoch_rng": self._epoch_rng, "rng": _get_rng(),
                    "history": [dict(h) for h in self.training_history], "epoch_progress": dict(self._ep)}
         self.accumulator.save_accumulation_state(path, extra={"model": model.state_dict(), "trainer": trainer})
 
@@ -306,11 +303,9 @@ class GradientAccumulationTrainer:
         self.current_epoch = int(state["epoch"])
         self.training_history = list(state["history"])
         self._pos = int(state["position"])
-        if self._pos:
-            torch.set_rng_state(state["epoch_rng"])  # the epoch's data order is drawn from here
-            if state.get("epoch_cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["epoch_cuda_rng"])
-            self._epoch_rng, self._epoch_cuda_rng = state["epoch_rng"], state.get("epoch_cuda_rng")
-            self._resume = {"rng": state["rng"], "cuda_rng": state.get("cuda_rng"), **state["epoch_progress"]}
+        if self._pos:  # mid-epoch: draw the epoch's data order again, then continue from the saved RNG state
+            self._epoch_rng = state["epoch_rng"]
+            _set_rng(state["epoch_rng"])
+            self._resume = {"rng": state["rng"], **state["epoch_progress"]}
         else:
-            torch.set_rng_state(state["rng"])
+            _set_rng(state["rng"])

@@ -341,6 +341,24 @@ def test_uneven_weights_match_the_sample_mean():
         torch.testing.assert_close(p.detach(), b - 0.1 * gg, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_backward_false_takes_a_backward_run_through_the_wrapper(mode):
+    model, batches = _mlp(), _batches()
+    batches = [(x[: 2 + i], y[: 2 + i]) for i, (x, y) in enumerate(batches)]  # 2, 3, 4, 5 samples
+    before = [p.detach().clone() for p in model.parameters()]
+    g = _large_grad(model, batches)
+    acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=4), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        acc.optimizer.backward(loss, weight=len(x))
+        out = acc.accumulate_gradients(loss, backward=False, num_samples=len(x))
+        acc.zero_grad()
+    assert out["should_optimize"] and out["effective_batch_size"] == 14
+    for p, b, gg in zip(model.parameters(), before, g.values()):
+        torch.testing.assert_close(p.detach(), b - 0.1 * gg, rtol=1e-12, atol=1e-14)
+
+
 def test_layer_wise_and_selective_weights_multiply_the_gradient():
     for cfg in (GradientAccumulationConfig(strategy=AccumulationStrategy.LAYER_WISE, accumulation_steps=4,
                                            layer_accumulation_weights={"0.weight": 0.5, "2.*": 0.25}),
@@ -741,7 +759,7 @@ BAD = [
     (dict(mode=M.EFFICIENT, nan_handling=True, nan_policy="drop"), ValueError, "'drop' with mode=EFFICIENT"),
     (dict(mode=M.ADAPTIVE, adaptive_scaling=False), ValueError, "adaptive_scaling: False with mode=ADAPTIVE"),
     (dict(strategy=S.ADAPTIVE_LAYERS, adaptive_scaling=False), ValueError, "False with strategy=ADAPTIVE_LAYERS"),
-    (dict(min_accumulation_steps=2), ValueError, "bound K in mode=ADAPTIVE only"),
+    (dict(min_accumulation_steps=2), ValueError, "min_accumulation_steps: 2 with mode=STANDARD .*bounds K in mode=ADAPTIVE only"),
     (dict(mode=M.ADAPTIVE, accumulation_steps=8, max_accumulation_steps=4), ValueError, "within min_accumulation_steps"),
     (dict(logging_frequency=0), ValueError, "logging_frequency"),
     (dict(gradient_scaling="yes"), TypeError, "gradient_scaling"),
