@@ -1,11 +1,7 @@
 """``GradientAccumulator`` and ``AccumulationState``: the configuration API over one AccumulatingOptimizer.
 
-The wrapper is built from :meth:`GradientAccumulationConfig.optimizer_kwargs` and does the work
-(averaging, weights, clipping, non-finite policy, loss scale, LR scaling, statistics, logging,
-files). This layer adds the documented calls and results, host sample counts per update, memory
-readings, and the memory-aware path (loader batches run through :class:`~accumopt.MicroBatcher`).
-:meth:`~GradientAccumulator.accumulate_gradients` never reads a device value; ``state`` and
-``get_accumulation_stats()`` read ``opt.stats()`` (one host read).
+The wrapper (built from :meth:`GradientAccumulationConfig.optimizer_kwargs`) does the work; this layer adds the
+documented calls, host sample counts, memory readings and the memory-aware path (``MicroBatcher``).
 """
 
 from __future__ import annotations
@@ -56,9 +52,7 @@ def _cat(batches: list[Batch]) -> Batch:
 class AccumulationState:
     """A read-only snapshot of the accumulation, built from the wrapper's ``stats()``.
 
-    ``docs/configuration.md`` describes each field. ``total_steps`` counts micro-batches (under
-    ``MEMORY_AWARE``, those the MicroBatcher ran; ``accumulation_step`` counts loader batches there);
-    ``accumulated_gradients`` holds the open window's undivided sums by parameter name.
+    Fields: ``docs/configuration.md``; ``accumulated_gradients`` holds the open window's undivided sums by name.
     """
 
     total_steps: int
@@ -78,17 +72,8 @@ class AccumulationState:
 
 
 class GradientAccumulator:
-    """Gradient accumulation driven by a :class:`GradientAccumulationConfig`.
-
-    ``GradientAccumulator(config)`` then :meth:`setup` (or pass ``model`` and ``optimizer`` here);
-    :meth:`accumulate_gradients` per micro-batch; :meth:`flush` for the last, partial window.
-
-    Args:
-        config: the configuration.
-        model: the model (names for layer weights; DDP/FSDP sync).
-        optimizer: a plain ``torch.optim.Optimizer`` over the model's parameters (it gets wrapped).
-        scheduler: an LR scheduler, stepped once per real update.
-    """
+    """Gradient accumulation driven by a :class:`GradientAccumulationConfig`: :meth:`accumulate_gradients` per
+    micro-batch, :meth:`flush` for a partial window. ``model`` and ``optimizer`` here, or :meth:`setup` later."""
 
     def __init__(self, config: GradientAccumulationConfig, model: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> None:
@@ -122,9 +107,7 @@ class GradientAccumulator:
               scaler: torch.amp.GradScaler | None = None) -> GradientAccumulator:
         """Wrap ``optimizer`` (the plain torch one) as configured and clear its gradients (``set_to_none``).
 
-        A GradScaler is created for ``mixed_precision="float16"`` with ``gradient_scaling=True``
-        unless ``scaler`` is given. Raises ``TypeError``/``ValueError`` for bad arguments.
-        """
+        A GradScaler is made for ``mixed_precision="float16"`` with ``gradient_scaling`` unless ``scaler`` is given."""
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
@@ -162,18 +145,15 @@ class GradientAccumulator:
 
         Args:
             loss: the micro-batch's plain mean loss (never divide it by K).
-            backward: run the backward pass here; with ``backward=False`` you ran
-                ``acc.optimizer.backward(loss, weight=n)`` (it applies the loss scale) yourself.
-            weight: how much this micro-batch counts (its sample count), a number or a
-                0-dim device tensor; the update is ``sum(w_i g_i) / sum(w_i)``.
-                Ignored with ``loss_scaling=False`` (the update is the sum of the gradients).
-            num_samples: samples in this micro-batch, for ``effective_batch_size``
-                (default: ``weight`` when it is a number, else the configured ``effective_batch_size``).
+            backward: run the backward pass here; with ``False`` you ran
+                ``acc.optimizer.backward(loss, weight=n)`` yourself.
+            weight: how much this micro-batch counts (its sample count), a number or a 0-dim
+                tensor: the update is ``sum(w_i g_i) / sum(w_i)``. Ignored with ``loss_scaling=False``.
+            num_samples: samples in this micro-batch (default: a numeric ``weight``, else
+                ``config.effective_batch_size``), for ``effective_batch_size``.
 
-        Returns:
-            ``loss`` (detached device tensor), ``accumulation_step``, ``should_optimize`` (this call
-            closed the window), ``applied`` (False: skipped), ``accumulation_steps`` (K of the window)
-            and ``effective_batch_size`` (see ``docs/configuration.md``).
+        Returns ``loss``, ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
+        ``effective_batch_size`` (``docs/configuration.md``). Nothing is read from the device.
         """
         opt = self._require()
         if not isinstance(loss, Tensor):
@@ -260,13 +240,10 @@ class GradientAccumulator:
         return len(self._pending)
 
     def accumulate_batch(self, batch: Batch, loss_fn: Callable[[Batch], Tensor]) -> dict[str, Any]:
-        """``strategy=MEMORY_AWARE``: add one loader batch to the window; run the window at its K-th batch.
+        """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``.
 
-        The K batches are concatenated and run by :class:`~accumopt.MicroBatcher` as one real update
-        (micro-batches weighted by sample count, halved on out-of-memory errors). ``loss_fn(micro_batch)``
-        returns a micro-batch's mean loss (and moves it to the device). Returns the keys of
-        :meth:`accumulate_gradients` plus ``window_samples``; ``loss`` is None until the window runs.
-        """
+        ``loss_fn(micro_batch)`` returns a micro-batch's mean loss. Returns the keys of :meth:`accumulate_gradients`
+        plus ``window_samples``; ``loss`` is None until the window runs."""
         opt = self._require()
         if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
             raise RuntimeError("accumulate_batch needs strategy=AccumulationStrategy.MEMORY_AWARE "
@@ -312,10 +289,7 @@ class GradientAccumulator:
         return loss, opt.stepped, samples
 
     def flush(self, *, loss_fn: Callable[[Batch], Tensor] | None = None) -> bool:
-        """Apply the open, partial window now; returns whether an update was applied.
-
-        ``loss_fn``: for batches held by :meth:`accumulate_batch` (default: the last one given).
-        """
+        """Apply the open, partial window now (``loss_fn``: for held batches); returns whether it was applied."""
         opt = self._require()
         if self._pending:
             return self._run_window(loss_fn)[1]
@@ -365,9 +339,9 @@ class GradientAccumulator:
         st = self._state(s)
         return {**s, "current_step": st.total_steps, "accumulation_step": st.accumulation_step,
                 "accumulation_steps": st.accumulation_steps, "effective_batch_size": st.effective_batch_size,
-                "accumulated_loss": st.accumulated_loss or 0.0, "average_gradient_norm": st.average_gradient_norm or 0.0,
-                "total_optimizer_steps": st.total_optimizer_steps, "nan_detected": st.nan_detected,
-                "overflow_detected": st.overflow_detected, "memory_usage": st.memory_usage[-1] if st.memory_usage else 0.0,
+                "accumulated_loss": st.accumulated_loss or 0.0, "total_optimizer_steps": st.total_optimizer_steps,
+                "average_gradient_norm": st.average_gradient_norm or 0.0, "nan_detected": st.nan_detected,
+                "overflow_detected": st.overflow_detected, "memory_usage": (st.memory_usage or (0.0,))[-1],
                 "mode": self.config.mode.name, "strategy": self.config.strategy.name}
 
     def _own_state(self) -> dict[str, Any]:
@@ -406,11 +380,8 @@ class GradientAccumulator:
         self.logger.info("Accumulation state saved to %s", os.fspath(filepath))
 
     def load_accumulation_state(self, filepath: str | os.PathLike[str]) -> Any:
-        """Load a file of :meth:`save_accumulation_state`; returns its ``extra``.
-
-        A corrupted or foreign file, or one saved with another configuration, raises ``ValueError``
-        and changes nothing.
-        """
+        """Load a file of :meth:`save_accumulation_state` and return its ``extra``; a corrupted or foreign file,
+        or one of another configuration, raises ``ValueError`` and changes nothing."""
         optimizer_state, saved = load_checkpoint(filepath, map_location=self.device)
         if not isinstance(saved, Mapping) or "accumulator" not in saved:
             raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "

@@ -1,8 +1,5 @@
-"""``GradientAccumulationConfig`` and its two enums: the options of the configuration API.
-
-Data only: validated once in ``__post_init__`` (errors name the option), translated into
-:class:`~accumopt.AccumulatingOptimizer` keyword arguments by one function,
-:meth:`GradientAccumulationConfig.optimizer_kwargs`. Fields: ``docs/configuration.md``.
+"""``GradientAccumulationConfig`` and its enums: options checked once (errors name the option), then mapped to
+:class:`~accumopt.AccumulatingOptimizer` arguments by :meth:`GradientAccumulationConfig.optimizer_kwargs`.
 """
 
 from __future__ import annotations
@@ -26,12 +23,8 @@ __all__ = ["AccumulationMode", "AccumulationStrategy", "GradientAccumulationConf
 
 
 class AccumulationMode(enum.Enum):
-    """How K (micro-batches per real update) is chosen, and where the window's sum lives.
-
-    ``STANDARD``: fixed K, a buffer per parameter. ``EFFICIENT``: fixed K, the sum in ``.grad``.
-    ``ADAPTIVE``: K follows the gradient noise scale. ``PROGRESSIVE``: K by epoch
-    (``accumulation_schedule``). ``SELECTIVE``: fixed K; layer weights and ``exclude_parameters``.
-    """
+    """How K is chosen and where the sum lives: ``STANDARD`` (fixed K, buffers), ``EFFICIENT`` (fixed K, in
+    ``.grad``), ``ADAPTIVE`` (K follows the noise scale), ``PROGRESSIVE`` (K by epoch), ``SELECTIVE`` (weights)."""
 
     STANDARD = "standard"
     EFFICIENT = "efficient"
@@ -41,12 +34,8 @@ class AccumulationMode(enum.Enum):
 
 
 class AccumulationStrategy(enum.Enum):
-    """What happens per parameter (or per batch) inside a window.
-
-    ``UNIFORM``: the window's mean gradient. ``LAYER_WISE`` / ``PARAMETER_GROUPS``: times a weight
-    per parameter / param group. ``ADAPTIVE_LAYERS``: unit-wise adaptive gradient clipping (AGC).
-    ``MEMORY_AWARE``: each window runs through :class:`~accumopt.MicroBatcher` (out-of-memory recovery).
-    """
+    """What happens per parameter or batch: ``UNIFORM`` (the mean), ``LAYER_WISE`` / ``PARAMETER_GROUPS``
+    (weighted), ``ADAPTIVE_LAYERS`` (AGC clipping), ``MEMORY_AWARE`` (``MicroBatcher``, out-of-memory recovery)."""
 
     UNIFORM = "uniform"
     LAYER_WISE = "layer_wise"
@@ -81,17 +70,20 @@ def _unused(what: str, why: str, level: int = 5) -> None:
                   UserWarning, stacklevel=level)
 
 
+def _divide(target: int, by: int, name: str) -> int:
+    if target % by:
+        raise ValueError(f"Invalid target_batch_size: {target} (expected a multiple of {name}={by})")
+    return target // by
+
+
 def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 @dataclass
 class GradientAccumulationConfig:
-    """Configuration of :class:`GradientAccumulator` and :class:`GradientAccumulationTrainer`.
-
-    ``target_batch_size = effective_batch_size x accumulation_steps`` (give two, the third is
-    derived; with none, K is 1). ``docs/configuration.md`` describes every field.
-    """
+    """Configuration of :class:`GradientAccumulator` and :class:`GradientAccumulationTrainer`; every field is
+    described in ``docs/configuration.md``. ``target_batch_size = effective_batch_size x accumulation_steps``."""
 
     accumulation_steps: int | None = None
     mode: AccumulationMode = AccumulationMode.STANDARD
@@ -181,22 +173,17 @@ class GradientAccumulationConfig:
             return
         if self.mode is AccumulationMode.ADAPTIVE and t is not None:
             self._adaptive_target(k, e, t)
-            return
-        if k is not None and e is not None and t is not None and e * k != t:
-            raise ValueError(f"Invalid target_batch_size: {t} (expected effective_batch_size x accumulation_steps = "
-                             f"{e} x {k} = {e * k})")
-        if k is None and e is not None and t is not None:
-            if t % e:
-                raise ValueError(f"Invalid target_batch_size: {t} (expected a multiple of effective_batch_size={e})")
-            k = t // e
-        elif k is not None and t is not None and e is None:
-            if t % k:
-                raise ValueError(f"Invalid target_batch_size: {t} (expected a multiple of accumulation_steps={k})")
-            e = t // k
+        elif t is not None and k is not None and e is not None:
+            if e * k != t:
+                raise ValueError(f"Invalid target_batch_size: {t} (expected effective_batch_size x accumulation_steps "
+                                 f"= {e} x {k} = {e * k})")
+        elif t is not None and e is not None:
+            self.accumulation_steps = _divide(t, e, "effective_batch_size")
+        elif t is not None and k is not None:
+            self.effective_batch_size = _divide(t, k, "accumulation_steps")
         elif k is not None and e is not None:
-            t = e * k
-        self.accumulation_steps = 1 if k is None else k
-        self.effective_batch_size, self.target_batch_size = e, t
+            self.target_batch_size = e * k
+        self.accumulation_steps = self.accumulation_steps or 1
 
     def _adaptive_target(self, k: int | None, e: int | None, t: int) -> None:
         """ADAPTIVE: ``target_batch_size`` is the largest batch per update, so it sets ``max_accumulation_steps``."""
@@ -204,9 +191,7 @@ class GradientAccumulationConfig:
             raise ValueError(
                 f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (under ADAPTIVE the "
                 "target is the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
-        if t % e:
-            raise ValueError(f"Invalid target_batch_size: {t} (expected a multiple of effective_batch_size={e})")
-        k_max, hi = t // e, self.max_accumulation_steps
+        k_max, hi = _divide(t, e, "effective_batch_size"), self.max_accumulation_steps
         if hi is not None and check_int("max_accumulation_steps", hi) != k_max:
             raise ValueError(
                 f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE the target is "
@@ -223,23 +208,23 @@ class GradientAccumulationConfig:
         lw, gw, ex = self.layer_accumulation_weights, self.parameter_group_weights, self.exclude_parameters
         selective_mode = self.mode is AccumulationMode.SELECTIVE
         explicit_selective = self.selective_accumulation is True
-        if self.selective_accumulation is None:
-            self.selective_accumulation = selective_mode
-        elif selective_mode and not self.selective_accumulation:
+        if selective_mode and self.selective_accumulation is False:
             raise ValueError("Invalid selective_accumulation: False with mode=SELECTIVE "
                              "(the selective mode is selective accumulation; leave it unset or True)")
+        self.selective_accumulation = explicit_selective or selective_mode
         if lw is not None:
             if not isinstance(lw, Mapping):
                 raise TypeError(f"Invalid layer_accumulation_weights: {lw!r} "
                                 "(expected a dict of name or pattern to weight)")
             self.layer_accumulation_weights = {str(k): self._weight(f"layer_accumulation_weights[{k!r}]", v)
                                                for k, v in lw.items()}
+        name = "parameter_group_weights"
         if isinstance(gw, Mapping):
-            self.parameter_group_weights = {k: self._weight(f"parameter_group_weights[{k!r}]", v) for k, v in gw.items()}
+            self.parameter_group_weights = {k: self._weight(f"{name}[{k!r}]", v) for k, v in gw.items()}
         elif isinstance(gw, Sequence) and not isinstance(gw, str):
-            self.parameter_group_weights = [self._weight(f"parameter_group_weights[{i}]", v) for i, v in enumerate(gw)]
+            self.parameter_group_weights = [self._weight(f"{name}[{i}]", v) for i, v in enumerate(gw)]
         elif gw is not None:
-            raise TypeError(f"Invalid parameter_group_weights: {gw!r} (expected a dict like {{'group_0': 1.0}} or a list)")
+            raise TypeError(f"Invalid {name}: {gw!r} (expected a dict like {{'group_0': 1.0}} or a list)")
         if ex is not None:
             if not _is_list(ex) or not all(isinstance(n, str) for n in ex):
                 raise TypeError(f"Invalid exclude_parameters: {ex!r} (expected a list of names or glob patterns)")
@@ -367,7 +352,7 @@ class GradientAccumulationConfig:
         if self.checkpoint_every is not None:
             check_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_path is None:
-                raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file path to write)")
+                raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file to write)")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
             raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
         self._option("checkpoint_path", self.checkpoint_every is not None, None,
@@ -376,9 +361,9 @@ class GradientAccumulationConfig:
     def check_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Raise ``ValueError`` if an option names a parameter or param group ``model``/``optimizer`` lack."""
         names = sorted(parameter_names(model).values())
-        patterns = (("layer_accumulation_weights", list(self.layer_accumulation_weights or ()) if self.uses_layer_weights
-                     else []), ("exclude_parameters", self.exclude_parameters or []))
-        for option, given in patterns:
+        layers = list(self.layer_accumulation_weights or ()) if self.uses_layer_weights else []
+        for option, given in (("layer_accumulation_weights", layers), ("exclude_parameters", self.exclude_parameters)):
+            given = given or []
             unmatched = [p for p in given if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
             if unmatched:
                 raise ValueError(f"Invalid {option}: {unmatched!r} match no parameter name "
@@ -414,11 +399,8 @@ class GradientAccumulationConfig:
         return "inplace" if inplace else "buffered"
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """The :class:`~accumopt.AccumulatingOptimizer` keyword arguments this configuration stands for.
-
-        Everything but ``optimizer``, ``model``, ``scheduler`` and ``scaler``. Under ``ADAPTIVE``,
-        ``accumulation_steps`` is a new :class:`~accumopt.AdaptiveK` reading the wrapper's noise scale.
-        """
+        """The :class:`~accumopt.AccumulatingOptimizer` keyword arguments this configuration stands for (all but
+        ``optimizer``, ``model``, ``scheduler``, ``scaler``); under ``ADAPTIVE`` a new ``AdaptiveK`` is the K."""
         steps: int | list[int] | AdaptiveK = self.k
         if self.mode is AccumulationMode.PROGRESSIVE:
             steps = list(self.accumulation_schedule or [])

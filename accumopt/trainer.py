@@ -1,9 +1,5 @@
-"""``GradientAccumulationTrainer``: a small training loop over :class:`GradientAccumulator`.
-
-It adds device placement, mixed precision, a progress bar (tqdm when installed, plain lines
-otherwise), sample-count weights (a short last batch and the last partial window of each epoch
-count exactly), a per-epoch history, and checkpoints that resume bit-identically. Host syncs:
-one per displayed progress update and one per epoch; none on a micro-step that does not update.
+"""``GradientAccumulationTrainer``: a training loop over :class:`GradientAccumulator` (device, mixed precision,
+progress, sample weights, history, resumable checkpoints). Host syncs: one per displayed update and per epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from ._checks import check_cuda_present, check_int
 from .accumulator import Batch, GradientAccumulator
 from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
+from .splitting import batch_size_of
 
 __all__ = ["GradientAccumulationTrainer"]
 
@@ -34,12 +31,6 @@ def _tqdm() -> Any:
         return importlib.import_module("tqdm.auto").tqdm
     except ImportError:
         return None
-
-
-def _batch_len(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0]) if x.ndim else 1
-    return len(x)
 
 
 def _get_rng() -> dict[str, Any]:
@@ -66,8 +57,7 @@ class GradientAccumulationTrainer:
     """Train a model with gradient accumulation configured by a :class:`GradientAccumulationConfig`.
 
     Args:
-        config: the configuration (``device``, ``mixed_precision``, ``progress_bar``,
-            ``checkpoint_every``/``checkpoint_path`` and ``logging_frequency`` are read here).
+        config: the configuration.
         progress_stream: where progress goes (default ``sys.stderr``).
     """
 
@@ -91,10 +81,8 @@ class GradientAccumulationTrainer:
     # ------------------------------------------------------------------ setup
     def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        criterion: Callable[[Any, Any], Tensor], scheduler: Any = None) -> None:
-        """Move the model to the device and wrap the optimizer (the plain torch one); clear its gradients.
-
-        The scheduler is stepped once per real update. A device missing here raises ``ValueError``.
-        """
+        """Move the model to the device, wrap the optimizer (the plain torch one) and clear its gradients; the
+        scheduler is stepped once per real update. A device this machine lacks raises ``ValueError``."""
         if not callable(criterion):
             raise TypeError(f"Invalid criterion: {type(criterion).__name__} (expected a callable loss)")
         device = self._device()
@@ -117,9 +105,8 @@ class GradientAccumulationTrainer:
             try:
                 torch.empty(0, device=device)
             except (RuntimeError, AssertionError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
-                raise ValueError(f"Invalid device: {name!r} (no {device.type} device on this machine: "
-                                 f"{first})") from None
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+                raise ValueError(f"Invalid device: {name!r} (no {device.type} device on this machine: {why})") from None
         return device
 
     def _parts(self) -> tuple[torch.nn.Module, AccumulatingOptimizer, Callable[[Any, Any], Tensor]]:
@@ -138,14 +125,10 @@ class GradientAccumulationTrainer:
 
     # ------------------------------------------------------------------- step
     def train_step(self, data_batch: Any, target_batch: Any) -> dict[str, Any]:
-        """One micro-batch, weighted by its sample count: forward, backward, accumulate (update at the window's end).
-
-        Returns the accumulator's dict plus ``output_shape``, ``target_shape``, ``num_samples`` and
-        ``loss_samples`` (the samples ``loss`` averages over). ``MEMORY_AWARE`` holds the batch until
-        its window's K-th batch (``loss`` is None before, then the window's mean loss).
-        """
+        """One micro-batch weighted by its sample count; returns the accumulator's dict plus ``output_shape``,
+        ``target_shape``, ``num_samples`` and ``loss_samples`` (the samples ``loss`` averages over)."""
         self._parts()
-        n = _batch_len(target_batch)
+        n = batch_size_of(target_batch)
         shape = getattr(target_batch, "shape", None)
         if self.config.strategy is AccumulationStrategy.MEMORY_AWARE:
             # The batches stay where the loader put them until the MicroBatcher moves each micro-batch.
@@ -227,10 +210,7 @@ class GradientAccumulationTrainer:
         return record
 
     def _add_loss(self, ep: dict[str, Any], loss: Tensor, samples: int) -> None:
-        """Add a mean loss over ``samples`` samples to the epoch's sums on the device (no sync).
-
-        With ``nan_handling`` a non-finite loss (dropped or skipped) counts in neither sum.
-        """
+        """Add a mean loss over ``samples`` samples to the epoch's sums on the device (``nan_handling``: if finite)."""
         value = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
         keep = torch.isfinite(value) if self.config.nan_handling else torch.ones_like(value, dtype=torch.bool)
         ep["loss_sum"] = ep["loss_sum"] + torch.where(keep, value * samples, torch.zeros_like(value))
