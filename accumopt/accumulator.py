@@ -97,7 +97,6 @@ class GradientAccumulator:
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
         self._memory: list[float] = []  # memory_monitoring: one reading per closed window
-        self._over = False  # the last reading was above memory_threshold
         self._pending: list[Batch] = []  # MEMORY_AWARE: loader batches of the open window
         self._loss_fn: Callable[[Batch], Tensor] | None = None
         self._batcher_state: dict[str, Any] | None = None
@@ -193,8 +192,7 @@ class GradientAccumulator:
         self._check_size(n)
         return n
 
-    def _check_size(self, n: float) -> None:
-        """Warn once when the first micro-batch's size differs from the configured ``effective_batch_size``."""
+    def _check_size(self, n: float) -> None:  # warn once: the first micro-batch is not effective_batch_size
         e, target = self.config.effective_batch_size, self.config.target_batch_size
         checked, self._size_checked = self._size_checked, True
         if checked or e is None or n == e:
@@ -227,11 +225,10 @@ class GradientAccumulator:
         if self.config.memory_monitoring and threshold is not None:
             monitor = MemoryMonitor(self.device)  # host queries only: CUDA allocated, or process RSS
             frac = monitor.used() / max(monitor.total(), 1)
-            self._memory.append(frac)
-            if frac > threshold and not self._over:  # warn when crossing the threshold, not at every update
+            if frac > threshold >= (self._memory or [0.0])[-1]:  # warn when crossing the threshold
                 self.logger.warning("accumopt: memory use %.1f%% of %s is above memory_threshold=%.0f%%",
                                     100 * frac, self.device, 100 * threshold)
-            self._over = frac > threshold
+            self._memory.append(frac)
 
     # ------------------------------------------------------ memory-aware path
     @property
@@ -377,7 +374,6 @@ class GradientAccumulator:
     def save_accumulation_state(self, filepath: str | os.PathLike[str], extra: Any = None) -> None:
         """Write the state to ``filepath`` with ``opt.save`` (atomically), with optional plain ``extra`` data."""
         self._require().save(filepath, extra={"accumulator": self._own_state(), "extra": extra})
-        self.logger.info("Accumulation state saved to %s", os.fspath(filepath))
 
     def load_accumulation_state(self, filepath: str | os.PathLike[str]) -> Any:
         """Load a file of :meth:`save_accumulation_state` and return its ``extra``; a corrupted or foreign file,
@@ -387,7 +383,6 @@ class GradientAccumulator:
             raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "
                              "the accumulator's state (expected a file of save_accumulation_state())")
         self.load_state_dict({"optimizer": optimizer_state, "accumulator": saved["accumulator"]})
-        self.logger.info("Accumulation state loaded from %s", os.fspath(filepath))
         return saved["extra"]
 
     def __repr__(self) -> str:

@@ -49,7 +49,6 @@ _PRECISIONS = ("float16", "bfloat16")
 _FLAGS = ("gradient_scaling", "loss_scaling", "memory_monitoring", "progressive_scaling", "gradient_clipping",
           "nan_handling")
 _OPTIONAL_FLAGS = ("adaptive_scaling", "selective_accumulation", "progress_bar")
-_FIXED_K = (AccumulationMode.STANDARD, AccumulationMode.EFFICIENT, AccumulationMode.SELECTIVE)
 _E = TypeVar("_E", AccumulationMode, AccumulationStrategy)
 
 
@@ -229,9 +228,8 @@ class GradientAccumulationConfig:
             if not _is_list(ex) or not all(isinstance(n, str) for n in ex):
                 raise TypeError(f"Invalid exclude_parameters: {ex!r} (expected a list of names or glob patterns)")
             if not self.selective_accumulation:
-                raise ValueError("Invalid exclude_parameters: set while selective_accumulation is False "
-                                 "(freezing parameters is selective accumulation: set selective_accumulation=True "
-                                 "or mode=SELECTIVE)")
+                raise ValueError("Invalid exclude_parameters: set while selective_accumulation is False (freezing is "
+                                 "selective accumulation: set selective_accumulation=True or mode=SELECTIVE)")
             self.exclude_parameters = list(ex)
         groups = self.strategy is AccumulationStrategy.PARAMETER_GROUPS
         if lw and not self.uses_layer_weights:
@@ -239,7 +237,10 @@ class GradientAccumulationConfig:
                     "strategy LAYER_WISE or mode SELECTIVE use layer weights")
         if gw is not None and not groups:
             _unused("parameter_group_weights", f"strategy={self.strategy.name}; only PARAMETER_GROUPS uses them")
-        if explicit_selective and not selective_mode and not self.exclude_parameters and not self._zero_weights():
+        pg = self.parameter_group_weights
+        weights = [*(self.layer_accumulation_weights or {}).values(), *(pg.values() if isinstance(pg, Mapping)
+                                                                      else pg or [])]
+        if explicit_selective and not selective_mode and not self.exclude_parameters and 0.0 not in weights:
             _unused("selective_accumulation=True", f"mode={self.mode.name}: it only allows weight 0 and "
                     "exclude_parameters, and neither is set")
         if groups and gw is None:
@@ -248,12 +249,6 @@ class GradientAccumulationConfig:
         if self.strategy is AccumulationStrategy.LAYER_WISE and not lw:
             raise ValueError("Invalid layer_accumulation_weights: empty with strategy=LAYER_WISE "
                              "(expected e.g. {'fc1.weight': 1.0, 'fc2.*': 0.5})")
-
-    def _zero_weights(self) -> bool:
-        """Whether a layer or group weight is 0 (a frozen parameter)."""
-        gw = self.parameter_group_weights or []
-        return 0.0 in (self.layer_accumulation_weights or {}).values() or 0.0 in (
-            gw.values() if isinstance(gw, Mapping) else gw)
 
     def _weight(self, name: str, value: Any) -> float:
         w = cast(float, check_real(name, value, nonnegative=True))
@@ -284,9 +279,8 @@ class GradientAccumulationConfig:
         self._option("memory_threshold", memory_aware or self.memory_monitoring, 0.9,
                      "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
         if memory_aware and not self.loss_scaling:
-            raise ValueError("Invalid loss_scaling: False with strategy=MEMORY_AWARE (the window's batches are "
-                             "re-split into micro-batches of varying size, so a sum over micro-batches has no fixed "
-                             "meaning; expected loss_scaling=True)")
+            raise ValueError("Invalid loss_scaling: False with strategy=MEMORY_AWARE (its micro-batches vary in size, "
+                             "so their sum has no fixed meaning; expected loss_scaling=True)")
         if memory_aware and self.mode is AccumulationMode.EFFICIENT:
             warnings.warn(
                 "GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in buffers "
@@ -319,7 +313,7 @@ class GradientAccumulationConfig:
             _unused("adaptive_scaling=True", "only mode ADAPTIVE and strategies MEMORY_AWARE / ADAPTIVE_LAYERS adapt")
         if self.adaptive_scaling is None:
             self.adaptive_scaling = uses
-        if self.progressive_scaling and self.mode in _FIXED_K:
+        if self.progressive_scaling and self.mode not in (AccumulationMode.ADAPTIVE, AccumulationMode.PROGRESSIVE):
             _unused("progressive_scaling=True", f"mode={self.mode.name} keeps K fixed, so the learning rate "
                     "never needs rescaling")
         for name in ("min_accumulation_steps", "max_accumulation_steps"):
@@ -341,14 +335,13 @@ class GradientAccumulationConfig:
             self.target_batch_size = self.effective_batch_size * hi
 
     def _check_device_and_checkpoint(self) -> None:
-        if self.device is not None:
-            if not isinstance(self.device, str):
-                raise TypeError(f"Invalid device: {self.device!r} (expected a device string such as 'cpu' or 'cuda')")
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
-                                 "'cuda' or 'cuda:1')") from None
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"Invalid device: {self.device!r} (expected a device string such as 'cpu' or 'cuda')")
+        try:
+            torch.device(self.device or "cpu")
+        except RuntimeError:
+            raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
+                             "'cuda' or 'cuda:1')") from None
         if self.checkpoint_every is not None:
             check_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_path is None:
@@ -371,13 +364,12 @@ class GradientAccumulationConfig:
         gw, n = self.parameter_group_weights, len(optimizer.param_groups)
         if self.strategy is not AccumulationStrategy.PARAMETER_GROUPS:
             return
-        if isinstance(gw, Mapping):
-            valid = {i for i in range(n)} | {f"group_{i}" for i in range(n)}
-            for key in gw:
-                if isinstance(key, bool) or key not in valid:
-                    raise ValueError(f"Invalid parameter_group_weights key: {key!r} (expected a group index "
-                                     f"0..{n - 1} or 'group_<i>': the optimizer has {n} param groups)")
-        elif gw is not None and len(gw) != n:
+        valid = set(range(n)) | {f"group_{i}" for i in range(n)}
+        for key in gw if isinstance(gw, Mapping) else ():
+            if isinstance(key, bool) or key not in valid:
+                raise ValueError(f"Invalid parameter_group_weights key: {key!r} (expected a group index 0..{n - 1} or "
+                                 f"'group_<i>': the optimizer has {n} param groups)")
+        if isinstance(gw, list) and len(gw) != n:
             raise ValueError(f"Invalid parameter_group_weights: {list(gw)!r} (expected {n} weights, one per "
                              "param group)")
 
@@ -408,6 +400,7 @@ class GradientAccumulationConfig:
             steps = AdaptiveK(k_min=self.min_accumulation_steps or 1, k_max=self.max_accumulation_steps or self.k,
                               k_init=self.k)
         agc = self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS
+        groups = self.strategy is AccumulationStrategy.PARAMETER_GROUPS
         return {
             "accumulation_steps": steps,
             "mode": self.storage,
@@ -416,8 +409,7 @@ class GradientAccumulationConfig:
             "max_grad_norm": self.clipping_norm if self.gradient_clipping else None,
             "agc_clip_factor": self.agc_clip_factor if agc else None,
             "layer_weights": dict(self.layer_accumulation_weights or {}) if self.uses_layer_weights else None,
-            "group_weights": self.parameter_group_weights
-            if self.strategy is AccumulationStrategy.PARAMETER_GROUPS else None,
+            "group_weights": self.parameter_group_weights if groups else None,
             "exclude": list(self.exclude_parameters) if self.exclude_parameters else None,
             "lr_scaling": self.lr_scaling_rule,
             "noise_scale": self.mode is AccumulationMode.ADAPTIVE,

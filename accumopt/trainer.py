@@ -203,8 +203,8 @@ class GradientAccumulationTrainer:
             bar.set_postfix_str(self._postfix(epoch_loss, record["samples_per_second"]))
             bar.close()
         elif self.config.progress_bar is not False:
-            self._line(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {ep['updates']} updates, "
-                       f"{record['samples_per_second']:.0f} samples/s")
+            print(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {ep['updates']} updates, "
+                  f"{record['samples_per_second']:.0f} samples/s", file=self.progress_stream or sys.stderr, flush=True)
         self._pos = 0
         self._ep = dict(_NEW_EPOCH)
         return record
@@ -221,9 +221,6 @@ class GradientAccumulationTrainer:
         loss_text = "n/a" if loss is None else f"{loss:.4f}"
         return (f"loss={loss_text}, lr={float(opt.param_groups[0]['lr']):.3g}, K={opt.accumulation_steps}, "
                 f"{sps:.0f} samples/s")
-
-    def _line(self, text: str) -> None:
-        print(text, file=self.progress_stream or sys.stderr, flush=True)
 
     def _open_bar(self, total: int | None, initial: int) -> Any:
         tqdm = None if self.config.progress_bar is False else _tqdm()
@@ -243,7 +240,8 @@ class GradientAccumulationTrainer:
                 bar.set_postfix_str(text)
             else:
                 where = f"{self._pos}/{num_batches}" if num_batches else f"{self._pos}"
-                self._line(f"epoch {self.current_epoch} batch {where} update {n}: {text}")
+                print(f"epoch {self.current_epoch} batch {where} update {n}: {text}",
+                      file=self.progress_stream or sys.stderr, flush=True)
         if applied and cfg.checkpoint_every and cfg.checkpoint_path and n % cfg.checkpoint_every == 0:
             self.save_checkpoint(cfg.checkpoint_path)
 
