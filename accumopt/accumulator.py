@@ -314,12 +314,12 @@ class GradientAccumulator:
         opt = self._require()
         skipped = int(s["skipped_updates"])
         overflow = self.scaler is not None and skipped > 0
-        batch = self._effective_batch(opt.accumulation_steps, self.config.effective_batch_size)
         return AccumulationState(
             total_steps=s["micro_steps"], accumulation_step=len(self._pending) or opt.pending,
             accumulation_steps=opt.accumulation_steps, total_optimizer_steps=s["updates"],
             skipped_optimizer_steps=skipped, last_optimizer_step=s["micro_steps"] - opt.pending,
-            effective_batch_size=batch, accumulated_loss=s["accumulated_loss"] if opt.pending else None,
+            effective_batch_size=self._effective_batch(opt.accumulation_steps, self.config.effective_batch_size),
+            accumulated_loss=s["accumulated_loss"] if opt.pending else None,
             average_gradient_norm=s["mean_grad_norm"], last_gradient_norm=s["last_grad_norm"],
             nan_detected=s["nonfinite_events"] > 0 or (skipped > 0 and not overflow), overflow_detected=overflow,
             memory_usage=tuple(self._memory),
@@ -386,5 +386,4 @@ class GradientAccumulator:
         return saved["extra"]
 
     def __repr__(self) -> str:
-        c = self.config
-        return f"GradientAccumulator(mode={c.mode.name}, strategy={c.strategy.name}, K={c.accumulation_steps})"
+        return f"GradientAccumulator({self.config.mode.name}, {self.config.strategy.name}, K={self.config.k})"

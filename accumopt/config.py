@@ -75,10 +75,6 @@ def _divide(target: int, by: int, name: str) -> int:
     return target // by
 
 
-def _is_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
 @dataclass
 class GradientAccumulationConfig:
     """Configuration of :class:`GradientAccumulator` and :class:`GradientAccumulationTrainer`; every field is
@@ -131,12 +127,8 @@ class GradientAccumulationConfig:
         self._check_schedule()
         self._check_batch_sizes()
         self._check_weights()
-        self._check_memory()
-        self._check_clipping_and_nan()
+        self._check_options()
         self._check_adaptive()
-        self._option("lr_scaling_rule", self.progressive_scaling, "sqrt",
-                     "it is the rule of progressive_scaling=True, which is off")
-        self._check_device_and_checkpoint()
 
     def _check_schedule(self) -> None:
         s, progressive = self.accumulation_schedule, self.mode is AccumulationMode.PROGRESSIVE
@@ -147,7 +139,7 @@ class GradientAccumulationConfig:
         if s is None:
             raise ValueError("Invalid accumulation_schedule: None with mode=PROGRESSIVE "
                              "(expected a list of K by epoch, e.g. [2, 4, 8, 16])")
-        if not _is_list(s):
+        if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
             raise TypeError(f"Invalid accumulation_schedule: {s!r} (expected a list of ints >= 1)")
         if len(s) == 0:
             raise ValueError("Invalid accumulation_schedule: [] (expected a non-empty list of ints >= 1)")
@@ -225,7 +217,7 @@ class GradientAccumulationConfig:
         elif gw is not None:
             raise TypeError(f"Invalid {name}: {gw!r} (expected a dict like {{'group_0': 1.0}} or a list)")
         if ex is not None:
-            if not _is_list(ex) or not all(isinstance(n, str) for n in ex):
+            if isinstance(ex, str) or not isinstance(ex, Sequence) or not all(isinstance(n, str) for n in ex):
                 raise TypeError(f"Invalid exclude_parameters: {ex!r} (expected a list of names or glob patterns)")
             if not self.selective_accumulation:
                 raise ValueError("Invalid exclude_parameters: set while selective_accumulation is False (freezing is "
@@ -258,8 +250,7 @@ class GradientAccumulationConfig:
         return w
 
     def _option(self, name: str, active: bool, default: Any, why: str, *, strict: bool = False) -> None:
-        """An option read only when ``active``: ``default`` there when unset; set elsewhere it is
-        dropped with a warning (``strict``: ``ValueError``, ``why`` naming what it needs)."""
+        """An option read only when ``active``: ``default`` there; set elsewhere it warns (``strict``: raises)."""
         value = getattr(self, name)
         if value is None:
             value = default if active else None
@@ -270,7 +261,8 @@ class GradientAccumulationConfig:
             value = None
         setattr(self, name, value)
 
-    def _check_memory(self) -> None:
+    def _check_options(self) -> None:
+        """Options that depend on a flag, a mode or a strategy."""
         memory_aware = self.strategy is AccumulationStrategy.MEMORY_AWARE
         if self.memory_threshold is not None:
             t = check_real("memory_threshold", self.memory_threshold)
@@ -282,13 +274,10 @@ class GradientAccumulationConfig:
             raise ValueError("Invalid loss_scaling: False with strategy=MEMORY_AWARE (its micro-batches vary in size, "
                              "so their sum has no fixed meaning; expected loss_scaling=True)")
         if memory_aware and self.mode is AccumulationMode.EFFICIENT:
-            warnings.warn(
-                "GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in buffers "
-                "(mode='buffered'), not in .grad: out-of-memory recovery (MicroBatcher) must keep the window's sum "
-                "apart from a micro-batch that fails half-way through its backward. This costs one gradient-sized "
-                "buffer; use strategy=UNIFORM for in-place accumulation without recovery.", UserWarning, stacklevel=4)
-
-    def _check_clipping_and_nan(self) -> None:
+            warnings.warn("GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in "
+                          "buffers (mode='buffered'), not in .grad: out-of-memory recovery keeps the window's sum "
+                          "apart from a micro-batch that fails in its backward (one gradient-sized buffer; "
+                          "strategy=UNIFORM accumulates in place, without recovery).", UserWarning, stacklevel=4)
         self.clipping_norm = check_real("clipping_norm", self.clipping_norm, positive=True, allow_none=True)
         self._option("clipping_norm", self.gradient_clipping, 1.0,
                      "gradient_clipping=False (expected gradient_clipping=True, or no clipping_norm)", strict=True)
@@ -300,6 +289,23 @@ class GradientAccumulationConfig:
         if self.nan_policy == "drop" and self.mode is AccumulationMode.EFFICIENT:
             raise ValueError("Invalid nan_policy: 'drop' with mode=EFFICIENT (dropping one micro-batch needs its "
                              "gradient apart from the window's sum; use mode=STANDARD)")
+        self._option("lr_scaling_rule", self.progressive_scaling, "sqrt",
+                     "it is the rule of progressive_scaling=True, which is off")
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"Invalid device: {self.device!r} (expected a device string such as 'cpu' or 'cuda')")
+        try:
+            torch.device(self.device or "cpu")
+        except RuntimeError:
+            raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
+                             "'cuda' or 'cuda:1')") from None
+        if self.checkpoint_every is not None:
+            check_int("checkpoint_every", self.checkpoint_every)
+            if self.checkpoint_path is None:
+                raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file to write)")
+        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
+            raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
+        self._option("checkpoint_path", self.checkpoint_every is not None, None,
+                     "the trainer writes it every checkpoint_every real updates, and checkpoint_every is not set")
 
     def _check_adaptive(self) -> None:
         adaptive_mode = self.mode is AccumulationMode.ADAPTIVE
@@ -309,10 +315,9 @@ class GradientAccumulationConfig:
             what, kind = ("mode=ADAPTIVE", "mode") if adaptive_mode else ("strategy=ADAPTIVE_LAYERS", "strategy")
             raise ValueError(f"Invalid adaptive_scaling: False with {what} (that {kind} is adaptive "
                              "scaling; leave adaptive_scaling unset or True)")
-        if self.adaptive_scaling is True and not uses:
+        if self.adaptive_scaling and not uses:
             _unused("adaptive_scaling=True", "only mode ADAPTIVE and strategies MEMORY_AWARE / ADAPTIVE_LAYERS adapt")
-        if self.adaptive_scaling is None:
-            self.adaptive_scaling = uses
+        self.adaptive_scaling = uses if self.adaptive_scaling is None else self.adaptive_scaling
         if self.progressive_scaling and self.mode not in (AccumulationMode.ADAPTIVE, AccumulationMode.PROGRESSIVE):
             _unused("progressive_scaling=True", f"mode={self.mode.name} keeps K fixed, so the learning rate "
                     "never needs rescaling")
@@ -333,23 +338,6 @@ class GradientAccumulationConfig:
         self.min_accumulation_steps, self.max_accumulation_steps = lo, hi
         if self.effective_batch_size is not None:  # the largest batch per update (see _adaptive_target)
             self.target_batch_size = self.effective_batch_size * hi
-
-    def _check_device_and_checkpoint(self) -> None:
-        if self.device is not None and not isinstance(self.device, str):
-            raise TypeError(f"Invalid device: {self.device!r} (expected a device string such as 'cpu' or 'cuda')")
-        try:
-            torch.device(self.device or "cpu")
-        except RuntimeError:
-            raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
-                             "'cuda' or 'cuda:1')") from None
-        if self.checkpoint_every is not None:
-            check_int("checkpoint_every", self.checkpoint_every)
-            if self.checkpoint_path is None:
-                raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file to write)")
-        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
-            raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
-        self._option("checkpoint_path", self.checkpoint_every is not None, None,
-                     "the trainer writes it every checkpoint_every real updates, and checkpoint_every is not set")
 
     def check_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Raise ``ValueError`` if an option names a parameter or param group ``model``/``optimizer`` lack."""

@@ -481,6 +481,17 @@ def test_memory_aware_trainer_recovers_from_oom_exactly_like_the_large_batch(f64
     assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-12
 
 
+@pytest.mark.parametrize("adaptive_scaling,grow_after", [(None, 50), (True, 50), (False, 0)])
+def test_memory_aware_adaptive_scaling_lets_the_micro_batch_grow_back(adaptive_scaling, grow_after):
+    model, batches = _mlp(), _batches(k=2)
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=2,
+                                     adaptive_scaling=adaptive_scaling)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for b in batches:
+        acc.accumulate_batch(b, lambda micro: nn.functional.cross_entropy(model(micro[0]), micro[1]))
+    assert acc.batcher.grow_after == grow_after and acc.state.total_optimizer_steps == 1
+
+
 def test_memory_aware_accumulator_batches_recover_from_oom_exactly():
     model, batches = OOMAbove(3, "backward"), _batches(k=3, n=8)
     batches = batches + [(batches[0][0][:5], batches[0][1][:5])]  # a short batch: 8, 8, 8, 5 samples
