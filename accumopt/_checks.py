@@ -17,7 +17,7 @@ try:  # numpy is optional; its bool is not an Integral, but be explicit
 except ImportError:  # pragma: no cover
     np_bool = bool
 
-__all__ = ["check_int", "check_real", "check_choice", "weight_dtype"]
+__all__ = ["check_choice", "check_int", "check_real", "check_state_number", "check_state_scalar", "weight_dtype"]
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:
@@ -77,3 +77,25 @@ def check_cuda_present(name: str, device: torch.device) -> None:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"Invalid device: {name!r} (expected an index below the "
                          f"{torch.cuda.device_count()} CUDA device(s) of this machine)")
+
+
+def check_state_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> None:
+    """Raise ``ValueError`` unless a state-dict entry is a finite number (an int) >= ``minimum``."""
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        kind = "an int" if integer else "a finite number"
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"Invalid state dict: {where} is {value!r} (expected {kind}{bound})")
+
+
+def check_state_scalar(where: str, value: Any) -> None:
+    """Raise ``ValueError`` unless a state-dict entry is a one-element tensor or a finite number."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} "
+                             "(expected a scalar)")
+    else:
+        check_state_number(where, value)

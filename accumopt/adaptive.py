@@ -32,16 +32,13 @@ per window, at the boundary); micro-steps in between stay sync-free.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any
 
-from torch import Tensor
-
-from ._checks import check_int, check_real
-from .schedule import Schedule
+from ._checks import check_int, check_real, check_state_number
+from .schedule import NoiseSource, Schedule
 
 __all__ = ["AdaptiveK"]
-
-NoiseSource = Callable[[], "float | Tensor | None"]
 
 
 class AdaptiveK(Schedule):
@@ -55,8 +52,8 @@ class AdaptiveK(Schedule):
     Args:
         noise_scale: a callable returning the current estimate of the simple noise
             scale in *samples* (a float, a 0-dim tensor, or None while unknown). None:
-            read the wrapper's estimate (``opt.noise_scale`` if it exists, else
-            ``opt.stats()["noise_scale"]``; turn its estimation on in the wrapper).
+            follow the wrapper's estimate (``opt.noise_scale()``; turn its estimation
+            on in the wrapper with ``noise_scale=True``).
         k_min: smallest K (at least 2 with the wrapper's own estimator, see above).
         k_max: largest K.
         micro_batch_size: samples per micro-batch, to turn the noise scale into a K
@@ -98,7 +95,7 @@ class AdaptiveK(Schedule):
         self.patience = check_int("patience", patience)
         self.warmup = check_int("warmup", warmup, minimum=0)
         self.noise_scale = noise_scale
-        self.floor = self.k_min  # the lowest K used; 2 with the wrapper's estimator (see check_source)
+        self.floor = self.k_min  # the lowest K used; 2 with the wrapper's estimator (see attach)
         self.candidates = self._candidates()
         self.k = k_init
         self.target: float | None = None  # last target, in micro-batches
@@ -106,7 +103,7 @@ class AdaptiveK(Schedule):
         self._direction = 0
         self._streak = 0
         self._decided_at = 0  # the boundary (closed windows) of the last decision
-        self._optimizer: Any = None
+        self._source = noise_scale
 
     def _candidates(self) -> list[int]:
         out, k = [], self.k_min
@@ -117,42 +114,27 @@ class AdaptiveK(Schedule):
         out.append(self.k_max)
         return out
 
-    def check_source(self, wrapper_estimates: bool) -> None:
-        """Called by the wrapper before it is built: is there an estimate to follow?
-
-        Args:
-            wrapper_estimates: whether the wrapper estimates the noise scale itself.
+    def attach(self, estimate: NoiseSource | None) -> None:
+        """Called by the wrapper before it is built, with its own noise-scale estimate (or None).
 
         Raises:
             ValueError: no callable ``noise_scale`` and no estimation in the wrapper.
         """
         if self.noise_scale is not None:
             return
-        if not wrapper_estimates:
+        if estimate is None:
             raise ValueError(
                 "Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the wrapper "
                 "with noise_scale=True, or give AdaptiveK(noise_scale=callable))"
             )
+        self._source = estimate
         self.floor = max(self.k_min, min(2, self.k_max))  # one micro-batch: nothing to estimate from
         self.candidates = self._candidates()
         self.k = max(self.k, self.floor)
 
-    def bind(self, optimizer: Any) -> None:
-        self._optimizer = optimizer
-
     def read(self) -> float | None:
         """The current noise-scale estimate (one sync when it is a device tensor)."""
-        source = self.noise_scale
-        if source is None:
-            opt = self._optimizer
-            if opt is None:
-                return None
-            value = getattr(opt, "noise_scale", None)
-            value = value() if callable(value) else value
-            if value is None and hasattr(opt, "stats"):
-                value = opt.stats().get("noise_scale")
-        else:
-            value = source()
+        value = None if self._source is None else self._source()
         if value is None:
             return None
         value = float(value)  # the one sync per decision
@@ -193,11 +175,21 @@ class AdaptiveK(Schedule):
                 self._direction = 0
         return self.k
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"k": self.k, "target": self.target, "changes": self.changes, "direction": self._direction,
                 "streak": self._streak, "decided_at": self._decided_at}
 
-    def load_state_dict(self, state: dict) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        super().validate_state_dict(state)
+        check_state_number("schedule['k']", state.get("k"), integer=True, minimum=1)
+        for key in ("changes", "streak", "decided_at"):
+            if key in state:
+                check_state_number(f"schedule[{key!r}]", state[key], integer=True, minimum=0)
+        if state.get("target") is not None:
+            check_state_number("schedule['target']", state["target"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.validate_state_dict(state)
         self.k = int(state["k"])
         self.target = None if state.get("target") is None else float(state["target"])
         self.changes = int(state.get("changes", 0))

@@ -17,15 +17,20 @@ All arithmetic is ``torch._foreach_*`` over parameters grouped once by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from ._checks import check_choice
+from .weights import WeightResolver
+
 __all__ = ["GradientStore", "MODES"]
 
 MODES = ("inplace", "buffered")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -45,19 +50,19 @@ class _Group:
     sparse: dict = field(default_factory=dict)
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
-    maybe: list = field(default_factory=list)
+    seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
-    # ``zero_grad(set_to_none=False)``); ``carried_all``: every one of them.
-    carried: set = field(default_factory=set)
-    carried_all: bool = False
+    # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
+    had_grad: set[int] = field(default_factory=set)
+    had_grad_all: bool = False
 
     def seen_indices(self) -> list[int] | None:
         """Indices of the buffers that (may have) received a dense gradient this window (None: all)."""
-        if self.all_seen or any(idx is None for _, idx in self.maybe):
+        if self.all_seen or any(idx is None for _, idx in self.seen_if_kept):
             return None
-        if not self.maybe:
+        if not self.seen_if_kept:
             return sorted(self.seen)
-        return sorted(self.seen.union(*(idx for _, idx in self.maybe)))
+        return sorted(self.seen.union(*(idx for _, idx in self.seen_if_kept if idx is not None)))
 
     def mark(self, idx: list[int] | None) -> None:
         if idx is None:
@@ -69,7 +74,7 @@ class _Group:
         self.all_seen = False
         self.seen.clear()
         self.sparse.clear()
-        self.maybe.clear()
+        self.seen_if_kept.clear()
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -95,9 +100,7 @@ def _present(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int
 
 
 def _mul_(tensors: list[Tensor], factor: "float | Tensor") -> None:
-    if isinstance(factor, Tensor):
-        torch._foreach_mul_(tensors, factor)
-    elif factor != 1.0:
+    if isinstance(factor, Tensor) or factor != 1.0:
         torch._foreach_mul_(tensors, factor)
 
 
@@ -108,18 +111,20 @@ class GradientStore:
         param_groups: the wrapped optimizer's ``param_groups`` (read, never copied).
         mode: ``"inplace"`` or ``"buffered"``.
         accumulate_dtype: dtype of the sum for low-precision parameters.
-        weight_of: ``(group_index, param) -> float`` accumulation weight; 0 excludes.
+        weight_of: the per-parameter accumulation weights (0 excludes).
     """
 
     def __init__(
         self,
-        param_groups: list[dict],
+        param_groups: list[dict[str, Any]],
         *,
-        mode: str,
-        accumulate_dtype: torch.dtype,
-        weight_of: Callable[[int, Tensor], float],
+        mode: str = "inplace",
+        accumulate_dtype: torch.dtype = torch.float32,
+        weight_of: WeightResolver,
     ) -> None:
-        self.mode = mode
+        self.mode = check_choice("mode", mode, MODES)
+        if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"Invalid accumulate_dtype: {accumulate_dtype!r} (expected one of {_FLOAT_DTYPES})")
         self.accumulate_dtype = accumulate_dtype
         self._weight_of = weight_of
         self._param_groups = param_groups
@@ -129,6 +134,11 @@ class GradientStore:
         self.refresh()
 
     # ------------------------------------------------------------------ layout
+    def check_new_group(self, param_group: Mapping[str, Any]) -> None:
+        """Raise before ``add_param_group`` if the group's ``accumulation_weight`` is invalid."""
+        self._weight_of.rebind(self._param_groups)
+        self._weight_of.check_new_group(param_group)
+
     def refresh(self, param_groups: list[dict] | None = None) -> None:
         """Take in parameters added to the optimizer since the last call.
 
@@ -163,7 +173,7 @@ class GradientStore:
             self.groups.append(_Group(params, weight, buffers, same_dtype=buf_dtype in (None, dtype)))
 
     @property
-    def params(self) -> Iterable[Tensor]:
+    def params(self) -> Iterator[Tensor]:
         for g in self.groups:
             yield from g.params
 
@@ -202,7 +212,7 @@ class GradientStore:
             if step is None:
                 g.mark(idx)
             else:
-                g.maybe.append((step, idx))
+                g.seen_if_kept.append((step, idx))
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if grads and isinstance(scale, Tensor):
                 s = g.to_device(scale)
@@ -236,12 +246,12 @@ class GradientStore:
         """Count every buffer as holding a gradient (after a cross-rank reduction filled them all)."""
         for g in self.groups:
             g.all_seen = True
-            g.maybe.clear()
+            g.seen_if_kept.clear()
         self._drops.clear()
 
     def pending_drops(self) -> Tensor | None:
         """Dropped flags (device, one per maybe-dropped micro-batch) that :meth:`resolve` needs, or None."""
-        if not any(g.maybe for g in self.groups):
+        if not any(g.seen_if_kept for g in self.groups):
             return None
         device = self._drops[0].device
         return torch.stack([d.to(device, torch.float32) for d in self._drops])
@@ -261,13 +271,13 @@ class GradientStore:
         also set the ``.grad`` that :meth:`finalize` gave such a parameter to None.
         """
         for g in self.groups:
-            if not g.maybe:
+            if not g.seen_if_kept:
                 continue
             before = g.seen_indices()
-            for step, idx in g.maybe:
+            for step, idx in g.seen_if_kept:
                 if kept[step]:
                     g.mark(idx)
-            g.maybe.clear()
+            g.seen_if_kept.clear()
             if release:
                 after = g.seen_indices()
                 gone = set(range(len(g.params)) if before is None else before)
@@ -324,22 +334,22 @@ class GradientStore:
         for g in self.groups:
             if g.buffers is not None:
                 torch._foreach_zero_(g.buffers)
-                if not g.carried_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
+                if not g.had_grad_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
                     seen = g.seen_indices()
                     if seen is None:
-                        g.carried_all = True
+                        g.had_grad_all = True
                     else:
-                        g.carried.update(seen)
+                        g.had_grad.update(seen)
                 g.clear()
                 for p in g.params:
                     p.grad = None
             else:
                 for i, p in enumerate(g.params):
-                    if p.grad is not None and not g.carried_all and not p.grad.is_sparse:
-                        g.carried.add(i)
+                    if p.grad is not None and not g.had_grad_all and not p.grad.is_sparse:
+                        g.had_grad.add(i)
                     p.grad = None
-                if not g.carried_all and len(g.carried) == len(g.params):
-                    g.carried_all = True
+                if not g.had_grad_all and len(g.had_grad) == len(g.params):
+                    g.had_grad_all = True
         for p in self.excluded:
             p.grad = None
         self._drops.clear()
@@ -353,12 +363,12 @@ class GradientStore:
         """
         for g in self.groups:
             if set_to_none:
-                g.carried.clear()
-                g.carried_all = False
+                g.had_grad.clear()
+                g.had_grad_all = False
                 continue
-            idx = range(len(g.params)) if g.carried_all else g.carried
+            idx = range(len(g.params)) if g.had_grad_all else g.had_grad
             if g.buffers is not None:
-                g.mark(None if g.carried_all else list(idx))
+                g.mark(None if g.had_grad_all else list(idx))
             else:
                 for i in idx:
                     p = g.params[i]
@@ -366,7 +376,7 @@ class GradientStore:
                         p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # -------------------------------------------------------------------- state
-    def state(self) -> list[Tensor | None]:
+    def state_dict(self) -> list[Tensor | None]:
         """The window's pending sums, one entry per accumulated parameter, cloned."""
         drops = self.pending_drops()
         if drops is not None:  # a checkpoint may read the device: settle what the drops left
@@ -409,8 +419,8 @@ class GradientStore:
                     out.append((p, b.detach()))
         return out
 
-    def expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """(shape, dtype) of each entry of :meth:`state` (buffers or grads)."""
+    def _expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each entry of :meth:`state_dict` (buffers or grads)."""
         out = []
         for g in self.groups:
             if g.buffers is None:
@@ -419,9 +429,29 @@ class GradientStore:
                 out.extend((tuple(b.shape), b.dtype) for b in g.buffers)
         return out
 
-    def load(self, entries: list[Tensor | None]) -> None:
-        """Restore :meth:`state` (already validated against :meth:`expected`)."""
-        it = iter(entries)
+    def validate_state_dict(self, sums: Any) -> None:
+        """Raise ``ValueError`` unless ``sums`` fits this store (one entry per parameter, shapes, dtypes)."""
+        expected = self._expected()
+        if not isinstance(sums, list):
+            raise ValueError(f"Invalid state dict: accumulation sums are a {type(sums).__name__} (expected a list)")
+        if len(sums) != len(expected):
+            raise ValueError(f"Invalid state dict: {len(sums)} accumulation sums (expected {len(expected)})")
+        for i, (t, (shape, dtype)) in enumerate(zip(sums, expected)):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise ValueError(f"Invalid state dict: accumulation sum {i} is a {type(t).__name__} "
+                                 "(expected a tensor)")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"Invalid state dict: accumulation sum {i} has shape {tuple(t.shape)} and dtype {t.dtype} "
+                    f"(expected {shape} and {dtype})"
+                )
+
+    def load_state_dict(self, sums: list[Tensor | None]) -> None:
+        """Restore :meth:`state_dict` (copied: the argument is not aliased)."""
+        self.validate_state_dict(sums)
+        it = iter(sums)
         self._drops.clear()
         for g in self.groups:
             if g.buffers is None:

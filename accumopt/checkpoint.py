@@ -1,17 +1,17 @@
-"""State dicts and checkpoint files of :class:`~accumopt.AccumulatingOptimizer`.
+"""State-dict helpers and checkpoint files of :class:`~accumopt.AccumulatingOptimizer`.
 
 ``opt.state_dict()`` is the wrapped optimizer's state dict plus an
-``"accumulation"`` entry holding everything a mid-window resume needs (pending
-sums, window count and weight total, K-schedule position, owned GradScaler and
-scheduler, statistics, noise-scale estimator) and a small ``"signature"`` of the
-setup it was taken from. All of it is tensors, numbers, strings, lists and dicts,
-so ``torch.load(..., weights_only=True)`` reads it.
+``"accumulation"`` entry holding everything a mid-window resume needs, one entry
+per component (pending sums, window count and weight total, K-schedule position,
+owned GradScaler and scheduler, statistics, noise-scale estimator), and a small
+``"signature"`` of the setup it was taken from. All of it is tensors, numbers,
+strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 
 ``opt.load_state_dict(sd)`` validates everything first (signature: parameter
 count, shapes, dtypes, optimizer class, mode, K, owned scaler and scheduler; then
-the shape of every entry), copies what it keeps (the argument is never aliased
-or mutated), and only then changes the optimizer. A refused state dict raises
-``ValueError`` and leaves the optimizer exactly as it was.
+each component validates its own entry), copies what it keeps (the argument is
+never aliased or mutated), and only then changes the optimizer. A refused state
+dict raises ``ValueError`` and leaves the optimizer exactly as it was.
 
 :func:`save_checkpoint` writes atomically: a temporary file in the destination's
 folder, flush, ``fsync``, ``os.replace``, ``fsync`` of the folder. A crash (even
@@ -30,38 +30,40 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "FILE_FORMAT",
+    "atomic_save",
+    "clone_tree",
+    "compare_signatures",
     "load_checkpoint",
-    "load_optimizer_state",
-    "optimizer_state_dict",
+    "load_inner_keeping_identity",
     "save_checkpoint",
     "signature",
-    "validate_state_dict",
+    "validate_optimizer_state",
+    "validate_state_shapes",
 ]
 
 FILE_FORMAT = "accumopt.checkpoint"
 STATE_FORMAT = "accumopt.AccumulatingOptimizer"
 STATE_VERSION = 2
-_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
-# --------------------------------------------------------------------- helpers
-def _clone_tree(x: Any) -> Any:
-    """A copy of nested dicts/lists/tuples with every tensor cloned (never aliases ``x``)."""
+def clone_tree(x: Any, device: torch.device | None = None) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor cloned (onto ``device``); never aliases ``x``."""
     if isinstance(x, Tensor):
-        return x.detach().clone()
+        t = x.detach()
+        return t.to(device).clone() if device is not None else t.clone()
     if isinstance(x, Mapping):
-        return {k: _clone_tree(v) for k, v in x.items()}
+        return {k: clone_tree(v, device) for k, v in x.items()}
     if isinstance(x, list):
-        return [_clone_tree(v) for v in x]
+        return [clone_tree(v, device) for v in x]
     if isinstance(x, tuple):
-        return tuple(_clone_tree(v) for v in x)
+        return tuple(clone_tree(v, device) for v in x)
     return x
 
 
@@ -69,44 +71,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _params(wrapper: Any) -> list[Tensor]:
-    return [p for g in wrapper.param_groups for p in g["params"]]
-
-
-def _device(wrapper: Any) -> torch.device:
-    devices = {p.device for p in _params(wrapper)}
-    return next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
-
-
-def _k_spec(schedule: Any) -> dict[str, Any]:
-    spec: Any = None
-    if schedule.kind == "constant":
-        spec = int(schedule.spec)
-    elif schedule.kind in ("list", "mapping"):
-        spec = [[int(a), int(b)] for a, b in schedule._points]
-    elif schedule.kind == "object":
-        spec = type(schedule.spec).__name__
-    return {"kind": schedule.kind, "spec": spec, "by": schedule.schedule_by}
-
-
-def signature(wrapper: Any) -> dict[str, Any]:
-    """What a state dict must match to be loaded into ``wrapper`` (plain data)."""
-    inner = wrapper.optimizer
-    scheduler = wrapper.scheduler
-    scaling = wrapper._window.lr_scaling
+def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any], scaler: bool,
+              scheduler: Any, lr_scaling: str | None) -> dict[str, Any]:
+    """What a state dict must match to be loaded (plain data)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     return {
-        "optimizer": f"{type(inner).__module__}.{type(inner).__qualname__}",
-        "mode": wrapper._store.mode,
-        "k": _k_spec(wrapper._window.schedule),
-        "groups": [len(g["params"]) for g in wrapper.param_groups],
-        "params": [[list(p.shape), _dtype_name(p.dtype)] for p in _params(wrapper)],
-        "scaler": wrapper._precision.scaler is not None,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "mode": mode,
+        "k": k,
+        "groups": [len(g["params"]) for g in optimizer.param_groups],
+        "params": [[list(p.shape), _dtype_name(p.dtype)] for p in params],
+        "scaler": scaler,
         "scheduler": None if scheduler is None else type(scheduler).__name__,
-        "lr_scaling": None if scaling is None else scaling.rule,
+        "lr_scaling": lr_scaling,
     }
 
 
-def _compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
+def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first difference between a saved signature and ``ours``."""
     if not isinstance(saved, dict):
         raise ValueError("Invalid state dict: the accumulation entry has no 'signature' (expected one from "
                          "AccumulatingOptimizer.state_dict())")
@@ -130,39 +112,21 @@ def _compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
                              f"{ours[key]!r})")
 
 
-def _check_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        (isinstance(value, (int, float)) and not isinstance(value, bool))
-    if not ok or (minimum is not None and value < minimum):
-        kind = "an int" if integer else "a number"
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"Invalid state dict: {where} is {value!r} (expected {kind}{bound})")
-
-
-def _check_scalar(where: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} (expected a scalar)")
-    else:
-        _check_number(where, value)
-
-
-# ----------------------------------------------------------------- validation
-def validate_state_dict(wrapper: Any, optimizer_sd: Any, acc: Any) -> None:
-    """Raise ``ValueError`` if ``optimizer_sd``/``acc`` do not fit ``wrapper``; change nothing."""
-    if not isinstance(optimizer_sd, Mapping):
-        raise ValueError(f"Invalid state dict: a {type(optimizer_sd).__name__} (expected a dict)")
-    groups = optimizer_sd.get("param_groups")
-    state = optimizer_sd.get("state")
+def validate_optimizer_state(sd: Any, param_groups: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` unless ``sd`` is an optimizer state dict with the layout of ``param_groups``."""
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
+    groups = sd.get("param_groups")
+    state = sd.get("state")
     if not isinstance(groups, list) or not isinstance(state, Mapping) or \
             not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
         raise ValueError("Invalid state dict: missing or malformed 'state' or 'param_groups' "
                          "(expected an optimizer state dict)")
-    ours = wrapper.param_groups
-    if len(groups) != len(ours) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, ours)):
+    if len(groups) != len(param_groups) or any(len(a["params"]) != len(b["params"])
+                                               for a, b in zip(groups, param_groups)):
         raise ValueError(
             f"Invalid state dict: {len(groups)} param groups of sizes {[len(g['params']) for g in groups]} "
-            f"(expected {len(ours)} of sizes {[len(g['params']) for g in ours]})"
+            f"(expected {len(param_groups)} of sizes {[len(g['params']) for g in param_groups]})"
         )
     ids = [i for g in groups for i in g["params"]]
     if len(set(map(repr, ids))) != len(ids):
@@ -170,45 +134,18 @@ def validate_state_dict(wrapper: Any, optimizer_sd: Any, acc: Any) -> None:
     for key, value in state.items():
         if not isinstance(value, Mapping):
             raise ValueError(f"Invalid state dict: state[{key!r}] is a {type(value).__name__} (expected a dict)")
-    if acc is None:
-        _check_state_shapes(wrapper, groups, state)
-        return
-    if not isinstance(acc, Mapping):
-        raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} (expected a dict)")
-    for key in ("window", "sums", "stats"):
-        if key not in acc:
-            raise ValueError(f"Invalid state dict: accumulation entry lacks {key!r}")
-    if "signature" in acc or acc.get("version", 1) >= STATE_VERSION:
-        _compare_signatures(acc.get("signature"), signature(wrapper))
-    _check_window(wrapper, acc["window"])
-    _check_sums(wrapper, acc["sums"])
-    wrapper._stats.check_state(acc["stats"])
-    scaler_state = acc.get("scaler")
-    if scaler_state is not None:
-        if not isinstance(scaler_state, Mapping) or any(k not in scaler_state for k in _SCALER_KEYS):
-            raise ValueError(f"Invalid state dict: the scaler entry lacks one of {_SCALER_KEYS}")
-        for k in _SCALER_KEYS:
-            _check_number(f"scaler[{k!r}]", scaler_state[k])
-    sched = acc.get("scheduler")
-    if sched is not None and not isinstance(sched, Mapping):
-        raise ValueError(f"Invalid state dict: the scheduler entry is a {type(sched).__name__} (expected a dict)")
-    prec = acc.get("precision")
-    if prec is not None and (not isinstance(prec, Mapping) or
-                             not (prec.get("dropped") is None or isinstance(prec.get("dropped"), Tensor))):
-        raise ValueError("Invalid state dict: malformed 'precision' entry")
-    if acc.get("noise") is not None and getattr(wrapper, "_noise", None) is not None:
-        wrapper._noise.check_state(acc["noise"])
-    pre = acc.get("pre_weight")
-    if pre is not None:
-        _check_scalar("pre_weight", pre)
-    _check_state_shapes(wrapper, groups, state)
 
 
-def _check_state_shapes(wrapper: Any, groups: list, state: Mapping) -> None:
-    """Each per-parameter state tensor must fit its parameter (same shape, or one that broadcasts to it,
-    as Adafactor's row and column factors do): a state dict of another model is refused here, not at
-    the first step."""
-    for gi, (theirs, ours) in enumerate(zip(groups, wrapper.param_groups)):
+def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, Any]],
+                          label: Callable[[int, int], str]) -> None:
+    """Raise ``ValueError`` unless each per-parameter state tensor of ``sd`` fits its parameter.
+
+    Same shape, or one that broadcasts to it (Adafactor's row and column factors): a state
+    dict of another model is refused here, not at the first step. ``label(i, j)`` names
+    parameter ``j`` of group ``i``. Call after :func:`validate_optimizer_state`.
+    """
+    state = sd["state"]
+    for gi, (theirs, ours) in enumerate(zip(sd["param_groups"], param_groups)):
         for pi, (key, p) in enumerate(zip(theirs["params"], ours["params"])):
             for name, t in (state.get(key) or {}).items():
                 if not isinstance(t, Tensor) or t.dim() == 0:
@@ -218,83 +155,14 @@ def _check_state_shapes(wrapper: Any, groups: list, state: Mapping) -> None:
                 except RuntimeError:
                     fits = False
                 if not fits:
-                    where = wrapper._names.get(id(p)) if getattr(wrapper, "_names", None) else None
-                    label = repr(where) if where else f"param_groups[{gi}]['params'][{pi}]"
                     raise ValueError(
-                        f"Invalid state dict: state {name!r} of parameter {label} has shape {tuple(t.shape)}, "
-                        f"which does not fit the parameter's shape {tuple(p.shape)} (expected the state dict "
-                        "of this model's optimizer)"
+                        f"Invalid state dict: state {name!r} of parameter {label(gi, pi)} has shape "
+                        f"{tuple(t.shape)}, which does not fit the parameter's shape {tuple(p.shape)} (expected "
+                        "the state dict of this model's optimizer)"
                     )
 
 
-def _check_window(wrapper: Any, win: Any) -> None:
-    if not isinstance(win, Mapping):
-        raise ValueError(f"Invalid state dict: the window entry is a {type(win).__name__} (expected a dict)")
-    for key, minimum in (("epoch", 0), ("closed", 0), ("count", 0), ("k", 1)):
-        if key not in win:
-            raise ValueError(f"Invalid state dict: window entry lacks {key!r}")
-        _check_number(f"window[{key!r}]", win[key], integer=True, minimum=minimum)
-    _check_scalar("window['total']", win.get("total"))
-    scaling = win.get("lr_scaling")
-    if scaling is not None:
-        if not isinstance(scaling, Mapping) or any(k not in scaling for k in ("k_ref", "factor", "base", "applied")):
-            raise ValueError("Invalid state dict: malformed window['lr_scaling'] entry")
-        n = len(wrapper.param_groups)
-        if len(scaling["base"]) != n or len(scaling["applied"]) != n:
-            raise ValueError(f"Invalid state dict: window['lr_scaling'] has {len(scaling['base'])} groups (expected {n})")
-
-
-def _check_sums(wrapper: Any, sums: Any) -> None:
-    expected = wrapper._store.expected()
-    if not isinstance(sums, list):
-        raise ValueError(f"Invalid state dict: accumulation sums are a {type(sums).__name__} (expected a list)")
-    if len(sums) != len(expected):
-        raise ValueError(f"Invalid state dict: {len(sums)} accumulation sums (expected {len(expected)})")
-    for i, (t, (shape, dtype)) in enumerate(zip(sums, expected)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise ValueError(f"Invalid state dict: accumulation sum {i} is a {type(t).__name__} (expected a tensor)")
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(
-                f"Invalid state dict: accumulation sum {i} has shape {tuple(t.shape)} and dtype {t.dtype} "
-                f"(expected {shape} and {dtype})"
-            )
-
-
-# ------------------------------------------------------------ build and load
-def optimizer_state_dict(wrapper: Any) -> dict[str, Any]:
-    """The body of :meth:`AccumulatingOptimizer.state_dict`."""
-    for hook in wrapper._optimizer_state_dict_pre_hooks.values():
-        hook(wrapper)
-    wrapper._sync.consolidate(wrapper._store, wrapper._window)
-    sd = wrapper.optimizer.state_dict()
-    precision = wrapper._precision
-    scaler = precision.scaler
-    noise = getattr(wrapper, "_noise", None)
-    pre = wrapper._pre_weight
-    sd["accumulation"] = {
-        "format": STATE_FORMAT,
-        "version": STATE_VERSION,
-        "signature": signature(wrapper),
-        "window": wrapper._window.state(),
-        "sums": wrapper._store.state(),
-        "stats": wrapper._stats.state(),
-        "precision": {"dropped": None if precision._dropped is None else precision._dropped.detach().clone()},
-        "noise": None if noise is None else noise.state(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "scheduler": wrapper.scheduler.state_dict() if wrapper.scheduler is not None else None,
-        "stepped": bool(wrapper._stepped),
-        "pre_weight": pre.detach().clone() if isinstance(pre, Tensor) else pre,
-    }
-    for hook in wrapper._optimizer_state_dict_post_hooks.values():
-        result = hook(wrapper, sd)
-        if result is not None:
-            sd = result
-    return sd
-
-
-def _load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+def load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """``inner.load_state_dict(sd)``, keeping the ``param_groups`` list, its dicts and the ``state`` dict.
 
     torch's ``Optimizer.load_state_dict`` replaces them; the wrapper, LR schedulers
@@ -319,57 +187,6 @@ def _load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any
         state.clear()
         state.update(new_state)
         inner.state = state
-
-
-def load_optimizer_state(wrapper: Any, state_dict: Mapping[str, Any]) -> None:
-    """The body of :meth:`AccumulatingOptimizer.load_state_dict` (validate, copy, then apply)."""
-    sd: Any = state_dict
-    for hook in wrapper._optimizer_load_state_dict_pre_hooks.values():
-        result = hook(wrapper, sd)
-        if result is not None:
-            sd = result
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
-    sd = dict(sd)
-    acc = sd.pop("accumulation", None)
-    validate_state_dict(wrapper, sd, acc)
-    # Copies first (an allocation failure here changes nothing), then the changes.
-    sd = _clone_tree(sd)
-    acc = _clone_tree(dict(acc)) if acc is not None else None
-    device = _device(wrapper)
-    inner = wrapper.optimizer
-    _load_inner_keeping_identity(inner, sd)
-    wrapper.param_groups = inner.param_groups
-    wrapper.state = inner.state
-    precision = wrapper._precision
-    wrapper._pre_weight = None
-    if acc is None:  # a plain optimizer state dict: no window to resume
-        wrapper.discard()
-        return
-    win = dict(acc["window"])
-    if isinstance(win.get("total"), Tensor):
-        win["total"] = win["total"].to(device)
-    wrapper._window.load(win)
-    wrapper._store.load(acc["sums"])
-    wrapper._stats.load(acc["stats"], device)
-    dropped = (acc.get("precision") or {}).get("dropped")
-    precision._dropped = None if dropped is None else dropped.to(device)
-    noise = getattr(wrapper, "_noise", None)
-    if noise is not None:
-        if acc.get("noise") is not None:
-            noise.load(acc["noise"], device)
-        else:
-            noise.discard_window()
-    if acc.get("scaler") is not None and precision.scaler is not None:
-        precision.scaler.load_state_dict(acc["scaler"])
-    if acc.get("scheduler") is not None and wrapper.scheduler is not None:
-        wrapper.scheduler.load_state_dict(acc["scheduler"])
-    wrapper._stepped = bool(acc.get("stepped", False))
-    pre = acc.get("pre_weight")
-    wrapper._pre_weight = pre.to(device) if isinstance(pre, Tensor) else (None if pre is None else float(pre))
-    wrapper._sync.set(wrapper._window.next_is_last)
-    for hook in wrapper._optimizer_load_state_dict_post_hooks.values():
-        hook(wrapper)
 
 
 # --------------------------------------------------------------------- files
@@ -528,10 +345,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> tuple[
         return obj, None
     raise ValueError(f"Invalid checkpoint file {name!r}: not an accumopt checkpoint (a {type(obj).__name__} "
                      f"without format {FILE_FORMAT!r}; expected a file written by opt.save())")
-
-
-def load_into(wrapper: Any, path: str | os.PathLike) -> Any:
-    """Load ``path`` into ``wrapper``; returns the checkpoint's ``extra``. Nothing changes on error."""
-    sd, extra = load_checkpoint(path, map_location=_device(wrapper))
-    wrapper.load_state_dict(sd)
-    return extra

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._checks import check_real
+
 __all__ = ["Clipper", "adaptive_clip_grad_"]
 
 
@@ -52,7 +54,16 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
 
 
 class Clipper:
-    """The clipping configured on a wrapper; ``__call__`` returns the pre-clip norm (device tensor) or None."""
+    """The clipping configured on a wrapper; ``__call__`` returns the pre-clip norm (device tensor) or None.
+
+    Args:
+        max_norm: clip to this global norm (``max_grad_norm``); 0 or None: no clipping.
+        norm_type: the norm of ``max_norm`` (``inf``: the max-norm).
+        max_value: clip elementwise to ``[-v, v]`` (``clip_value``); 0 or None: no clipping.
+        agc_factor: adaptive gradient clipping factor (``agc_clip_factor``); 0 or None: none.
+        agc_eps: AGC's floor on the unit weight norm.
+        track_norm: compute the pre-clip norm even without ``max_norm``.
+    """
 
     def __init__(
         self,
@@ -64,12 +75,15 @@ class Clipper:
         agc_eps: float = 1e-3,
         track_norm: bool = False,
     ) -> None:
-        self.max_norm = max_norm
+        # 0 (or None) means no clipping, as in the Hugging Face Trainer and nanoGPT
+        self.max_norm = check_real("max_grad_norm", max_norm, nonnegative=True, allow_none=True) or None
+        self.max_value = check_real("clip_value", max_value, nonnegative=True, allow_none=True) or None
+        self.agc_factor = check_real("agc_clip_factor", agc_factor, nonnegative=True, allow_none=True) or None
+        if norm_type != float("inf"):  # inf: the max-norm, as in clip_grad_norm_
+            check_real("norm_type", norm_type, positive=True)
         self.norm_type = norm_type
-        self.max_value = max_value
-        self.agc_factor = agc_factor
-        self.agc_eps = agc_eps
-        self.track_norm = track_norm
+        self.agc_eps = check_real("agc_eps", agc_eps, positive=True)
+        self.track_norm = bool(track_norm)
 
     @property
     def active(self) -> bool:

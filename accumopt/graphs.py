@@ -48,8 +48,10 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._checks import check_int
+from .amp import scale_tensor
 from .optimizer import AccumulatingOptimizer
-from .sync import unwrap_model
+from .sync import GradSync, unwrap_model
+from .weights import check_micro_weight
 
 __all__ = ["CapturedMicroStep", "capture_micro_step"]
 
@@ -256,7 +258,7 @@ class CapturedMicroStep:
         leaves = self._matching_leaves(batch) if self._replay is not None and self._fast_key() == self._fast else None
         if leaves is None:
             return self._eager(batch, weight)
-        w = opt._check_weight(weight) if weight is not None else None
+        w = check_micro_weight(weight) if weight is not None else None
         self._attach(full=False)
         for i in self._tensor_slots:
             self._static_leaves[i].copy_(leaves[i], non_blocking=True)
@@ -275,8 +277,7 @@ class CapturedMicroStep:
         for p, g in self._outputs:  # fresh gradients for buffered groups: the wrapper moves them
             p.grad = g
         loss = self._static_loss.clone()
-        if w is not None:  # what opt.backward(loss, weight=w) records
-            opt._pre_weight = w if opt._pre_weight is None else opt._pre_weight + w
+        opt._record_backward_weight(w)  # what opt.backward(loss, weight=w) records
         opt.step(loss=loss)
         return loss
 
@@ -290,6 +291,10 @@ class CapturedMicroStep:
     def _opt_params(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _inplace_ids(self) -> set[int]:
+        """Ids of the parameters whose window sum lives in ``.grad`` (the rest go through buffers)."""
+        return self.optimizer._accumulated_in_grad()
+
     def _impossible(self) -> str | None:
         """Why this micro-step can never be captured (None: it can)."""
         params = self._opt_params()
@@ -299,7 +304,7 @@ class CapturedMicroStep:
         device = next(iter(devices))
         if device.type != "cuda" or not torch.cuda.is_available():
             return f"parameters on {device} (CUDA graphs need CUDA parameters)"
-        if self.optimizer._sync.active:
+        if GradSync.kind_of(self.model) != "none":
             return "a DDP/FSDP model (gradient synchronisation differs between micro-steps)"
         self._device = device
         return None
@@ -340,14 +345,14 @@ class CapturedMicroStep:
 
     def _signature(self) -> tuple:
         """Checked at each window start: everything the captured graph depends on."""
-        scaler = self.optimizer._precision.scaler
+        scaler = self.optimizer.scaler
         return (
             tuple(m.training for m in self.model.modules()),
             tuple((id(p), p.data_ptr(), p.requires_grad, p.shape, p.dtype) for p in self.model.parameters()),
             tuple(id(p) for p in self._opt_params()),
-            tuple(id(p) for g in self.optimizer._store.groups if g.buffers is None for p in g.params),
+            tuple(sorted(self._inplace_ids())),
             self._autocast_key(),
-            id(getattr(scaler, "_scale", None)) if scaler is not None else None,
+            id(scale_tensor(scaler)) if scaler is not None else None,
         )
 
     def _window_start(self) -> None:
@@ -397,8 +402,8 @@ class CapturedMicroStep:
         rng = backend.get_rng_state()
         gen_states = [g.get_state() for g in self.generators]
         cache = torch.is_autocast_cache_enabled()
-        inplace = {id(p) for g in opt._store.groups if g.buffers is None for p in g.params}
-        buffered = {id(p) for g in opt._store.groups if g.buffers is not None for p in g.params}
+        inplace = self._inplace_ids()
+        buffered = {id(p) for p in params} - inplace
         self._w.fill_(1.0)
         self._w_is_one = True
 
@@ -406,8 +411,7 @@ class CapturedMicroStep:
             with torch.enable_grad():
                 loss = self.loss_fn(model, self._static_batch)
                 _check_loss(loss)
-                scaled = loss * (self._w if self._w.dtype == loss.dtype else self._w.to(loss.dtype))
-                opt._precision.scale_loss(scaled).backward()
+                opt.backward(loss * (self._w if self._w.dtype == loss.dtype else self._w.to(loss.dtype)))
             return loss.detach()
 
         try:

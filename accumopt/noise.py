@@ -49,12 +49,15 @@ Everything runs on the device: the micro-step measurement is one fused
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._checks import check_real
+from ._checks import check_real, check_state_number
+from .buffers import GradientStore
+from .sync import GradSync
 
 __all__ = ["NoiseScaleEstimator", "simple_noise_scale_terms"]
 
@@ -123,20 +126,17 @@ class NoiseScaleEstimator:
         self.small_inv_w: Tensor | float = 0.0  # sum of 1 / w_i over them
 
     # ------------------------------------------------------------ micro-step
-    def on_micro_step(self, opt: Any, weight: "float | Tensor", factor: "float | Tensor",
-                      found: Tensor | None) -> None:
-        """Measure this micro-batch's gradient (called before it enters the window). No sync.
+    def on_micro_step(self, store: GradientStore, weight: "float | Tensor", factor: "float | Tensor",
+                      found: Tensor | None, *, weight_in_grad: bool = False,
+                      loss_scale: Tensor | None = None) -> None:
+        """Measure this micro-batch's gradient, in ``.grad`` before it enters the window. No sync.
 
-        ``factor`` is the wrapper's micro factor (keep / external loss scale);
-        ``found`` the dropped flag. ``.grad`` holds the micro-batch's gradient,
-        times its weight when the weight went to ``backward()``, times the owned
-        scaler's scale.
+        Call it only while ``.grad`` holds this micro-batch's gradient alone (not a
+        partial sum, not a cross-rank mean). ``factor`` is the wrapper's micro factor
+        (keep / external loss scale); ``found`` the dropped flag. ``.grad`` holds the
+        gradient times ``weight`` when ``weight_in_grad`` (the weight went to
+        ``backward()``), times ``loss_scale`` (an owned scaler's scale).
         """
-        store = opt._store
-        if store.has_inplace() and opt._window.count > 0:
-            return  # .grad holds a partial sum from here on: only the first micro-batch is measured
-        if store.has_inplace() and opt._sync.distributed and opt._window.next_is_last:
-            return  # its backward averaged .grad across ranks: not a small batch
         device, dtype = self._device_dtype(store)
         sq = None
         for g in store.groups:
@@ -150,11 +150,10 @@ class NoiseScaleEstimator:
         if sq is None:
             return  # no gradient at all this micro-step
         f: "Tensor | float" = factor
-        if opt._pre_scaled:  # the weight multiplied the loss: .grad = w * g
+        if weight_in_grad:  # the weight multiplied the loss: .grad = w * g
             f = f / weight
-        scaler = opt._precision.scaler
-        if scaler is not None and getattr(scaler, "_scale", None) is not None:
-            f = f / scaler._scale.to(device, dtype, non_blocking=True)
+        if loss_scale is not None:
+            f = f / loss_scale.to(device, dtype, non_blocking=True)
         if isinstance(f, Tensor):
             sq = sq * f.to(device, dtype, non_blocking=True).square()
         elif f != 1.0:
@@ -169,24 +168,23 @@ class NoiseScaleEstimator:
         self.small_inv_w = self.small_inv_w + inv_w
 
     # -------------------------------------------------------------- boundary
-    def on_update(self, opt: Any, total: "float | Tensor", found: Tensor | None,
+    def on_update(self, store: GradientStore, sync: GradSync, total: "float | Tensor", found: Tensor | None,
                   mean_factor: "float | Tensor" = 1.0) -> None:
         """Fold this window into the averages (after unscaling, before clipping). No sync.
 
-        ``mean_factor`` turns the applied gradient into the window's mean (``1 / total``
-        with ``reduction="sum"``).
+        ``total``: the window's weight total (mean over ranks); ``mean_factor`` turns the
+        applied gradient into the window's mean (``1 / total`` with ``reduction="sum"``).
         """
         try:
-            store = opt._store
             device, dtype = self._device_dtype(store)
-            if opt._sync.distributed:  # pool the ranks' small batches: one estimate on every rank
-                self._pool(device, dtype, opt._sync.group)
+            if sync.distributed:  # pool the ranks' small batches: one estimate on every rank
+                self._pool(device, dtype, sync.group)
             if isinstance(self.small_n, float):
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
             if isinstance(mean_factor, Tensor) or mean_factor != 1.0:
                 big_sq = big_sq * _scalar(mean_factor, device, dtype).square()
-            world = opt._sync.world_size if opt._sync.distributed else 1
+            world = sync.world_size if sync.distributed else 1
             b_big = _scalar(total, device, dtype) * world
             n = self.small_n
             small_sq = self.small_sq / n.clamp_min(1.0)
@@ -232,14 +230,14 @@ class NoiseScaleEstimator:
                 "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
 
     @staticmethod
-    def _device_dtype(store: Any) -> tuple[torch.device, torch.dtype]:
+    def _device_dtype(store: GradientStore) -> tuple[torch.device, torch.dtype]:
         for p in store.params:
             dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
             return p.device, dtype
         return torch.device("cpu"), torch.float32  # pragma: no cover - the wrapper always has parameters
 
     # ---------------------------------------------------------------- state
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         def c(x: Any) -> Any:
             return x.detach().clone() if isinstance(x, Tensor) else x
 
@@ -247,11 +245,13 @@ class NoiseScaleEstimator:
                 "grad_sq": c(self.grad_sq), "small_sq": c(self.small_sq), "small_n": c(self.small_n),
                 "small_inv_w": c(self.small_inv_w)}
 
-    def load(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Restore :meth:`state` (tensors copied onto ``device``; the argument is not aliased)."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
+        self.validate_state_dict(state)
+
         def c(x: Any) -> Any:
             if isinstance(x, Tensor):
-                return x.detach().to(device).clone() if device is not None else x.detach().clone()
+                return x.detach().clone()
             return None if x is None else float(x)
 
         self.windows = int(state["windows"])
@@ -263,11 +263,12 @@ class NoiseScaleEstimator:
         self.small_inv_w = c(state["small_inv_w"])
 
     @staticmethod
-    def check_state(state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` looks like :meth:`state` (before any change)."""
+    def validate_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` (before any change)."""
         keys = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
             raise ValueError("Invalid state dict: the 'noise' entry is not a noise-scale estimator state")
+        check_state_number("noise['windows']", state["windows"], integer=True, minimum=0)
         for k in keys[1:]:
             v = state[k]
             if v is not None and not isinstance(v, (Tensor, float, int)):

@@ -17,34 +17,33 @@ lives in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_choice, check_int, check_real, weight_dtype
-from .buffers import MODES, GradientStore
+from . import checkpoint
+from ._checks import check_state_scalar, weight_dtype
+from .amp import LossScaler
+from .buffers import GradientStore
 from .clipping import Clipper
-from .precision import NONFINITE_POLICIES, Precision
-from .schedule import LR_SCALING_RULES, REDUCTIONS, KSchedule, Window
 from .noise import NoiseScaleEstimator, as_estimator
+from .precision import NonFiniteGuard
+from .schedule import KSchedule, Window
 from .stats import Statistics
 from .sync import GradSync
 from .weights import check_micro_weight, parameter_names, resolve_weights
 
 __all__ = ["AccumulatingOptimizer"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _sum_dtype(t: Tensor) -> torch.dtype:
-    return weight_dtype(t.device)
+_PLATEAU_NEEDS_LOSS = "ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)"
 
 
 def _validate_optimizer(optimizer: Any) -> None:
@@ -110,12 +109,12 @@ def _note(error: BaseException, text: str) -> None:
         error.add_note(text)
 
 
-def _validate_scheduler(scheduler: Any, owners: tuple[Optimizer, ...]) -> None:
+def _validate_scheduler(scheduler: Any, optimizer: Optimizer) -> None:
     if scheduler is None:
         return
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
         raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler scheduler)")
-    if not any(scheduler.optimizer is o for o in owners):
+    if scheduler.optimizer is not optimizer:
         raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
                          "(expected one built on the optimizer being wrapped)")
 
@@ -199,52 +198,37 @@ class AccumulatingOptimizer(Optimizer):
         log_every: int | None = None,
         reduction: str = "mean",
     ) -> None:
-        # Validate everything before touching any state: nothing is half-applied.
+        # Each component validates its own arguments; all are built before the wrapper changes anything.
         _validate_optimizer(optimizer)
+        _validate_scheduler(scheduler, optimizer)
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
+        clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
+                          agc_factor=agc_clip_factor, track_norm=track_grad_norm)
+        guard = NonFiniteGuard(scaler=scaler, policy=nonfinite)
+        noise = as_estimator(noise_scale)
         schedule = KSchedule(accumulation_steps, schedule_by)
-        if lr_scaling is not None:
-            check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
-        check_choice("mode", mode, MODES)
-        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        check_choice("reduction", reduction, REDUCTIONS)
-        if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"Invalid accumulate_dtype: {accumulate_dtype!r} (expected one of {_FLOAT_DTYPES})")
+        schedule.attach(None if noise is None else noise.value)  # AdaptiveK: no estimate, no wrapper
+        window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
+        stats = Statistics(log_every=log_every, report=self.stats)
+        names = None if model is None else parameter_names(model)
+        weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
+        store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,
+                              weight_of=weight_of)
         if nonfinite == "drop" and mode != "buffered":
             raise ValueError(
                 "Invalid nonfinite: 'drop' with mode='inplace' (dropping one micro-batch needs its gradient "
                 "apart from the window's: use mode='buffered')"
             )
-        # 0 means "no clipping", as in the Hugging Face Trainer and nanoGPT
-        max_grad_norm, clip_value, agc_clip_factor = (
-            check_real(name, value, nonnegative=True, allow_none=True) or None
-            for name, value in (("max_grad_norm", max_grad_norm), ("clip_value", clip_value),
-                                ("agc_clip_factor", agc_clip_factor)))
-        if norm_type != float("inf"):  # inf: the max-norm, as in clip_grad_norm_
-            check_real("norm_type", norm_type, positive=True)
-        if scaler is not None:
-            if not isinstance(scaler, torch.amp.GradScaler):
-                raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected a torch.amp.GradScaler)")
-            # A disabled scaler means no loss scaling (``GradScaler(enabled=use_amp)``). torch has already
-            # warned if it disabled one itself (device "cuda" without CUDA): the two cannot be told apart.
-            if not scaler.is_enabled():
-                scaler = None
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
-        noise = as_estimator(noise_scale)
-        schedule.check_source(noise is not None)
-        if log_every is not None:
-            check_int("log_every", log_every)
-        _validate_scheduler(scheduler, (optimizer,))  # the wrapper does not exist yet
-        names = None
-        if model is not None:
-            names = parameter_names(model)
-        weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
+        sync = GradSync(model, store)
+        if noise is not None and sync.kind == "fsdp":
+            raise ValueError("Invalid noise_scale: True with an FSDP2 model (its gradients are sharded; the "
+                             "estimator needs whole micro-batch gradients). Use DDP or turn estimation off.")
+        _warn_scale_invariant(optimizer, {g.weight for g in store.groups})
 
-        # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them).
+        # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them);
+        # ``param_groups``, ``state`` and ``defaults`` are properties reading through to it.
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state  # type: ignore[assignment]
-        self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -253,23 +237,16 @@ class AccumulatingOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._zero_grad_profile_name = "AccumulatingOptimizer.zero_grad"
 
-        self._names = names
-        self._store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype, weight_of=weight_of)
-        _warn_scale_invariant(optimizer, {g.weight for g in self._store.groups})
-        self._precision = Precision(scaler=scaler, policy=nonfinite)
-        self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
-                                agc_factor=agc_clip_factor, track_norm=track_grad_norm)
-        self._window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
-        schedule.bind(self)
-        self._sync = GradSync(model, self._store)
-        if noise is not None and self._sync.kind == "fsdp":
-            raise ValueError("Invalid noise_scale: True with an FSDP2 model (its gradients are sharded; the "
-                             "estimator needs whole micro-batch gradients). Use DDP or turn estimation off.")
-        self._stats = Statistics(log_every=log_every, report=self.stats)
-        self._noise = noise
         self.scheduler = scheduler
-        self._pre_weight: float | Tensor | None = None
-        self._pre_scaled = False
+        self._names = names
+        self._store = store
+        self._guard = guard
+        self._clipper = clipper
+        self._window = window
+        self._sync = sync
+        self._stats = stats
+        self._noise = noise
+        self._backward_weight: float | Tensor | None = None  # summed weights given to backward() this micro-batch
         self._stepped = False
         self._sync.set(self._window.next_is_last)
 
@@ -294,7 +271,10 @@ class AccumulatingOptimizer(Optimizer):
         try:
             return self._micro_step(closure, weight, loss)
         except BaseException:
-            self._precision.forget_external(self)  # a stale GradScaler scale must not reach the next step
+            # GradScaler deletes what it set on the wrapper only after a successful step, and would
+            # multiply a stale ``grad_scale`` into the next micro-step's.
+            for attr in ("grad_scale", "found_inf"):
+                self.__dict__.pop(attr, None)
             raise
 
     def _micro_step(self, closure: Callable[[], Any] | None, weight: Any, loss: Any) -> Any:
@@ -303,13 +283,21 @@ class AccumulatingOptimizer(Optimizer):
             weight = self._check_step_weight(weight)  # before the closure: a bad weight changes nothing
         result = self._run_closure(closure)
         if loss is None and result is None and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")  # before any change
-        weight = self._take_weight(weight)
-        factor, found = self._precision.micro_factor(self, self._store.micro_grads)
-        if self._noise is not None:
-            self._noise.on_micro_step(self, weight, factor, found)
-        self._store.accumulate(self._store_scale(weight, factor), dropped=found)
-        counted = weight if found is None else weight * (1.0 - found.to(_sum_dtype(found)))  # dropped: 0
+            raise ValueError(_PLATEAU_NEEDS_LOSS)  # before any change
+        weight, weight_in_grad = self._take_weight(weight)
+        found_inf = getattr(self, "found_inf", None)  # set by an external ``scaler.step(opt)``
+        factor, found = self._guard.micro_factor(found_inf, getattr(self, "grad_scale", None), self._store.micro_grads)
+        if self._noise is not None and self._grads_are_this_micro_batch():
+            self._noise.on_micro_step(self._store, weight, factor, found, weight_in_grad=weight_in_grad,
+                                      loss_scale=self._guard.loss_scale())
+        if found_inf is not None and self._store.has_inplace():
+            raise RuntimeError(
+                "scaler.step(opt) on every micro-batch with mode='inplace': the scale may change mid-window and "
+                "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
+                "(scaler=...) and call opt.step()."
+            )
+        self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found)
+        counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
         self._stepped = False
@@ -325,12 +313,12 @@ class AccumulatingOptimizer(Optimizer):
         norm = found = None
         try:
             self._store.finalize(self._window.grad_factor())
-            found = self._precision.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
+            found = self._guard.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
             if self._noise is not None:
                 mean_factor = self._window.inv_total() if self._window.reduction == "sum" else 1.0
-                self._noise.on_update(self, self._window.total, found, mean_factor)
+                self._noise.on_update(self._store, self._sync, self._window.total, found, mean_factor)
             norm = self._clipper(list(self._store.params))
-            applied = self._precision.apply(self.optimizer, found, self._describe_nonfinite, self._store.drop_resolver())
+            applied = self._guard.apply(self.optimizer, found, self._describe_nonfinite, self._store.drop_resolver())
         except BaseException as error:  # "raise" policy, or any failure before the step: discard the window
             self._stats.on_update(False, norm, found, self._window.total)
             self._abandon_window(closed=True)
@@ -354,7 +342,7 @@ class AccumulatingOptimizer(Optimizer):
         """Refuse (and discard) a window whose weights sum to 0, where the host knows the total for free."""
         total = self._window.total
         if isinstance(total, Tensor):
-            if total.device.type != "cpu" or self._precision.may_drop:
+            if total.device.type != "cpu" or self._guard.may_drop:
                 return  # a device total is never read here; a dropped window is skipped, not refused
             total = float(total)
         if total <= 0:
@@ -387,10 +375,10 @@ class AccumulatingOptimizer(Optimizer):
 
     def _abandon_window(self, *, closed: bool) -> None:
         """Forget the pending window in every piece; ``closed``: it counts as a closed window."""
-        self._pre_weight = None
+        self._backward_weight = None
         self._store.reset()
         self._stats.discard_window()
-        self._precision.discard_window()
+        self._guard.discard_window()
         if self._noise is not None:
             self._noise.discard_window()
         if closed:
@@ -404,17 +392,30 @@ class AccumulatingOptimizer(Optimizer):
 
         Works in both modes; the weight is remembered for the next :meth:`step`.
         """
-        w = self._check_weight(weight) if weight is not None else None
+        w = check_micro_weight(weight) if weight is not None else None
         scaled = loss if w is None else loss * w
-        self._precision.scale_loss(scaled).backward(**kwargs)
-        if w is not None:
-            self._pre_weight = w if self._pre_weight is None else self._pre_weight + w
+        self._guard.scale_loss(scaled).backward(**kwargs)
+        self._record_backward_weight(w)
+
+    def _record_backward_weight(self, weight: "float | Tensor | None") -> None:
+        """A backward pass multiplied its loss by ``weight`` (checked; None: by 1): remember it for ``step()``."""
+        if weight is not None:
+            self._backward_weight = weight if self._backward_weight is None else self._backward_weight + weight
+
+    @contextlib.contextmanager
+    def _open_ended_window(self) -> Iterator[None]:
+        """Inside the block the window does not close by itself, whatever K is (only :meth:`flush` closes it)."""
+        self._window.open_ended = True
+        try:
+            yield
+        finally:
+            self._window.open_ended = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
         if self._window.count == 0 or not self._store.has_inplace():
             self.optimizer.zero_grad(set_to_none=set_to_none)
-            self._pre_weight = None  # its gradient is gone: so is the weight given to backward()
+            self._backward_weight = None  # its gradient is gone: so is the weight given to backward()
         else:
             for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
                 p.grad = None
@@ -477,16 +478,29 @@ class AccumulatingOptimizer(Optimizer):
         """Whether the next backward pass closes the window (and so should reduce gradients)."""
         return self._window.next_is_last
 
+    @property
+    def mode(self) -> str:
+        """``"inplace"`` or ``"buffered"``."""
+        return self._store.mode
+
+    @property
+    def scaler(self) -> "torch.amp.GradScaler | None":
+        """The owned ``GradScaler`` (None without one, or when the one given was disabled)."""
+        return None if self._guard.scaler is None else self._guard.scaler.scaler
+
+    @property
+    def epoch(self) -> int:
+        """The epoch last given to :meth:`set_epoch` (0 until then)."""
+        return self._window.epoch
+
     def stats(self) -> dict[str, Any]:
         """Statistics as Python numbers; the only call that reads device values (one read per device).
 
         See ``docs/state.md`` for the keys (counts, losses, gradient norms, effective
         batch, samples/s, memory, noise scale).
         """
-        from .checkpoint import _device
-
         extra = self._noise.values() if self._noise is not None else {}
-        out = self._stats.snapshot(extra, _device(self))
+        out = self._stats.snapshot(extra, self._device())
         if self._noise is not None:
             value = out.get("noise_scale")
             if value is not None and not (value > 0 and value != float("inf")):
@@ -519,16 +533,8 @@ class AccumulatingOptimizer(Optimizer):
         """
         if self._window.count == 0:
             return {}
-        names = self._names or {}
-        where = {id(p): (i, j) for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
-        out: dict[str, Tensor] = {}
-        for p, t in self._store.pending_sums():
-            name = names.get(id(p))
-            if name is None:
-                i, j = where[id(p)]
-                name = f"param_groups[{i}]['params'][{j}]"
-            out[name] = t
-        return out
+        labels = self._labels()
+        return {labels[id(p)]: t for p, t in self._store.pending_sums()}
 
     def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
         """Write :meth:`state_dict` (and optional ``extra`` plain data) to ``path`` atomically.
@@ -536,9 +542,7 @@ class AccumulatingOptimizer(Optimizer):
         A crash during the save leaves the previous file intact. With DDP and a window
         pending, call it on every rank (see :meth:`state_dict`); write from one rank.
         """
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(path, self.state_dict(), extra)
+        checkpoint.save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: "str | os.PathLike[str]") -> Any:
         """Restore a file of :meth:`save` (``weights_only=True``); returns its ``extra``.
@@ -546,9 +550,9 @@ class AccumulatingOptimizer(Optimizer):
         Raises ``ValueError`` for a truncated, corrupted, foreign or unsafe file, and
         then leaves the optimizer exactly as it was.
         """
-        from .checkpoint import load_into
-
-        return load_into(self, path)
+        sd, extra = checkpoint.load_checkpoint(path, map_location=self._device())
+        self.load_state_dict(sd)
+        return extra
 
     save_accumulation_state = save
     load_accumulation_state = load
@@ -556,31 +560,54 @@ class AccumulatingOptimizer(Optimizer):
     # -------------------------------------------------------- optimizer plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and give its parameters buffers."""
-        self._store._weight_of.rebind(self.optimizer.param_groups)
-        self._store._weight_of.check_new_group(param_group)  # a bad accumulation_weight: nothing added
+        self._store.check_new_group(param_group)  # a bad accumulation_weight: nothing added
         self.optimizer.add_param_group(param_group)
         self._store.refresh(self.optimizer.param_groups)
 
-    def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
         """Register a hook run before each real update (``hook(wrapper, args, kwargs)``)."""
         return self.optimizer.register_step_pre_hook(lambda _opt, args, kwargs: hook(self, args, kwargs))
 
-    def register_step_post_hook(self, hook: Callable) -> RemovableHandle:
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
         """Register a hook run after each real update (``hook(wrapper, args, kwargs)``)."""
         return self.optimizer.register_step_post_hook(lambda _opt, args, kwargs: hook(self, args, kwargs))
+
+    def _components(self) -> dict[str, Any]:
+        """The state-dict entries owned by components, in file order (None: not configured)."""
+        return {"window": self._window, "sums": self._store, "stats": self._stats, "precision": self._guard,
+                "noise": self._noise, "scaler": self._guard.scaler, "scheduler": self.scheduler}
+
+    def _signature(self) -> dict[str, Any]:
+        return checkpoint.signature(self.optimizer, mode=self._store.mode, k=self._window.schedule.describe(),
+                                    scaler=self._guard.scaler is not None, scheduler=self.scheduler,
+                                    lr_scaling=self._window.lr_scaling_rule)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe).
 
-        The entry holds what a bit-identical mid-window resume needs (see
-        :mod:`accumopt.checkpoint`). Like torch's, the optimizer part refers to live
-        state tensors: save or copy it before training on.
+        The entry holds what a bit-identical mid-window resume needs, one entry per
+        component (see :mod:`accumopt.checkpoint`). Like torch's, the optimizer part
+        refers to live state tensors: save or copy it before training on.
         With a DDP model and a window pending, call it on every rank (it averages the
         pending sums across ranks, so that rank 0's checkpoint resumes every rank).
         """
-        from .checkpoint import optimizer_state_dict
-
-        return optimizer_state_dict(self)
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        self._sync.consolidate(self._store, self._window)
+        sd = self.optimizer.state_dict()
+        acc: dict[str, Any] = {"format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION,
+                               "signature": self._signature()}
+        for key, component in self._components().items():
+            acc[key] = None if component is None else component.state_dict()
+        pre = self._backward_weight
+        acc["stepped"] = bool(self._stepped)
+        acc["pre_weight"] = pre.detach().clone() if isinstance(pre, Tensor) else pre
+        sd["accumulation"] = acc
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only.
@@ -588,9 +615,63 @@ class AccumulatingOptimizer(Optimizer):
         Everything is validated before anything changes (``ValueError``, optimizer
         unchanged); the argument is neither mutated nor aliased.
         """
-        from .checkpoint import load_optimizer_state
+        sd: Any = state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
+        sd = dict(sd)
+        acc = sd.pop("accumulation", None)
+        self._validate_state(sd, acc)
+        # Copies first (an allocation failure here changes nothing), then the changes.
+        sd = checkpoint.clone_tree(sd)
+        checkpoint.load_inner_keeping_identity(self.optimizer, sd)
+        self._backward_weight = None
+        if acc is None:  # a plain optimizer state dict: no window to resume
+            self.discard()
+            return
+        device = self._device()
+        acc = {k: checkpoint.clone_tree(v, None if k in ("sums", "scheduler", "scaler") else device)
+               for k, v in acc.items()}
+        for key, component in self._components().items():
+            if component is not None and acc.get(key) is not None:
+                component.load_state_dict(acc[key])
+        if self._noise is not None and acc.get("noise") is None:
+            self._noise.discard_window()
+        self._stepped = bool(acc.get("stepped", False))
+        pre = acc.get("pre_weight")
+        self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
+        self._sync.set(self._window.next_is_last)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
-        load_optimizer_state(self, state_dict)
+    def _validate_state(self, sd: dict[str, Any], acc: Any) -> None:
+        """Raise ``ValueError`` unless the optimizer part ``sd`` and the accumulation entry ``acc`` fit."""
+        checkpoint.validate_optimizer_state(sd, self.param_groups)
+        if acc is not None:
+            if not isinstance(acc, Mapping):
+                raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} "
+                                 "(expected a dict)")
+            for key in ("window", "sums", "stats"):
+                if key not in acc:
+                    raise ValueError(f"Invalid state dict: accumulation entry lacks {key!r}")
+            if "signature" in acc or acc.get("version", 1) >= checkpoint.STATE_VERSION:
+                checkpoint.compare_signatures(acc.get("signature"), self._signature())
+            for key, component in self._components().items():
+                state = acc.get(key)
+                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
+                    raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
+                                     "(expected a dict)")
+                if key == "scaler" and state is not None:
+                    LossScaler.validate_state_dict(state)  # also without an owned scaler
+                elif key != "scheduler" and component is not None and (state is not None or key in acc):
+                    component.validate_state_dict(state)
+            if acc.get("pre_weight") is not None:
+                check_state_scalar("pre_weight", acc["pre_weight"])
+        labels = self._labels(quote=True)
+        checkpoint.validate_state_shapes(sd, self.param_groups, lambda i, j: labels[id(self.param_groups[i]["params"][j])])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -608,20 +689,42 @@ class AccumulatingOptimizer(Optimizer):
                 f"optimizer={self.optimizer!r})")
 
     # ------------------------------------------------------------------ helpers
+    def _device(self) -> torch.device:
+        """The parameters' device (CPU when they are on several)."""
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        return next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+
+    def _labels(self, *, quote: bool = False) -> dict[int, str]:
+        """``{id(param): its model name (quoted: repr), else "param_groups[i]['params'][j]"}``."""
+        names = self._names or {}
+        out = {}
+        for i, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                name = names.get(id(p))
+                out[id(p)] = (repr(name) if quote else name) if name else f"param_groups[{i}]['params'][{j}]"
+        return out
+
+    def _accumulated_in_grad(self) -> set[int]:
+        """Ids of the parameters whose window sum lives in their own ``.grad`` (for graph capture)."""
+        return {id(p) for g in self._store.groups if g.buffers is None for p in g.params}
+
+    def _grads_are_this_micro_batch(self) -> bool:
+        """Whether every ``.grad`` holds this micro-batch's gradient alone (not a partial or reduced sum)."""
+        if not self._store.has_inplace():
+            return True
+        return self._window.count == 0 and not (self._sync.distributed and self._window.next_is_last)
+
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             return None
-        if self._precision.scaler is not None:
+        if self._guard.scaler is not None:
             raise ValueError("Closures are not supported with a GradScaler (GradScaler refuses closures too)")
         with torch.enable_grad():
             return closure()
 
-    def _check_weight(self, weight: Any) -> "float | Tensor":
-        return check_micro_weight(weight)
-
     def _check_step_weight(self, weight: Any) -> "float | Tensor":
-        w = self._check_weight(weight)
-        if self._pre_weight is not None:
+        w = check_micro_weight(weight)
+        if self._backward_weight is not None:
             raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
         if self._store.has_inplace() and not _is_one(w):
             raise ValueError(
@@ -631,27 +734,14 @@ class AccumulatingOptimizer(Optimizer):
             )
         return w
 
-    def _take_weight(self, weight: Any) -> "float | Tensor":
-        pre, self._pre_weight = self._pre_weight, None
-        if weight is not None or pre is not None:
+    def _take_weight(self, weight: "float | Tensor | None") -> "tuple[float | Tensor, bool]":
+        """This micro-batch's weight, and whether it is already in ``.grad`` (given to ``backward()``)."""
+        in_grad, self._backward_weight = self._backward_weight, None
+        if weight is not None or in_grad is not None:
             self._window.weighted = True  # totals may now differ across ranks (see sync.reduce)
         if weight is not None:  # _check_step_weight already refused a weight given to backward() too
-            self._pre_scaled = False
-            return weight
-        self._pre_scaled = pre is not None
-        return 1.0 if pre is None else pre
-
-    def _store_scale(self, weight: "float | Tensor", factor: "float | Tensor") -> "float | Tensor":
-        if getattr(self, "found_inf", None) is not None and self._store.has_inplace():  # scaler.step(opt)
-            raise RuntimeError(
-                "scaler.step(opt) on every micro-batch with mode='inplace': the scale may change mid-window and "
-                "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
-                "(scaler=...) and call opt.step()."
-            )
-        w = 1.0 if self._pre_scaled else weight
-        if isinstance(factor, float) and factor == 1.0:
-            return w
-        return factor * w
+            return weight, False
+        return (1.0, False) if in_grad is None else (in_grad, True)
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -660,15 +750,21 @@ class AccumulatingOptimizer(Optimizer):
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 metric = self._stats.window_mean_loss()
                 if metric is None:
-                    raise ValueError("ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)")
+                    raise ValueError(_PLATEAU_NEEDS_LOSS)
                 self.scheduler.step(metric)
             else:
                 self.scheduler.step()
 
     def _describe_nonfinite(self) -> str:
-        for i, g in enumerate(self.param_groups):
-            for j, p in enumerate(g["params"]):
+        labels = self._labels(quote=True)
+        for g in self.param_groups:
+            for p in g["params"]:
                 if p.grad is not None and not torch.isfinite(p.grad).all():
-                    name = self._names.get(id(p)) if self._names else None
-                    return f"parameter {name!r}" if name else f"param_groups[{i}]['params'][{j}]"
+                    label = labels[id(p)]
+                    return f"parameter {label}" if label.startswith(("'", '"')) else label
         return "a parameter"
+
+
+def _times(factor: "float | Tensor", weight: "float | Tensor") -> "float | Tensor":
+    """``factor * weight``, without an operation when ``factor`` is the number 1."""
+    return weight if isinstance(factor, float) and factor == 1.0 else factor * weight

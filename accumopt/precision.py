@@ -23,14 +23,16 @@ policy needs the host to decide. See ``docs/precision.md`` for the table.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._checks import weight_dtype
+from ._checks import check_choice, weight_dtype
+from .amp import LossScaler
 
-__all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "Precision", "found_nonfinite"]
+__all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "NonFiniteGuard", "found_nonfinite"]
 
 NONFINITE_POLICIES = ("ignore", "skip", "drop", "raise")
 _CHECKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,7 +53,7 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
     One fused check per device and dtype, no host synchronisation. Returns None
     for an empty sequence.
     """
-    by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for t in tensors:
         t = t.detach()
         if t.is_sparse:
@@ -79,51 +81,30 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
     return total
 
 
-def _owned_unscale(scaler: "torch.amp.GradScaler", inner: torch.optim.Optimizer) -> dict:
-    """``scaler.unscale_(inner)``, also for fp16 gradients (fp16 parameters summed in fp32).
-
-    GradScaler refuses fp16 gradients because unscaling fp16 may underflow; here
-    they are the single cast of an fp32 sum whose unscale by a power of two is
-    as exact as the cast itself, so the refusal does not apply.
-    """
-    params = [p for g in inner.param_groups for p in g["params"]]
-    has_fp16 = any(p.grad is not None and p.grad.dtype == torch.float16 for p in params)
-    if scaler._scale is None:  # e.g. loaded from a state dict: GradScaler creates it lazily, in scale()
-        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
-        scaler._lazy_init_scale_growth_tracker(device)
-    if not has_fp16:
-        scaler.unscale_(inner)
-    else:  # mirror of GradScaler.unscale_ with allow_fp16=True
-        from torch.amp.grad_scaler import OptState
-
-        scaler._check_scale_growth_tracker("unscale_")
-        state = scaler._per_optimizer_states[id(inner)]
-        if state["stage"] is not OptState.READY:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-        inv_scale = scaler._scale.double().reciprocal().float()
-        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scaler._scale.device)
-        state["found_inf_per_device"] = scaler._unscale_grads_(inner, inv_scale, found_inf, True)
-        state["stage"] = OptState.UNSCALED
-    return scaler._found_inf_per_device(inner)
+# Why a window is not applied (bits of the flag read at the boundary).
+_EMPTY_WINDOW = 1  # every micro-batch was dropped
+_NONFINITE = 2  # the accumulated gradient holds NaN/inf
 
 
-class Precision:
-    """Loss scale and non-finite handling for one wrapper.
+class NonFiniteGuard:
+    """Loss scale and non-finite policy of one wrapper.
 
     Args:
-        scaler: the owned ``GradScaler`` or None.
+        scaler: the owned ``GradScaler``, or None; a disabled one means None.
         policy: one of :data:`NONFINITE_POLICIES`.
     """
 
-    def __init__(self, *, scaler: "torch.amp.GradScaler | None", policy: str) -> None:
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.policy = policy
+    def __init__(self, *, scaler: "torch.amp.GradScaler | None" = None, policy: str = "ignore") -> None:
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected a torch.amp.GradScaler)")
+        self.policy = check_choice("nonfinite", policy, NONFINITE_POLICIES)
+        # A disabled scaler means no loss scaling (``GradScaler(enabled=use_amp)``). torch has already warned
+        # if it disabled one itself (device "cuda" without CUDA): the two cannot be told apart.
+        self.scaler = LossScaler(scaler) if scaler is not None and scaler.is_enabled() else None
         self.last_found: Tensor | None = None  # flag of the last real update, on device
         self._dropped: Tensor | None = None  # owned scaler + "drop": a micro-batch overflowed this window
         self._empty: Tensor | None = None  # every micro-batch of the window was dropped
         self._scaler_found: Tensor | None = None  # the owned scaler's own found_inf tensor of this update
-        self._unscaled: int | None = None  # id of the optimizer the owned scaler unscaled this update
-        self._external: torch.optim.Optimizer | None = None  # the wrapper, while an external scaler drives it
         self._external_seen = False  # an external GradScaler has driven this wrapper (it drops micro-batches)
 
     @property
@@ -131,19 +112,27 @@ class Precision:
         """Whether micro-batches may be dropped (weight 0 on the device) in this run."""
         return self.policy == "drop" or (self._external_seen and self.policy == "ignore")
 
+    def loss_scale(self) -> Tensor | None:
+        """The owned scaler's current scale (device tensor), or None."""
+        return None if self.scaler is None else self.scaler.scale_tensor()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` multiplied by the owned scaler's scale (identity without one)."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     # ------------------------------------------------------------ micro-step
     def micro_factor(
-        self, optimizer: torch.optim.Optimizer, micro_grads: Callable[[], list[list[Tensor]]]
+        self, found_inf: Tensor | None, grad_scale: Tensor | None, micro_grads: Callable[[], list[list[Tensor]]]
     ) -> "tuple[float | Tensor, Tensor | None]":
         """Factor by which this micro-batch enters the window, and its dropped flag.
 
-        The factor is ``keep / external_scale`` (``keep`` is 0 for a dropped
-        micro-batch). A dropped micro-batch's gradients are zeroed in place first,
-        so NaN/inf never reach the buffers. Under ``"skip"``/``"raise"`` an
-        external scaler's overflow is *kept* in the sum, so the boundary check
-        sees it and skips (or raises for) the whole window. No host sync.
+        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over
+        (None otherwise). The factor is ``keep / external_scale`` (``keep`` is 0 for a
+        dropped micro-batch). A dropped micro-batch's gradients are zeroed in place
+        first, so NaN/inf never reach the buffers. Under ``"skip"``/``"raise"`` an
+        external scaler's overflow is *kept* in the sum, so the boundary check sees it
+        and skips (or raises for) the whole window. No host sync.
         """
-        found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and self.scaler is not None:
             raise RuntimeError(
                 "The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
@@ -151,9 +140,7 @@ class Precision:
             )
         if found_inf is None and self.policy != "drop":
             return 1.0, None
-        grad_scale = getattr(optimizer, "grad_scale", None) if found_inf is not None else None
         inv_scale = None if grad_scale is None else grad_scale.detach().double().reciprocal().float()
-        self._external = optimizer if found_inf is not None else None
         self._external_seen = self._external_seen or found_inf is not None
         if found_inf is not None and self.policy in ("skip", "raise"):
             return (1.0 if inv_scale is None else inv_scale), None
@@ -189,8 +176,7 @@ class Precision:
         # tensor weights given by the user cost no sync here.
         self._empty = (total <= 0).float() if self.may_drop and isinstance(total, Tensor) else None
         if self.scaler is not None:
-            per_device = _owned_unscale(self.scaler, inner)
-            self._unscaled = id(inner)
+            per_device = self.scaler.unscale_(inner)
             if not per_device:  # no gradient at all
                 return None
             self._scaler_found = next(iter(per_device.values()))
@@ -221,10 +207,10 @@ class Precision:
         try:
             code: Tensor | None = None
             if found is not None:
-                code = (found > 0).float() * 2.0
+                code = (found > 0).float() * float(_NONFINITE)
             if self._empty is not None:
                 empty = self._empty if code is None else self._empty.to(code.device)
-                code = empty if code is None else code + empty
+                code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
             if code is None and drops is not None:
                 code = torch.zeros((), device=drops[0].device)
             if code is not None:
@@ -232,30 +218,20 @@ class Precision:
                 if drops is not None:
                     flags = torch.cat([flags, drops[0].to(flags.device, torch.float32)])
                 host = host_read(flags)  # the one sync of this update
-                value = int(host[0])
+                reasons = int(host[0])
                 if drops is not None:
                     drops[1]([d == 0 for d in host[1:]])
-                if value & 2 and self.policy == "raise":
-                    self._forget_external()
+                if reasons & _NONFINITE and self.policy == "raise":
                     raise NonFiniteGradientError(
                         f"Non-finite accumulated gradient in {describe_bad()}; the window was discarded "
                         "and the parameters were not updated (nonfinite='raise')."
                     )
-                if value:
+                if reasons:
                     return False
             inner.step()
             return True
         finally:
             self._end_window()
-
-    def _forget_external(self) -> None:
-        """Before raising out of ``scaler.step(opt)``: GradScaler will not delete what it set on the wrapper,
-        and a stale ``grad_scale`` would be multiplied into the next micro-step's."""
-        if self._external is not None:
-            for attr in ("grad_scale", "found_inf"):
-                if attr in vars(self._external):
-                    delattr(self._external, attr)
-        self._external = None
 
     def _end_window(self) -> None:
         if self.scaler is not None:
@@ -264,37 +240,35 @@ class Precision:
                 self._scaler_found.add_(self._dropped.to(self._scaler_found.device))
             if self._scaler_found is not None:
                 self.scaler.update()
-            elif self._unscaled is not None:  # no gradient at all: nothing to update, but unscale_ was recorded
-                self.scaler._per_optimizer_states.pop(self._unscaled, None)
-        self._dropped = None
-        self._empty = None
-        self._scaler_found = None
-        self._unscaled = None
+            else:  # no gradient at all: nothing to update, but an unscale_ may have been recorded
+                self.scaler.forget_unscale()
+        self.discard_window()
 
     def discard_window(self) -> None:
         """Forget the window's flags (the window was discarded, nothing of it applied).
 
         If the owned scaler already unscaled this window (an error between unscale and
-        step), its per-optimizer record is dropped too: the scale stays as it was.
+        step), its record is dropped too: the scale stays as it was.
         """
-        if self.scaler is not None and self._unscaled is not None:
-            self.scaler._per_optimizer_states.pop(self._unscaled, None)
+        if self.scaler is not None:
+            self.scaler.forget_unscale()
         self._dropped = None
         self._empty = None
         self._scaler_found = None
-        self._unscaled = None
 
-    def forget_external(self, optimizer: torch.optim.Optimizer) -> None:
-        """After an error inside ``step()``: drop what GradScaler set on ``optimizer``.
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The window's dropped-overflow flag (the scaler's own state is the ``"scaler"`` entry)."""
+        return {"dropped": None if self._dropped is None else self._dropped.detach().clone()}
 
-        GradScaler deletes ``grad_scale``/``found_inf`` only after a successful step, and
-        multiplies a stale ``grad_scale`` into the next micro-step's.
-        """
-        for attr in ("grad_scale", "found_inf"):
-            optimizer.__dict__.pop(attr, None)
-        self._external = None
+    @staticmethod
+    def validate_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict`."""
+        if not isinstance(state, Mapping) or not (state.get("dropped") is None or
+                                                  isinstance(state.get("dropped"), Tensor)):
+            raise ValueError("Invalid state dict: malformed 'precision' entry")
 
-    def scale_loss(self, loss: Tensor) -> Tensor:
-        """``loss`` multiplied by the owned scaler's scale (identity without one)."""
-        return self.scaler.scale(loss) if self.scaler is not None else loss
-
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.validate_state_dict(state)
+        dropped = state.get("dropped")
+        self._dropped = None if dropped is None else dropped.detach().clone()

@@ -34,13 +34,16 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 from torch import Tensor
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_state_number, check_state_scalar
 
-__all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "REDUCTIONS", "Schedule", "Window"]
+__all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "NoiseSource", "REDUCTIONS", "Schedule", "Window"]
+
+#: A noise-scale estimate: a number, a 0-dim tensor, or None while unknown.
+NoiseSource = Callable[[], "float | Tensor | None"]
 
 LR_SCALING_RULES = ("linear", "sqrt")
 REDUCTIONS = ("mean", "sum")
@@ -67,17 +70,20 @@ class Schedule:
     def __call__(self, epoch: int, updates: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def check_source(self, wrapper_estimates: bool) -> None:
-        """Called before the wrapper is built; ``wrapper_estimates``: it estimates the noise scale."""
+    def attach(self, estimate: NoiseSource | None) -> None:
+        """Called once before the wrapper is built, with the wrapper's noise-scale estimate
+        (``opt.noise_scale``; None when the wrapper estimates nothing)."""
 
-    def bind(self, optimizer: Any) -> None:
-        """Called once with the wrapper that uses this schedule."""
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Plain-data state for checkpoints."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` can be loaded (before anything changes)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"Invalid state dict: the schedule entry is a {type(state).__name__} (expected a dict)")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
 
 
@@ -142,20 +148,30 @@ class KSchedule:
             k = value
         return k
 
-    def check_source(self, wrapper_estimates: bool) -> None:
-        """Let a schedule object refuse a wrapper without the estimate it needs (before it is built)."""
+    def attach(self, estimate: NoiseSource | None) -> None:
+        """Give a schedule object the wrapper's noise-scale estimate (it may refuse to run without one)."""
         if self.kind == "object":
-            self.spec.check_source(wrapper_estimates)
+            self.spec.attach(estimate)
 
-    def bind(self, optimizer: Any) -> None:
-        """Give a schedule object the wrapper (for example to read its noise scale)."""
-        if self.kind == "object":
-            self.spec.bind(optimizer)
+    def describe(self) -> dict[str, Any]:
+        """The specification as plain data (what a checkpoint must match)."""
+        spec: Any = None
+        if self.kind == "constant":
+            spec = int(self.spec)
+        elif self.kind in ("list", "mapping"):
+            spec = [[int(a), int(b)] for a, b in self._points]
+        elif self.kind == "object":
+            spec = type(self.spec).__name__
+        return {"kind": self.kind, "spec": spec, "by": self.schedule_by}
 
-    def state_dict(self) -> dict | None:
+    def state_dict(self) -> dict[str, Any] | None:
         return self.spec.state_dict() if self.kind == "object" else None
 
-    def load_state_dict(self, state: dict | None) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        if self.kind == "object" and state is not None:
+            self.spec.validate_state_dict(state)
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if self.kind == "object" and state is not None:
             self.spec.load_state_dict(state)
 
@@ -252,11 +268,24 @@ class LRScaling:
             self.applied = list(self.base)
             self._write()
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "k_ref": self.k_ref, "factor": self.factor,
                 "base": list(self.base), "applied": list(self.applied)}
 
-    def load(self, state: dict) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or any(k not in state for k in ("k_ref", "factor", "base", "applied")):
+            raise ValueError("Invalid state dict: malformed window['lr_scaling'] entry")
+        n = len(self.param_groups)
+        if not isinstance(state["base"], list) or not isinstance(state["applied"], list) or \
+                len(state["base"]) != n or len(state["applied"]) != n:
+            got = len(state["base"]) if isinstance(state["base"], list) else state["base"]
+            raise ValueError(f"Invalid state dict: window['lr_scaling'] has {got} groups (expected {n})")
+        check_state_number("window['lr_scaling']['k_ref']", state["k_ref"], integer=True, minimum=1)
+        check_state_number("window['lr_scaling']['factor']", state["factor"])
+        for x in state["base"] + state["applied"]:
+            check_state_number("a learning rate in window['lr_scaling']", x)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.k_ref = int(state["k_ref"])
         self.factor = float(state["factor"])
         self.base = [float(x) for x in state["base"]]
@@ -285,7 +314,7 @@ class Window:
         self.closed = 0  # windows closed so far (applied or skipped)
         self.count = 0  # micro-batches in the current window
         self.total: float | Tensor = 0.0  # their summed weight
-        self.held = False  # open-ended window (MicroBatcher): only flush() closes it
+        self.open_ended = False  # only flush() closes it (MicroBatcher: one batch, one window)
         self.weighted = False  # any explicit micro-batch weight so far (sticky for the run)
         self.k = schedule(0, 0)
         self.lr_scaling = None if lr_scaling is None else LRScaling(lr_scaling, param_groups, self.k)
@@ -296,12 +325,12 @@ class Window:
 
     @property
     def full(self) -> bool:
-        return not self.held and self.count >= self.k
+        return not self.open_ended and self.count >= self.k
 
     @property
     def next_is_last(self) -> bool:
         """Whether the next micro-batch closes the window."""
-        return not self.held and self.count + 1 >= self.k
+        return not self.open_ended and self.count + 1 >= self.k
 
     def grad_factor(self) -> "float | Tensor":
         """What the window's sum is multiplied by to give the applied gradient."""
@@ -331,27 +360,46 @@ class Window:
     def set_epoch(self, epoch: int) -> None:
         epoch = _as_int("epoch", epoch, minimum=0)
         self.epoch = epoch
-        if self.count == 0 and not self.held:
+        if self.count == 0 and not self.open_ended:
             self._set_k(self.schedule(self.epoch, self.closed))
 
     def scheduler_lr(self) -> ContextManager[None]:
         """Context for the scheduler's step: unscaled LRs inside (see :class:`LRScaling`)."""
         return nullcontext() if self.lr_scaling is None else self.lr_scaling.unscaled()
 
-    def state(self) -> dict:
+    @property
+    def lr_scaling_rule(self) -> str | None:
+        return None if self.lr_scaling is None else self.lr_scaling.rule
+
+    def state_dict(self) -> dict[str, Any]:
         total = self.total
-        out = {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
-               "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
+        out: dict[str, Any] = {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
+                               "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
         schedule_state = self.schedule.state_dict()
         if schedule_state is not None:
             out["schedule"] = schedule_state
         if self.lr_scaling is not None:
-            out["lr_scaling"] = self.lr_scaling.state()
+            out["lr_scaling"] = self.lr_scaling.state_dict()
         return out
 
-    def load(self, state: dict) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` of this window."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"Invalid state dict: the window entry is a {type(state).__name__} (expected a dict)")
+        for key, minimum in (("epoch", 0), ("closed", 0), ("count", 0), ("k", 1)):
+            if key not in state:
+                raise ValueError(f"Invalid state dict: window entry lacks {key!r}")
+            check_state_number(f"window[{key!r}]", state[key], integer=True, minimum=minimum)
+        check_state_scalar("window['total']", state.get("total"))
+        self.schedule.validate_state_dict(state.get("schedule"))
+        if self.lr_scaling is not None and state.get("lr_scaling") is not None:
+            self.lr_scaling.validate_state_dict(state["lr_scaling"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors are taken as given: the caller copies them)."""
+        self.validate_state_dict(state)
         self.epoch, self.closed, self.count, self.k = (int(state[k]) for k in ("epoch", "closed", "count", "k"))
         self.total = state["total"]
         self.schedule.load_state_dict(state.get("schedule"))
         if self.lr_scaling is not None and state.get("lr_scaling") is not None:
-            self.lr_scaling.load(state["lr_scaling"])
+            self.lr_scaling.load_state_dict(state["lr_scaling"])

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_real
+from .optimizer import AccumulatingOptimizer
 
 __all__ = ["MemoryMonitor", "MicroBatcher", "is_oom_error", "batch_size_of", "slice_batch"]
 
@@ -199,7 +200,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        optimizer: Any,
+        optimizer: AccumulatingOptimizer,
         micro_batch_size: int | None = None,
         *,
         min_micro_batch_size: int = 1,
@@ -207,14 +208,12 @@ class MicroBatcher:
         memory_fraction: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        from .optimizer import AccumulatingOptimizer
-
         if not isinstance(optimizer, AccumulatingOptimizer):
             raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected an accumopt.AccumulatingOptimizer "
                             "built with mode='buffered')")
-        if optimizer._store.mode != "buffered":
+        if optimizer.mode != "buffered":
             raise ValueError(
-                f"Invalid optimizer: mode={optimizer._store.mode!r} (MicroBatcher needs mode='buffered': a micro-batch "
+                f"Invalid optimizer: mode={optimizer.mode!r} (MicroBatcher needs mode='buffered': a micro-batch "
                 "that runs out of memory half-way through its backward has already added to .grad, and only "
                 "buffered mode keeps the window's sum apart from it). Build it with "
                 "AccumulatingOptimizer(..., mode='buffered')."
@@ -230,8 +229,9 @@ class MicroBatcher:
             memory_fraction = check_real("memory_fraction", memory_fraction, positive=True)
             if memory_fraction > 1:
                 raise ValueError(f"Invalid memory_fraction: {memory_fraction} (expected a fraction of device memory in (0, 1])")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if device is None:
-            device = next(iter(optimizer._store.params)).device
+            device = params[0].device
         self.optimizer = optimizer
         self.memory_fraction = memory_fraction
         self.monitor = MemoryMonitor(device)
@@ -241,7 +241,7 @@ class MicroBatcher:
         self.last = _Record()
         self._successes = 0  # consecutive successful micro-batches at the current size
         self._wait: dict[int, int] = {}  # size -> successes needed before trying it again
-        self._grad_bytes = sum(p.numel() * p.element_size() for p in optimizer._store.params)
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
 
     # ------------------------------------------------------------ public
     def step(self, batch: Any, loss_fn: Callable[[Any], Tensor]) -> Tensor:
@@ -275,25 +275,22 @@ class MicroBatcher:
         opt.zero_grad(set_to_none=True)
         self.last = _Record()
         loss_sum: Tensor | None = None
-        window = opt._window
-        window.held = True
         try:
-            start = 0
-            while start < n:
-                size = self._next_size(n - start)
-                micro = slice_batch(batch, start, start + size)
-                loss = self._run(micro, size, loss_fn)
-                if loss is None:
-                    continue  # OOM: recovered, the size was halved; redo from `start`
-                weighted = loss * size
-                loss_sum = weighted if loss_sum is None else loss_sum + weighted
-                self.last.sizes.append(size)
-                start += size
+            with opt._open_ended_window():
+                start = 0
+                while start < n:
+                    size = self._next_size(n - start)
+                    micro = slice_batch(batch, start, start + size)
+                    loss = self._run(micro, size, loss_fn)
+                    if loss is None:
+                        continue  # OOM: recovered, the size was halved; redo from `start`
+                    weighted = loss * size
+                    loss_sum = weighted if loss_sum is None else loss_sum + weighted
+                    self.last.sizes.append(size)
+                    start += size
         except BaseException:
-            window.held = False
-            self._discard()
+            opt.discard()  # nothing half-applied
             raise
-        window.held = False
         opt.flush()
         return loss_sum / n
 
@@ -380,20 +377,13 @@ class MicroBatcher:
 
     def _recover(self, size: int) -> None:
         """After an OOM: drop the failed micro-batch's partial gradients, free memory, halve."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None  # buffered mode: the window lives in the buffers, untouched
-        self.optimizer._pre_weight = None
+        self.optimizer.zero_grad(set_to_none=True)  # buffered mode: the window lives in the buffers, untouched
         self.monitor.free_cache()
         self.ooms += 1
         self.last.ooms += 1
         self._wait[size] = max(self.grow_after, 2 * self._wait.get(size, self.grow_after // 2 or 1))
         self.micro_batch_size = max(self.min_micro_batch_size, size // 2)
         self._successes = 0
-
-    def _discard(self) -> None:
-        """Forget the partial window (an unrecoverable error): nothing half-applied."""
-        self.optimizer.discard()
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(micro_batch_size={self.micro_batch_size}, ooms={self.ooms}, "

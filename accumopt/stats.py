@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+
 __all__ = ["Statistics", "memory_usage"]
 
 logger = logging.getLogger("accumopt")
@@ -99,7 +101,7 @@ class Statistics:
     """
 
     def __init__(self, log_every: int | None = None, report: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.log_every = log_every
+        self.log_every = None if log_every is None else check_int("log_every", log_every)
         self.report = report
         self.micro_steps = 0
         self.updates = 0
@@ -215,7 +217,7 @@ class Statistics:
         return out
 
     # ------------------------------------------------------------------- state
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors cloned)."""
         def c(x: Any) -> Any:
             return x.detach().clone() if isinstance(x, Tensor) else x
@@ -225,8 +227,8 @@ class Statistics:
         return out
 
     @staticmethod
-    def check_state(state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` looks like :meth:`state` (before any change)."""
+    def validate_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` (before any change)."""
         if not isinstance(state, dict):
             raise ValueError(f"Invalid state dict: the 'stats' entry is a {type(state).__name__} (expected a dict)")
         for k in _HOST_FIELDS:
@@ -238,12 +240,12 @@ class Statistics:
                 raise ValueError(f"Invalid state dict: stats entry {k!r} is a {type(v).__name__} "
                                  "(expected a tensor or a number)")
 
-    def load(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Restore :meth:`state` (tensors copied onto ``device``; the argument is not aliased)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
+        self.validate_state_dict(state)
+
         def c(x: Any) -> Any:
-            if isinstance(x, Tensor):
-                return x.detach().to(device).clone() if device is not None else x.detach().clone()
-            return x
+            return x.detach().clone() if isinstance(x, Tensor) else x
 
         for k in _HOST_FIELDS:
             if k in state:

@@ -59,12 +59,7 @@ class GradSync:
     def __init__(self, model: Any, store: Any = None) -> None:
         self.model = model
         self.store = store
-        self.kind = "none"
-        if model is not None:
-            if hasattr(model, "require_backward_grad_sync"):
-                self.kind = "ddp"
-            elif hasattr(model, "set_requires_gradient_sync"):
-                self.kind = "fsdp"
+        self.kind = self.kind_of(model)
         self.group = getattr(model, "process_group", None) if self.kind == "ddp" else None
         self.world_size = 1
         if self.kind != "none" and is_distributed():
@@ -81,6 +76,15 @@ class GradSync:
         self._native_key: tuple[int, bool] | None = None
         self._reduced_window = -1  # index of the window already reduced
         self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
+
+    @staticmethod
+    def kind_of(model: Any) -> str:
+        """``"ddp"``, ``"fsdp"`` (FSDP2) or ``"none"``: how ``model`` synchronises gradients."""
+        if hasattr(model, "require_backward_grad_sync"):
+            return "ddp"
+        if hasattr(model, "set_requires_gradient_sync"):
+            return "fsdp"
+        return "none"
 
     # ------------------------------------------------------------ properties
     @property

@@ -167,11 +167,8 @@ def test_moves_to_the_closed_form_noise_scale(d, sigma, b):
 
 
 def test_reads_the_wrapper_estimate_when_no_source_is_given():
-    class Fake:
-        noise_scale = 40.0
-
     ak = AdaptiveK(k_max=64, micro_batch_size=4, patience=1)
-    ak.bind(Fake())
+    ak.attach(lambda: 40.0)  # what the wrapper gives: its estimator's value
     assert ak(0, 1) == 8  # 40 / 4 = 10 -> nearest power of two is 8
 
 

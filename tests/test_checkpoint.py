@@ -157,7 +157,7 @@ def test_state_dict_roundtrips_weights_only_and_is_not_mutated_by_load(mode):
         others.append((m, o))
         assert tree_equal(loaded, snapshot), "load_state_dict mutated its argument"
     assert tree_equal(others[0][1].state_dict(), others[1][1].state_dict())
-    s1, s2 = opt._precision.scaler, others[0][1]._precision.scaler
+    s1, s2 = opt.scaler, others[0][1].scaler
     assert s1.get_scale() == s2.get_scale() and s1._get_growth_tracker() == s2._get_growth_tracker()
     # Training the loaded optimizer on must not reach back into the dict it was loaded from.
     m, o = others[0]

@@ -244,7 +244,7 @@ def test_simulated_capture_with_scaler_and_dict_batches(simulated):
     assert step.replays == len(data) - 1
     assert len({id(t) for t in losses}) == len(losses)  # each call returns its own tensor
     assert_same(m1, o1, m2, o2)
-    assert o1._precision.scaler.get_scale() == o2._precision.scaler.get_scale()
+    assert o1.scaler.get_scale() == o2.scaler.get_scale()
 
 
 def test_simulated_train_eval_switch_and_mid_window_change(simulated):

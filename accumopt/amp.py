@@ -1,0 +1,107 @@
+"""The owned ``torch.amp.GradScaler``, behind one small adapter.
+
+The wrapper unscales once per window, and also unscales fp16 gradients (the
+single cast of an fp32 sum, whose unscale by a power of two is as exact as the
+cast itself), which ``GradScaler.unscale_`` refuses. Doing so needs these
+private members of ``GradScaler``; :data:`PRIVATE_MEMBERS` names them, and no
+other module touches them (``tests/test_precision.py`` checks that torch still
+has each of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState
+
+from ._checks import check_state_number
+
+__all__ = ["LossScaler", "PRIVATE_MEMBERS", "scale_tensor"]
+
+#: Private ``GradScaler`` members used here, and what each must be.
+PRIVATE_MEMBERS = {
+    "_scale": "attribute",  # the current scale (device tensor; None until the first scale())
+    "_per_optimizer_states": "attribute",  # {id(optimizer): {"stage": OptState, "found_inf_per_device": ...}}
+    "_lazy_init_scale_growth_tracker": "method",
+    "_check_scale_growth_tracker": "method",
+    "_unscale_grads_": "method",  # (optimizer, inv_scale, found_inf, allow_fp16) -> {device: found_inf}
+    "_found_inf_per_device": "method",
+}
+_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def scale_tensor(scaler: "torch.amp.GradScaler | None") -> Tensor | None:
+    """The scaler's current scale tensor (None before its first ``scale()``, or without a scaler)."""
+    return None if scaler is None else scaler._scale
+
+
+class LossScaler:
+    """An enabled ``GradScaler`` owned by the wrapper: its scale is constant within a window.
+
+    Args:
+        scaler: an enabled ``torch.amp.GradScaler``.
+    """
+
+    def __init__(self, scaler: "torch.amp.GradScaler") -> None:
+        if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+            raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected an enabled torch.amp.GradScaler)")
+        self.scaler = scaler
+        self._unscaled: int | None = None  # id of the optimizer unscaled in this window
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``loss`` times the current scale."""
+        return self.scaler.scale(loss)
+
+    def scale_tensor(self) -> Tensor | None:
+        """The current scale (device tensor, no sync), None before the first :meth:`scale`."""
+        return scale_tensor(self.scaler)
+
+    def unscale_(self, inner: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
+        """``scaler.unscale_(inner)``, fp16 gradients allowed; returns the found-inf flag per device."""
+        scaler = self.scaler
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if scaler._scale is None:  # e.g. loaded from a state dict: GradScaler creates it lazily, in scale()
+            device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+            scaler._lazy_init_scale_growth_tracker(device)
+        scaler._check_scale_growth_tracker("unscale_")
+        state = scaler._per_optimizer_states[id(inner)]
+        if state["stage"] is not OptState.READY:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        assert scaler._scale is not None  # created just above
+        inv_scale = scaler._scale.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scaler._scale.device)
+        state["found_inf_per_device"] = scaler._unscale_grads_(inner, inv_scale, found_inf, True)
+        state["stage"] = OptState.UNSCALED
+        self._unscaled = id(inner)
+        per_device: dict[torch.device, Tensor] = scaler._found_inf_per_device(inner)
+        return per_device
+
+    def update(self) -> None:
+        """``scaler.update()`` (after a window that produced a gradient)."""
+        self.scaler.update()
+        self._unscaled = None
+
+    def forget_unscale(self) -> None:
+        """Drop the record of this window's unscale (no update follows): the scale stays as it was."""
+        if self._unscaled is not None:
+            self.scaler._per_optimizer_states.pop(self._unscaled, None)
+        self._unscaled = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    @staticmethod
+    def validate_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a ``GradScaler`` state dict."""
+        if not isinstance(state, Mapping) or any(k not in state for k in _STATE_KEYS):
+            raise ValueError(f"Invalid state dict: the scaler entry lacks one of {_STATE_KEYS}")
+        for k in _STATE_KEYS:
+            check_state_number(f"scaler[{k!r}]", state[k])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.validate_state_dict(state)
+        self.scaler.load_state_dict(dict(state))
