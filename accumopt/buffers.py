@@ -51,6 +51,8 @@ class _Group:
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
+    # Zeroed ``.grad`` kept for the next backward: {index: (tensor, its version once zeroed)}.
+    landing: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
@@ -75,6 +77,7 @@ class _Group:
         self.seen.clear()
         self.sparse.clear()
         self.seen_if_kept.clear()
+        self.landing = {}
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -186,14 +189,15 @@ class GradientStore:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
-    def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None) -> None:
-        """Add this micro-batch (times ``scale``) into the window and release ``.grad``.
+    def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None, *, closing: bool = False) -> None:
+        """Add this micro-batch (times ``scale``) into the window; ``.grad`` holds no part of it afterwards.
 
         ``scale`` is the micro-batch weight, possibly times an inverse loss scale.
         In-place groups cannot rescale one micro-batch after backward, so they
         require ``scale == 1`` (weights are then applied to the loss instead).
         ``dropped``: this micro-batch's device flag (> 0: dropped) when it may be
         dropped; which parameters it gave a gradient is then settled by :meth:`resolve`.
+        ``closing``: the window closes right after (no later backward lands in ``.grad``).
         """
         for p in self.excluded:
             p.grad = None
@@ -224,8 +228,16 @@ class GradientStore:
                     torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             elif grads:
                 torch._foreach_add_(bufs, grads, alpha=scale)
-            for p in params:
-                p.grad = None
+            if step is None and not closing and len(grads) == len(params):  # dense, surely in the window
+                # Keep ``.grad``, zeroed, as where the next backward lands: autograd then adds into it
+                # in place instead of allocating a fresh gradient for every micro-batch.
+                torch._foreach_zero_(grads)
+                positions = range(len(g.params)) if idx is None else idx
+                g.landing = {i: (t, t._version) for i, t in zip(positions, grads)}
+            else:
+                g.landing = {}
+                for p in params:
+                    p.grad = None
 
     @staticmethod
     def _accumulate_sparse(g: _Group, idx: list[int] | None, grads: list[Tensor],
@@ -302,6 +314,7 @@ class GradientStore:
                 if grads:
                     _mul_(grads, factor)
             else:
+                g.landing = {}  # .grad becomes the sum: the landing tensors go
                 idx = g.seen_indices()
                 params = g.params if idx is None else [g.params[i] for i in idx]
                 bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
@@ -353,6 +366,44 @@ class GradientStore:
         for p in self.excluded:
             p.grad = None
         self._drops.clear()
+
+    def clear_micro_grads(self, set_to_none: bool) -> None:
+        """``zero_grad`` between micro-steps of a pending window in buffered groups.
+
+        ``.grad`` holds no part of the window there; a zeroed landing ``.grad`` that no
+        backward has touched since is left alone, any other one is cleared as torch does.
+        """
+        stale: list[Tensor] = []
+        for g in self.groups:
+            if g.buffers is None:
+                continue
+            for i, p in enumerate(g.params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                land = g.landing.get(i)
+                if land is not None and land[0] is grad:
+                    if grad._version != land[1]:
+                        stale.append(grad)
+                elif set_to_none:
+                    p.grad = None
+                else:
+                    stale.append(grad)
+        for p in self.excluded:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                stale.append(p.grad)
+        for t in stale:
+            if t.grad_fn is not None:
+                t.detach_()
+            else:
+                t.requires_grad_(False)
+        if stale:
+            torch._foreach_zero_(stale)
+        for g in self.groups:  # the landing tensors zeroed just now are clean again
+            for i, (t, _) in list(g.landing.items()):
+                g.landing[i] = (t, t._version)
 
     def zero_grads(self, set_to_none: bool) -> None:
         """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.

@@ -296,7 +296,8 @@ class AccumulatingOptimizer(Optimizer):
                 "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
                 "(scaler=...) and call opt.step()."
             )
-        self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found)
+        self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
+                               closing=self._window.next_is_last)
         counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
@@ -413,9 +414,12 @@ class AccumulatingOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients that are not part of the pending window (safe anywhere in the loop)."""
-        if self._window.count == 0 or not self._store.has_inplace():
+        if self._window.count == 0:
             self.optimizer.zero_grad(set_to_none=set_to_none)
             self._backward_weight = None  # its gradient is gone: so is the weight given to backward()
+        elif not self._store.has_inplace():
+            self._store.clear_micro_grads(set_to_none)
+            self._backward_weight = None
         else:
             for p in self._store.excluded:  # in-place sums in .grad stay until the window closes
                 p.grad = None

@@ -448,3 +448,38 @@ def test_host_reads_per_configuration(name: str) -> None:
             opt.zero_grad()
         assert counter.count == (per_update if i % k == k - 1 else 0), (i, counter.count)
     assert opt.num_updates == 2
+
+
+def test_gradscaler_private_members_used_by_the_adapter_still_exist() -> None:
+    """accumopt.amp relies on these private GradScaler members: fail loudly if torch renames or removes one."""
+    import inspect
+
+    from torch.amp.grad_scaler import OptState
+
+    from accumopt.amp import PRIVATE_MEMBERS
+
+    scaler = torch.amp.GradScaler("cpu")
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_data(4)
+    scaler.scale(loss_fn(model, x, y)).backward()  # creates the lazily built members
+    for name, kind in PRIVATE_MEMBERS.items():
+        assert hasattr(scaler, name), f"torch.amp.GradScaler has no {name!r} any more"
+        member = getattr(scaler, name)
+        if kind == "method":
+            assert callable(member), f"GradScaler.{name} is no longer a method"
+        else:
+            assert not callable(member), f"GradScaler.{name} is no longer a plain attribute"
+    assert isinstance(scaler._scale, torch.Tensor)
+    assert set(inspect.signature(scaler._unscale_grads_).parameters) == {"optimizer", "inv_scale", "found_inf",
+                                                                         "allow_fp16"}
+    state = scaler._per_optimizer_states[id(inner)]
+    assert state["stage"] is OptState.READY and "found_inf_per_device" in state
+    # The adapter's unscale equals GradScaler.unscale_ on fp32 gradients
+    from accumopt.amp import LossScaler
+
+    expected = [p.grad / scaler.get_scale() for p in model.parameters()]
+    found = LossScaler(scaler).unscale_(inner)
+    assert state["stage"] is OptState.UNSCALED and set(found) == {torch.device("cpu")}
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
