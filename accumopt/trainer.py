@@ -1,62 +1,46 @@
-"""``GradientAccumulationTrainer``: a small training loop over :class:`GradientAccumulator`.
-
-What it adds to the accumulator: device placement, mixed precision (autocast;
-a GradScaler for float16), a progress bar (tqdm when installed, the ``progress``
-extra; plain lines otherwise) showing loss, LR, K and samples per second, the
-last partial window of every epoch applied with sample-count weights, a
-per-epoch history, and checkpoints every N real updates that resume
-bit-identically (model, optimizer, accumulation, scheduler, RNG and the
-position in the epoch).
-
-Host syncs: one per displayed progress update (every ``logging_frequency``
-real updates) and one per epoch (the epoch's mean loss); none on a micro-step
-that does not update. With ``nan_handling`` a non-finite micro-batch loss is left
-out of the epoch's mean on the device (``torch.where``), without a sync.
-
-Gradients: :meth:`GradientAccumulationTrainer.setup_training`, and the start of
-every epoch that begins with no window pending, clear the gradients of the
-optimizer's parameters (``set_to_none``), as the reference loops'
-``optimizer.zero_grad()``: a ``.grad`` left from before never enters an update.
+"""``GradientAccumulationTrainer``: a training loop over :class:`GradientAccumulator` (device, mixed precision,
+progress, sample weights, history, resumable checkpoints). Host syncs: one per displayed update and per epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import time
-from typing import Any, Iterable, TextIO
+from collections.abc import Iterable, Sized
+from typing import Any, Callable, ContextManager, TextIO
 
 import torch
 from torch import Tensor
 
-from ._checks import check_cuda_present
-from .accumulator import GradientAccumulator
-from .checkpoint import atomic_save
+from ._checks import check_cuda_present, check_int
+from .accumulator import Batch, GradientAccumulator
 from .config import AccumulationStrategy, GradientAccumulationConfig
+from .optimizer import AccumulatingOptimizer
+from .splitting import batch_size_of
 
 __all__ = ["GradientAccumulationTrainer"]
 
-_CKPT_FORMAT = "accumopt.GradientAccumulationTrainer"
-_NEW_EPOCH = {"loss_sum": 0.0, "loss_count": 0, "samples": 0, "updates": 0, "batch": 0}  # an epoch's totals
+_NEW_EPOCH: dict[str, Any] = {"loss_sum": 0.0, "loss_count": 0, "samples": 0, "updates": 0, "batch": 0}
 
 
 def _tqdm() -> Any:
     try:
-        from tqdm.auto import tqdm
+        return importlib.import_module("tqdm.auto").tqdm
     except ImportError:
         return None
-    return tqdm
 
 
-def _fmt_lr(lr: Any) -> str:
-    return f"{float(lr):.3g}"
+def _get_rng() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _batch_len(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0]) if x.ndim else 1
-    return len(x)
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -73,8 +57,7 @@ class GradientAccumulationTrainer:
     """Train a model with gradient accumulation configured by a :class:`GradientAccumulationConfig`.
 
     Args:
-        config: the configuration (``device``, ``mixed_precision``, ``progress_bar``,
-            ``checkpoint_every``/``checkpoint_path`` and ``logging_frequency`` are read here).
+        config: the configuration.
         progress_stream: where progress goes (default ``sys.stderr``).
     """
 
@@ -84,30 +67,22 @@ class GradientAccumulationTrainer:
         self.logger = self.accumulator.logger
         self.progress_stream = progress_stream
         self.model: torch.nn.Module | None = None
-        self.optimizer: Any = None  # the AccumulatingOptimizer around the user's optimizer
+        self.optimizer: AccumulatingOptimizer | None = None  # the wrapper around the user's optimizer
         self.scheduler: Any = None
-        self.criterion: Any = None
-        self.device: torch.device | None = None
+        self.criterion: Callable[[Any, Any], Tensor] | None = None
+        self.device = torch.device("cpu")
         self.current_epoch = 0
         self.training_history: list[dict[str, Any]] = []
         self._resume: dict[str, Any] | None = None
         self._pos = 0  # batches consumed in the current epoch
-        self._epoch_rng: Tensor | None = None
-        self._epoch_cuda_rng: list[Tensor] | None = None
+        self._epoch_rng: dict[str, Any] | None = None  # the RNG state the epoch's data order is drawn from
         self._ep: dict[str, Any] = dict(_NEW_EPOCH)  # the open epoch's totals
 
     # ------------------------------------------------------------------ setup
-    def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Any,
-                       scheduler: Any = None) -> None:
-        """Move the model to the device and wrap the optimizer (pass the plain torch one).
-
-        The scheduler is stepped once per real update. The gradients of the optimizer's
-        parameters are cleared (``set_to_none``): a ``.grad`` from before training (an
-        earlier backward) never enters the first update.
-
-        Raises:
-            ValueError: the configured device does not exist on this machine.
-        """
+    def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       criterion: Callable[[Any, Any], Tensor], scheduler: Any = None) -> None:
+        """Move the model to the device, wrap the optimizer (the plain torch one) and clear its gradients; the
+        scheduler is stepped once per real update. A device this machine lacks raises ``ValueError``."""
         if not callable(criterion):
             raise TypeError(f"Invalid criterion: {type(criterion).__name__} (expected a callable loss)")
         device = self._device()
@@ -123,225 +98,158 @@ class GradientAccumulationTrainer:
     def _device(self) -> torch.device:
         """The configured device (default: cuda if available), checked to exist here."""
         name = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"Invalid device: {name!r} (expected a torch device string such as 'cpu' or "
-                             "'cuda')") from None
+        device = torch.device(name)  # the config checked that torch parses it
         if device.type == "cuda":
             check_cuda_present(name, device)
         elif device.type != "cpu":
             try:
                 torch.empty(0, device=device)
             except (RuntimeError, AssertionError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
-                raise ValueError(f"Invalid device: {name!r} (no {device.type} device on this machine: {first})") from None
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+                raise ValueError(f"Invalid device: {name!r} (no {device.type} device on this machine: {why})") from None
         return device
 
-    def _require(self) -> None:
-        if self.model is None:
+    def _parts(self) -> tuple[torch.nn.Module, AccumulatingOptimizer, Callable[[Any, Any], Tensor]]:
+        if self.model is None or self.optimizer is None or self.criterion is None:
             raise RuntimeError("Trainer is not set up: call setup_training(model, optimizer, criterion) first")
-
-    def _autocast(self) -> Any:
-        mp = self.config.mixed_precision
-        if mp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, mp))
+        return self.model, self.optimizer, self.criterion
 
     def _forward(self, data: Any, target: Any) -> tuple[Any, Tensor]:
-        with self._autocast():
-            output = self.model(data)
-            loss = self.criterion(output, target)
-        return output, loss
+        model, _, criterion = self._parts()
+        mp = self.config.mixed_precision
+        autocast: ContextManager[Any] = contextlib.nullcontext() if mp is None \
+            else torch.autocast(self.device.type, dtype=getattr(torch, mp))
+        with autocast:
+            output = model(data)
+            return output, criterion(output, target)
 
     # ------------------------------------------------------------------- step
     def train_step(self, data_batch: Any, target_batch: Any) -> dict[str, Any]:
-        """One micro-batch: forward, backward, accumulate (and update at the window's end).
-
-        The micro-batch counts by its sample count, so a short last batch is
-        weighted exactly. Returns the accumulator's dict plus shapes, ``num_samples`` and
-        ``loss_samples`` (the samples ``loss`` averages over); ``loss`` is a 0-dim device
-        tensor (not synced). With ``strategy=MEMORY_AWARE`` the batch is held until its
-        window's K-th batch, which runs the window through :class:`~accumopt.MicroBatcher`
-        (``loss`` is None before, then the window's mean loss).
-        """
-        self._require()
+        """One micro-batch weighted by its sample count; returns the accumulator's dict plus ``output_shape``,
+        ``target_shape``, ``num_samples`` and ``loss_samples`` (the samples ``loss`` averages over)."""
+        self._parts()
+        n = batch_size_of(target_batch)
+        shape = getattr(target_batch, "shape", None)
         if self.config.strategy is AccumulationStrategy.MEMORY_AWARE:
-            # The window's loader batches run through accumopt.MicroBatcher (micro-batches that fit,
-            # out-of-memory recovery); they stay where the loader put them until then.
-            n = _batch_len(target_batch)
+            # The batches stay where the loader put them until the MicroBatcher moves each micro-batch.
             result = self.accumulator.accumulate_batch((data_batch, target_batch), self._micro_loss)
             result.update(num_samples=n, loss_samples=result.pop("window_samples"), output_shape=None,
-                          target_shape=getattr(target_batch, "shape", None))
+                          target_shape=shape)
             return result
-        data_batch = _to(data_batch, self.device)
-        target_batch = _to(target_batch, self.device)
-        n = _batch_len(target_batch)
-        output, loss = self._forward(data_batch, target_batch)
+        output, loss = self._forward(_to(data_batch, self.device), _to(target_batch, self.device))
         result = self.accumulator.accumulate_gradients(loss, weight=n, num_samples=n)
         self.accumulator.zero_grad()
-        result.update(num_samples=n, loss_samples=n, output_shape=getattr(output, "shape", None),
-                      target_shape=getattr(target_batch, "shape", None))
+        result.update(num_samples=n, loss_samples=n, output_shape=getattr(output, "shape", None), target_shape=shape)
         return result
 
-    def _micro_loss(self, micro: Any) -> Tensor:
+    def _micro_loss(self, micro: Batch) -> Tensor:
         """MEMORY_AWARE: the mean loss of one micro-batch ``(data, target)`` (moved to the device here)."""
         data, target = micro
         return self._forward(_to(data, self.device), _to(target, self.device))[1]
 
     # ------------------------------------------------------------------ epoch
-    def train_epoch(self, train_loader: Iterable) -> dict[str, Any]:
-        """Train one epoch; the last partial window is applied at its end. Returns the epoch's record.
-
-        Starting with no window pending, the optimizer's gradients are cleared first (``set_to_none``).
-        ``epoch_loss`` is the sample-weighted mean loss; with ``nan_handling`` non-finite micro-batch
-        losses (a dropped or skipped micro-batch) are left out of it. ``effective_batch_size`` is the
-        largest number of samples one update of the epoch used (a short last window uses fewer).
-        """
-        self._require()
-        self.model.train()
-        acc, cfg = self.accumulator, self.config
-        if acc.optimizer.pending == 0 and acc.pending_batches == 0:
-            acc.optimizer.zero_grad(set_to_none=True)  # nothing of a window lives in .grad now
+    def train_epoch(self, train_loader: Iterable[Any]) -> dict[str, Any]:
+        """Train one epoch and apply its last partial window; returns the epoch's record (``docs/configuration.md``)."""
+        model, opt, _ = self._parts()
+        model.train()
+        acc = self.accumulator
+        if opt.pending == 0 and acc.pending_batches == 0:
+            opt.zero_grad(set_to_none=True)  # nothing of a window lives in .grad now
         acc.set_epoch(self.current_epoch)
-        try:
-            num_batches = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            num_batches = None
+        num_batches = len(train_loader) if isinstance(train_loader, Sized) else None
         resume, self._resume = self._resume, None
         if resume is None:
-            self._epoch_rng = torch.get_rng_state()
-            self._epoch_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            self._pos = 0
+            self._epoch_rng, self._pos = _get_rng(), 0
         it = iter(train_loader)
         if resume is not None:
             for _ in range(self._pos):  # the same batches in the same order, skipped
                 next(it)
-            torch.set_rng_state(resume["rng"])
-            if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            _set_rng(resume["rng"])
         bar = self._open_bar(num_batches, self._pos)
-        ep = self._ep = dict(_NEW_EPOCH)
-        if resume is not None:
-            ep.update({k: resume[k] for k in _NEW_EPOCH if k in resume})
-            if "loss_count" not in resume:  # a checkpoint from before the count was kept
-                ep["loss_count"] = ep["samples"]
-        t0 = time.perf_counter()
-        t_samples = 0
-        last = {"loss": None, "k": acc.optimizer.accumulation_steps}
-        window: list[Tensor | float] = [0.0, 0]
+        ep = self._ep = {**_NEW_EPOCH, **{k: v for k, v in (resume or {}).items() if k in _NEW_EPOCH}}
+        t0, t_samples = time.perf_counter(), 0
         for data_batch, target_batch in it:
             m = self.train_step(data_batch, target_batch)
             self._pos += 1
-            n, ls = m["num_samples"], m["loss_samples"]  # ls: samples that m["loss"] averages over
             if m["loss"] is not None:  # (None: MEMORY_AWARE holds the batch until its window runs)
-                self._add_loss(ep, window, m["loss"], ls)
-            ep["samples"] += n
-            t_samples += n
+                self._add_loss(ep, m["loss"], m["loss_samples"])
+            ep["samples"] += m["num_samples"]
+            t_samples += m["num_samples"]
             if bar is not None:
                 bar.update(1)
             if m["should_optimize"]:
                 ep["updates"] += 1
                 ep["batch"] = max(ep["batch"], m["effective_batch_size"] or 0)
-                last = {"loss": window[0] / window[1], "k": m["accumulation_steps"]}
-                window = [0.0, 0]
-                self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches)
-        if acc.state.accumulation_step:  # the last, partial window: weighted by what it saw
-            k = acc.optimizer.accumulation_steps
+                self._on_update(bar, m["applied"], t_samples / max(time.perf_counter() - t0, 1e-9), num_batches)
+        if opt.pending or acc.pending_batches:  # the last, partial window: weighted by what it saw
             held = acc.pending_batches
-            acc.flush(loss_fn=self._micro_loss)
-            if held:  # MEMORY_AWARE: the held batches ran now
-                loss, ls = acc.last_window_loss
-                self._add_loss(ep, window, loss, ls)
+            applied = acc.flush(loss_fn=self._micro_loss)
+            if held and acc.last_window_loss is not None:  # MEMORY_AWARE: the held batches ran now
+                self._add_loss(ep, *acc.last_window_loss)
             ep["updates"] += 1
-            ep["batch"] = max(ep["batch"], acc.state.effective_batch_size or 0)
-            last = {"loss": window[0] / (window[1] if isinstance(window[1], Tensor) else max(window[1], 1)), "k": k}
-            self._on_update(bar, last, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
+            ep["batch"] = max(ep["batch"], acc.effective_batch_size or 0)
+            self._on_update(bar, applied, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
         elapsed = time.perf_counter() - t0
-        samples, updates = ep["samples"], ep["updates"]
-        count = ep["loss_count"]
-        # The epoch's one sync (with nan_handling the count of finite-loss samples is a device value).
-        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) or count else float("nan")
+        count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
+        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
         record = {
-            "epoch": self.current_epoch,
-            "epoch_loss": epoch_loss,
-            "num_batches": self._pos,
-            "num_samples": samples,
-            "optimization_steps": updates,
-            "accumulation_steps": acc.optimizer.accumulation_steps,
-            "effective_batch_size": ep["batch"] or acc.state.effective_batch_size,
-            "lr": float(acc.optimizer.optimizer.param_groups[0]["lr"]),
-            "time": elapsed,
+            "epoch": self.current_epoch, "epoch_loss": epoch_loss, "num_batches": self._pos,
+            "num_samples": ep["samples"], "optimization_steps": ep["updates"],
+            "accumulation_steps": opt.accumulation_steps, "effective_batch_size": ep["batch"],
+            "lr": float(opt.param_groups[0]["lr"]), "time": elapsed,
             "samples_per_second": t_samples / elapsed if elapsed > 0 else 0.0,
         }
         if bar is not None:
-            bar.set_postfix_str(self._postfix(epoch_loss, record["accumulation_steps"], record["samples_per_second"]))
+            bar.set_postfix_str(self._postfix(epoch_loss, record["samples_per_second"]))
             bar.close()
-        elif cfg.progress_bar is not False:
-            self._line(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {updates} updates, "
-                       f"{record['samples_per_second']:.0f} samples/s")
+        elif self.config.progress_bar is not False:
+            print(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {ep['updates']} updates, "
+                  f"{record['samples_per_second']:.0f} samples/s", file=self.progress_stream or sys.stderr, flush=True)
         self._pos = 0
         self._ep = dict(_NEW_EPOCH)
         return record
 
-    def _add_loss(self, ep: dict[str, Any], window: list[Any], loss: Tensor, samples: int) -> None:
-        """Add a micro-batch's mean loss (``samples`` samples) to the epoch's and the window's sums, on the device.
+    def _add_loss(self, ep: dict[str, Any], loss: Tensor, samples: int) -> None:
+        """Add a mean loss over ``samples`` samples to the epoch's sums on the device (``nan_handling``: if finite)."""
+        value = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
+        keep = torch.isfinite(value) if self.config.nan_handling else torch.ones_like(value, dtype=torch.bool)
+        ep["loss_sum"] = ep["loss_sum"] + torch.where(keep, value * samples, torch.zeros_like(value))
+        ep["loss_count"] = ep["loss_count"] + keep.to(value.dtype) * samples
 
-        With ``nan_handling`` a non-finite loss (a micro-batch the wrapper drops or skips) counts
-        neither in the sum nor in the sample count: ``torch.where``, no host sync.
-        """
-        loss = loss.detach()
-        loss32 = loss.float()
-        if self.config.nan_handling:
-            finite = torch.isfinite(loss32)
-            zero = torch.zeros_like(loss32)
-            ep["loss_sum"] = ep["loss_sum"] + torch.where(finite, loss32 * samples, zero)
-            ep["loss_count"] = ep["loss_count"] + finite.to(loss32.dtype) * samples
-            window[0] = window[0] + torch.where(finite, loss * samples, torch.zeros_like(loss))
-            window[1] = window[1] + finite.to(loss.dtype) * samples
-        else:
-            ep["loss_sum"] = ep["loss_sum"] + loss32 * samples
-            ep["loss_count"] = ep["loss_count"] + samples
-            window[0] = window[0] + loss * samples
-            window[1] = window[1] + samples
-
-    def _postfix(self, loss: Any, k: int, sps: float) -> str:
-        lr = _fmt_lr(self.optimizer.optimizer.param_groups[0]["lr"])
-        return f"loss={float(loss):.4f}, lr={lr}, K={k}, {sps:.0f} samples/s"
-
-    def _line(self, text: str) -> None:
-        print(text, file=self.progress_stream or sys.stderr, flush=True)
+    def _postfix(self, loss: float | None, sps: float) -> str:
+        _, opt, _ = self._parts()
+        loss_text = "n/a" if loss is None else f"{loss:.4f}"
+        return (f"loss={loss_text}, lr={float(opt.param_groups[0]['lr']):.3g}, K={opt.accumulation_steps}, "
+                f"{sps:.0f} samples/s")
 
     def _open_bar(self, total: int | None, initial: int) -> Any:
-        if self.config.progress_bar is False:
-            return None
-        tqdm = _tqdm()
+        tqdm = None if self.config.progress_bar is False else _tqdm()
         if tqdm is None:
             return None
         return tqdm(total=total, initial=initial, desc=f"epoch {self.current_epoch}", unit="batch",
                     file=self.progress_stream or sys.stderr, leave=True, dynamic_ncols=True)
 
-    def _on_update(self, bar: Any, last: dict, sps: float, num_batches: int | None, force: bool = False) -> None:
-        cfg = self.config
-        st = self.accumulator.state
-        n = st.total_optimizer_steps + st.skipped_optimizer_steps  # windows closed so far
-        if cfg.progress_bar is not False and (force or n % cfg.logging_frequency == 0 or n == 1):
-            text = self._postfix(last["loss"], last["k"], sps)  # one sync (the loss), every logging_frequency updates
+    def _on_update(self, bar: Any, applied: bool, sps: float, num_batches: int | None, force: bool = False) -> None:
+        """A window closed: progress every ``logging_frequency`` updates, a checkpoint every ``checkpoint_every``."""
+        _, opt, _ = self._parts()
+        cfg, n = self.config, opt.num_updates
+        shown = applied and (n % cfg.logging_frequency == 0 or n == 1)
+        if cfg.progress_bar is not False and (force or shown):
+            text = self._postfix(opt.stats()["last_loss"], sps)  # the one sync of this update
             if bar is not None:
                 bar.set_postfix_str(text)
             else:
                 where = f"{self._pos}/{num_batches}" if num_batches else f"{self._pos}"
-                self._line(f"epoch {self.current_epoch} batch {where} update {n}: {text}")
-        every = cfg.checkpoint_every
-        if every and n % every == 0:
+                print(f"epoch {self.current_epoch} batch {where} update {n}: {text}",
+                      file=self.progress_stream or sys.stderr, flush=True)
+        if applied and cfg.checkpoint_every and cfg.checkpoint_path and n % cfg.checkpoint_every == 0:
             self.save_checkpoint(cfg.checkpoint_path)
 
     # ------------------------------------------------------------------ train
-    def train(self, train_loader: Iterable, num_epochs: int = 1, *, resume_from: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    def train(self, train_loader: Iterable[Any], num_epochs: int = 1, *,
+              resume_from: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
         """Train ``num_epochs`` epochs (continuing from a checkpoint file if given); returns the history."""
-        from ._checks import check_int
-
-        self._require()
+        self._parts()
         check_int("num_epochs", num_epochs)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -354,46 +262,28 @@ class GradientAccumulationTrainer:
         return self.training_history
 
     # ------------------------------------------------------------- checkpoint
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write model, optimizer, accumulation, scheduler, RNG and epoch position atomically."""
-        self._require()
-        state = {
-            "format": _CKPT_FORMAT,
-            "version": 1,
-            "model": self.model.state_dict(),
-            "accumulator": self.accumulator.state_dict(),
-            "epoch": self.current_epoch,
-            "position": self._pos,
-            "epoch_rng": self._epoch_rng,
-            "epoch_cuda_rng": self._epoch_cuda_rng,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "history": [dict(h) for h in self.training_history],
-            "epoch_progress": dict(self._ep),
-        }
-        atomic_save(state, path)
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write model, optimizer, accumulation, scheduler, RNG and epoch position atomically (``opt.save``)."""
+        model, _, _ = self._parts()
+        trainer = {"epoch": self.current_epoch, "position": self._pos, "epoch_rng": self._epoch_rng, "rng": _get_rng(),
+                   "history": [dict(h) for h in self.training_history], "epoch_progress": dict(self._ep)}
+        self.accumulator.save_accumulation_state(path, extra={"model": model.state_dict(), "trainer": trainer})
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore :meth:`save_checkpoint`; training continues where it stopped (bit-identically)."""
-        self._require()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: {e}") from e
-        if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint")
-        self.accumulator.load_state_dict(state["accumulator"])  # validates first: raises before any change
-        self.model.load_state_dict(state["model"])
+        model, _, _ = self._parts()
+        extra = self.accumulator.load_accumulation_state(path)  # validates the configuration before any change
+        if not isinstance(extra, dict) or "trainer" not in extra:
+            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint "
+                             "(expected a file of GradientAccumulationTrainer.save_checkpoint())")
+        model.load_state_dict(extra["model"])
+        state = extra["trainer"]
         self.current_epoch = int(state["epoch"])
         self.training_history = list(state["history"])
         self._pos = int(state["position"])
-        if self._pos:
-            torch.set_rng_state(state["epoch_rng"])  # the epoch's data order is drawn from here
-            if state.get("epoch_cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["epoch_cuda_rng"])
-            self._epoch_rng, self._epoch_cuda_rng = state["epoch_rng"], state.get("epoch_cuda_rng")
-            self._resume = {"rng": state["rng"], "cuda_rng": state.get("cuda_rng"), **state["epoch_progress"]}
+        if self._pos:  # mid-epoch: draw the epoch's data order again, then continue from the saved RNG state
+            self._epoch_rng = state["epoch_rng"]
+            _set_rng(state["epoch_rng"])
+            self._resume = {"rng": state["rng"], **state["epoch_progress"]}
         else:
-            torch.set_rng_state(state["rng"])
+            _set_rng(state["rng"])

@@ -6,6 +6,7 @@ gradient arithmetic, or torch.nn.utils clipping.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -68,7 +69,7 @@ def test_basic_example_trains_and_equals_large_batch(f64):
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 10))
     ref = reference_run_seeded(ref_model, dataset, 64, 10)
-    assert max_rel(list(model.parameters()), ref) < 1e-10
+    assert max_rel(list(model.parameters()), ref) < 1e-12
 
 
 def reference_run_seeded(model, dataset, batch_size, epochs, **kw):
@@ -138,14 +139,14 @@ def test_advanced_example_warns_unused_layer_weights_trains_and_equals_large_bat
     # on top of StepLR (0.001, x0.1 every 5 updates).
     assert isinstance(trainer.accumulator.adaptive, AdaptiveK)
     factors = [lr / (0.001 * 0.1 ** (i // 5)) for i, lr in enumerate(seen_lr)]
-    assert len(factors) == 10 and all(any(abs(f - math.sqrt(2 ** j / 8)) < 1e-9 for j in range(7)) for f in factors)
+    assert len(factors) == 10 and all(any(abs(f - math.sqrt(2 ** j / 8)) < 1e-12 for j in range(7)) for f in factors)
     # 96 samples per epoch: one partial window (3 of 8 micro-batches) flushed per epoch = one large batch.
     assert [h["optimization_steps"] for h in trainer.training_history] == [1] * 10
     assert len(trainer.accumulator.state.memory_usage) == 10  # memory_monitoring: one reading per update
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
     ref = reference_run_seeded(ref_model, dataset, 256, 10, lr=0.001, clip=1.0, scheduler_step=5, lrs=seen_lr)
-    assert max_rel(list(model.parameters()), ref) < 1e-9
+    assert max_rel(list(model.parameters()), ref) < 1e-11  # measured 2e-13 (Adam over 10 updates, K moving)
 
 
 def test_progressive_example_follows_schedule_and_trains():
@@ -203,7 +204,7 @@ def test_memory_aware_example_trains_and_equals_large_batch(f64):
     torch.manual_seed(1)
     ref_model = nn.Sequential(nn.Linear(784, 10))
     ref = reference_run_seeded(ref_model, dataset, 64, 10, clip=1.0)
-    assert max_rel(list(model.parameters()), ref) < 1e-10
+    assert max_rel(list(model.parameters()), ref) < 1e-12
 
 
 # ------------------------------------------------------------------ configuration snippets, as written
@@ -340,6 +341,24 @@ def test_uneven_weights_match_the_sample_mean():
         torch.testing.assert_close(p.detach(), b - 0.1 * gg, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_backward_false_takes_a_backward_run_through_the_wrapper(mode):
+    model, batches = _mlp(), _batches()
+    batches = [(x[: 2 + i], y[: 2 + i]) for i, (x, y) in enumerate(batches)]  # 2, 3, 4, 5 samples
+    before = [p.detach().clone() for p in model.parameters()]
+    g = _large_grad(model, batches)
+    acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=4), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        acc.optimizer.backward(loss, weight=len(x))
+        out = acc.accumulate_gradients(loss, backward=False, num_samples=len(x))
+        acc.zero_grad()
+    assert out["should_optimize"] and out["effective_batch_size"] == 14
+    for p, b, gg in zip(model.parameters(), before, g.values()):
+        torch.testing.assert_close(p.detach(), b - 0.1 * gg, rtol=1e-12, atol=1e-14)
+
+
 def test_layer_wise_and_selective_weights_multiply_the_gradient():
     for cfg in (GradientAccumulationConfig(strategy=AccumulationStrategy.LAYER_WISE, accumulation_steps=4,
                                            layer_accumulation_weights={"0.weight": 0.5, "2.*": 0.25}),
@@ -392,7 +411,7 @@ def test_adaptive_layers_is_unitwise_adaptive_clipping():
         gn = gr.norm(dim=dims, keepdim=True) if w.ndim > 1 else gr.norm()
         ref = torch.where(gn > 0.01 * wn, gr * (0.01 * wn / gn.clamp_min(1e-6)), gr)
         clipped_any |= bool((gn > 0.01 * wn).any())
-        torch.testing.assert_close(p.detach(), w - 0.1 * ref, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(p.detach(), w - 0.1 * ref, rtol=1e-12, atol=1e-14)
     assert clipped_any
 
 
@@ -459,7 +478,18 @@ def test_memory_aware_trainer_recovers_from_oom_exactly_like_the_large_batch(f64
             opt.zero_grad()
             nn.functional.cross_entropy(ref(x), y).backward()
             opt.step()
-    assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-10
+    assert max_rel(list(model.net.parameters()), list(ref.parameters())) < 1e-12
+
+
+@pytest.mark.parametrize("adaptive_scaling,grow_after", [(None, 50), (True, 50), (False, 0)])
+def test_memory_aware_adaptive_scaling_lets_the_micro_batch_grow_back(adaptive_scaling, grow_after):
+    model, batches = _mlp(), _batches(k=2)
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=2,
+                                     adaptive_scaling=adaptive_scaling)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for b in batches:
+        acc.accumulate_batch(b, lambda micro: nn.functional.cross_entropy(model(micro[0]), micro[1]))
+    assert acc.batcher.grow_after == grow_after and acc.state.total_optimizer_steps == 1
 
 
 def test_memory_aware_accumulator_batches_recover_from_oom_exactly():
@@ -505,9 +535,8 @@ def test_progressive_k_by_epoch_and_lr_rule():
             if r["should_optimize"]:
                 ks.append(r["accumulation_steps"])
     assert ks == [2, 2, 2, 2, 4, 4]
-    # The hooks registered after ours see the scaled LR: linear rule, K / K0.
-    assert acc.lr_factor(4) == 2.0 and acc.lr_factor(2) == 1.0
-    assert opt.param_groups[0]["lr"] == 0.1  # restored after each step: the scheduler's view is intact
+    # Each update used the LR times the linear rule's K / K0 (the wrapper's lr_scaling).
+    assert seen_lr == [0.1] * 4 + [0.1 * 2] * 2
 
 
 def test_adaptive_mode_is_adaptive_k_over_the_wrappers_noise_scale():
@@ -602,7 +631,7 @@ def test_gradient_clipping_equals_clip_grad_norm_on_the_large_batch():
     assert total > 0.05
     _sgd_run(GradientAccumulationConfig(accumulation_steps=4, gradient_clipping=True, clipping_norm=0.05), model, batches)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n] * (0.05 / (total + 1e-6)), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n] * (0.05 / (total + 1e-6)), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("nan_handling", [True, False])
@@ -627,9 +656,7 @@ def test_nan_policy_drop_keeps_the_good_micro_batches():
     batches[2] = (batches[2][0].clone().fill_(float("nan")), batches[2][1])
     _sgd_run(GradientAccumulationConfig(accumulation_steps=4, nan_handling=True, nan_policy="drop"), model, batches)
     for n, p in model.named_parameters():
-        # rtol 1e-6, not 1e-12: the core keeps the window's weight total in float32 once a non-finite
-        # flag enters it (1/3 in float32); reported to the lead with a patch to accumopt/schedule.py.
-        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n], rtol=1e-12, atol=1e-14)
 
 
 def test_memory_monitoring_records_and_warns_over_threshold(caplog):
@@ -646,7 +673,7 @@ def test_memory_monitoring_records_and_warns_over_threshold(caplog):
 def test_logging_frequency_logs_every_n_updates(caplog):
     with caplog.at_level(logging.INFO, logger="accumopt"):
         _sgd_run(GradientAccumulationConfig(accumulation_steps=1, logging_frequency=2), _mlp(), _batches(k=8))
-    assert sum(r.message.startswith("update ") for r in caplog.records) == 4
+    assert sum(r.message.startswith("accumopt: update ") for r in caplog.records) == 4
 
 
 def test_accumulate_gradients_returns_seed_keys_and_state_is_read_only():
@@ -658,10 +685,11 @@ def test_accumulate_gradients_returns_seed_keys_and_state_is_read_only():
     assert [o["should_optimize"] for o in out] == [False, False, True, False]
     assert all(isinstance(o["loss"], torch.Tensor) and o["loss"].ndim == 0 for o in out)
     assert out[0]["effective_batch_size"] == 24
-    torch.testing.assert_close(out[2]["accumulated_loss"], sum(o["loss"] for o in out[:3]))
     st = acc.state
     assert isinstance(st, AccumulationState) and st.total_steps == 4 and st.total_optimizer_steps == 1
-    with pytest.raises(Exception):
+    assert st.last_optimizer_step == 3 and st.accumulation_step == 1
+    assert st.accumulated_loss == out[3]["loss"].item()  # the open window's mean loss (one micro-batch)
+    with pytest.raises(dataclasses.FrozenInstanceError):
         st.total_steps = 0  # frozen
 
 
@@ -680,7 +708,7 @@ def test_save_and_load_accumulation_state_mid_window(tmp_path):
         a2.accumulate_gradients(nn.functional.cross_entropy(m2(x), y)); a2.zero_grad()
     a2.save_accumulation_state(tmp_path / "acc.pt")
     params = {k: v.clone() for k, v in m2.state_dict().items()}
-    assert torch.load(tmp_path / "acc.pt", weights_only=True)["config"]["accumulation_steps"] == 4
+    assert torch.load(tmp_path / "acc.pt", weights_only=True)["extra"]["accumulator"]["config"]["accumulation_steps"] == 4
     m3, a3 = build()
     m3.load_state_dict(params)
     a3.load_accumulation_state(tmp_path / "acc.pt")
@@ -694,7 +722,7 @@ def test_save_and_load_accumulation_state_mid_window(tmp_path):
     with pytest.raises(ValueError, match="different configuration"):
         other.load_accumulation_state(tmp_path / "acc.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="Invalid accumulation state file"):
+    with pytest.raises(ValueError, match="Invalid checkpoint file"):
         a3.load_accumulation_state(tmp_path / "bad.pt")
 
 
@@ -742,7 +770,7 @@ BAD = [
     (dict(mode=M.EFFICIENT, nan_handling=True, nan_policy="drop"), ValueError, "'drop' with mode=EFFICIENT"),
     (dict(mode=M.ADAPTIVE, adaptive_scaling=False), ValueError, "adaptive_scaling: False with mode=ADAPTIVE"),
     (dict(strategy=S.ADAPTIVE_LAYERS, adaptive_scaling=False), ValueError, "False with strategy=ADAPTIVE_LAYERS"),
-    (dict(min_accumulation_steps=2), ValueError, "bound K in mode=ADAPTIVE only"),
+    (dict(min_accumulation_steps=2), ValueError, "min_accumulation_steps: 2 with mode=STANDARD .*bounds K in mode=ADAPTIVE only"),
     (dict(mode=M.ADAPTIVE, accumulation_steps=8, max_accumulation_steps=4), ValueError, "within min_accumulation_steps"),
     (dict(logging_frequency=0), ValueError, "logging_frequency"),
     (dict(gradient_scaling="yes"), TypeError, "gradient_scaling"),
@@ -763,7 +791,7 @@ def test_contradictions_and_bad_values_raise(kwargs, exc, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(adaptive_scaling=True), "adaptive_scaling=True has no effect"),
     (dict(progressive_scaling=True), "progressive_scaling=True has no effect"),
-    (dict(memory_threshold=0.5), "memory_threshold has no effect"),
+    (dict(memory_threshold=0.5), "memory_threshold=0.5 has no effect"),
     (dict(parameter_group_weights=[1.0]), "parameter_group_weights has no effect"),
     (dict(layer_accumulation_weights={"x": 1.0}), "layer_accumulation_weights has no effect"),
 ])
@@ -916,8 +944,8 @@ def test_review_contradictions_raise_naming_the_value(kwargs, match):
     (dict(selective_accumulation=True), "selective_accumulation=True has no effect"),
     (dict(lr_scaling_rule="linear"), "lr_scaling_rule='linear' has no effect"),
     (dict(mode=M.PROGRESSIVE, accumulation_schedule=[2, 4], lr_scaling_rule="linear"), "lr_scaling_rule"),
-    (dict(agc_clip_factor=0.05), "agc_clip_factor has no effect"),
-    (dict(checkpoint_path="run.pt"), "checkpoint_path has no effect"),
+    (dict(agc_clip_factor=0.05), "agc_clip_factor=0.05 has no effect"),
+    (dict(checkpoint_path="run.pt"), "checkpoint_path='run.pt' has no effect"),
 ])
 def test_settings_without_effect_warn(kwargs, match):
     with pytest.warns(UserWarning, match=match):
@@ -975,7 +1003,7 @@ def test_state_has_the_reference_fields(mode):
     acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=4, nan_handling=True),
                               model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     st = acc.state
-    assert st.accumulated_gradients == {} and st.gradient_norms == () and not st.nan_detected
+    assert st.accumulated_gradients == {} and st.average_gradient_norm is None and not st.nan_detected
     norms = []
     for w in range(2):
         window = batches[4 * w: 4 * w + 4]
@@ -996,15 +1024,16 @@ def test_state_has_the_reference_fields(mode):
         acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y), weight=ws[3])
         acc.zero_grad()
         assert acc.state.accumulated_gradients == {}  # the window closed
-    assert acc.state.gradient_norms == pytest.approx(norms, rel=1e-10)
-    assert acc.get_accumulation_stats()["average_gradient_norm"] == pytest.approx(sum(norms) / 2, rel=1e-10)
+        assert acc.state.last_gradient_norm == pytest.approx(norms[-1], rel=1e-12)
+    assert acc.state.average_gradient_norm == pytest.approx(sum(norms) / 2, rel=1e-12)
+    assert acc.get_accumulation_stats()["average_gradient_norm"] == acc.state.average_gradient_norm
     assert not acc.state.nan_detected and not acc.state.overflow_detected
     x, y = batches[0]
     acc.accumulate_gradients(nn.functional.cross_entropy(model(x.clone().fill_(float("nan"))), y))
     acc.flush()  # skipped: non-finite
     st = acc.state
     assert st.nan_detected and not st.overflow_detected and st.skipped_optimizer_steps == 1
-    assert st.gradient_norms == pytest.approx(norms, rel=1e-10)  # a skipped window records no norm
+    assert st.average_gradient_norm == pytest.approx(sum(norms) / 2, rel=1e-12)  # a skipped window: not in the mean
 
 
 def test_state_nan_detected_counts_dropped_micro_batches():
@@ -1034,18 +1063,3 @@ def test_setup_errors_name_the_seed_options():
     with pytest.raises(ValueError, match=r"Invalid exclude_parameters: \['nope.\*'\] match no parameter name"):
         GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_info_log_rounds_to_four_significant_digits(caplog):
-    with caplog.at_level(logging.INFO, logger="accumopt"):
-        _sgd_run(GradientAccumulationConfig(accumulation_steps=1, logging_frequency=2), _mlp(), _batches(k=4))
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("update ")]
-    assert len(lines) == 2
-    import re
-
-    for line in lines:
-        numbers = re.findall(r"(?:loss|grad norm) (\S+?)(?:,|$)", line)
-        assert len(numbers) == 2, line
-        for text in numbers:
-            digits = re.sub(r"e[-+]\d+$", "", text).replace(".", "").replace("-", "").lstrip("0")
-            assert 0 < len(digits) <= 4, line

@@ -55,7 +55,7 @@ def test_last_partial_window_is_applied_with_sample_weights(mode):
             sched.step()
     # (Dropout is switched off by the autouse fixture: its draws differ between one 64-batch and four 16-batches.)
     for p, q in zip(m.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 @pytest.fixture(autouse=True)
@@ -292,7 +292,7 @@ def test_non_finite_losses_are_left_out_of_the_epoch_loss(policy):
     ok = torch.isfinite(x).all(dim=1)
     with torch.no_grad():
         expected = nn.functional.cross_entropy(m(x[ok]), y[ok]).item()
-    assert hist[0]["epoch_loss"] == pytest.approx(expected, rel=1e-6)
+    assert hist[0]["epoch_loss"] == pytest.approx(expected, rel=1e-12)
     assert hist[0]["num_samples"] == 60
     # Without nan_handling nothing is filtered (the NaN reaches the model too, as in plain torch).
     t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), lr=0.0)
@@ -337,14 +337,14 @@ def test_micro_steps_that_do_not_update_read_no_device_value(monkeypatch):
     def no_read(*args, **kwargs):
         raise AssertionError("host read of a tensor on a micro-step that does not update")
 
-    ep, window = dict(trainer_mod._NEW_EPOCH), [0.0, 0]
+    ep = dict(trainer_mod._NEW_EPOCH)
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
             patch.setattr(torch.Tensor, name, no_read)
         for i in range(3):
             r = t.train_step(x[10 * i: 10 * i + 10], y[10 * i: 10 * i + 10])
-            t._add_loss(ep, window, r["loss"], r["loss_samples"])
-        st = t.accumulator.state  # the snapshot is built without reading the device
-        assert not r["should_optimize"] and st.accumulation_step == 3 and st.effective_batch_size == 40
+            t._add_loss(ep, r["loss"], r["loss_samples"])
+        assert not r["should_optimize"] and r["accumulation_step"] == 3 and r["effective_batch_size"] == 40
+    assert t.accumulator.state.accumulation_step == 3  # the snapshot reads the statistics: one host read
     r = t.train_step(x[30:], y[30:])
     assert r["should_optimize"] and r["effective_batch_size"] == 40
