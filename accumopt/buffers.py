@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -40,14 +40,14 @@ class _Group:
     weight: float
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
-    _device_cache: dict = field(default_factory=dict)
+    _device_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # Which buffers hold a gradient this window (a parameter that got none stays
     # ``.grad = None``, as in the wrapped optimizer). Host-side bookkeeping only.
     all_seen: bool = False
-    seen: set = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
     # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse
     # tensors, so that the optimizer receives a sparse gradient, as without accumulation.
-    sparse: dict = field(default_factory=dict)
+    sparse: dict[int, Tensor] = field(default_factory=dict)
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
@@ -142,7 +142,7 @@ class GradientStore:
         self._weight_of.rebind(self._param_groups)
         self._weight_of.check_new_group(param_group)
 
-    def refresh(self, param_groups: list[dict] | None = None) -> None:
+    def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
         """Take in parameters added to the optimizer since the last call.
 
         Args:
@@ -151,7 +151,7 @@ class GradientStore:
         """
         if param_groups is not None:
             self._param_groups = param_groups
-        keyed: dict[tuple, list[Tensor]] = {}
+        keyed: dict[tuple[torch.device, torch.dtype, torch.dtype | None, float], list[Tensor]] = {}
         # Known parameters are recomputed (not remembered by id): ids change across deepcopy/pickle.
         known = {id(p) for p in self.params} | {id(p) for p in self.excluded}
         for gi, group in enumerate(self._param_groups):
@@ -227,7 +227,7 @@ class GradientStore:
                     s = s.to(bufs[0].dtype)
                     torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             elif grads:
-                torch._foreach_add_(bufs, grads, alpha=scale)
+                torch._foreach_add_(bufs, grads, alpha=float(scale))
             if step is None and not closing and len(grads) == len(params):  # dense, surely in the window
                 # Keep ``.grad``, zeroed, as where the next backward lands: autograd then adds into it
                 # in place instead of allocating a fresh gradient for every micro-batch.
@@ -245,6 +245,7 @@ class GradientStore:
         """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
         positions = range(len(g.params)) if idx is None else idx
         dense_idx, dense = [], []
+        assert g.buffers is not None  # only buffered groups hold sparse sums
         for i, t in zip(positions, grads):
             if not t.is_sparse:
                 dense_idx.append(i)
@@ -320,19 +321,19 @@ class GradientStore:
                 bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
                 if not params and not g.sparse:
                     continue  # no gradient this window: .grad stays None, as without accumulation
-                if not params:
-                    scaled = []
-                elif g.same_dtype:
+                scaled: Sequence[Tensor] = []
+                if params and g.same_dtype:
                     _mul_(bufs, factor)
                     scaled = bufs
-                else:
+                elif params:
                     scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
                 for p, s in zip(params, scaled):
                     p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
                 for i, sp in g.sparse.items():
                     total = sp * factor
-                    if g.all_seen or i in g.seen:  # dense and sparse gradients in one window: a dense sum
-                        total = g.params[i].grad.to(total.dtype) + total
+                    dense = g.params[i].grad
+                    if dense is not None and (g.all_seen or i in g.seen):  # dense and sparse: a dense sum
+                        total = dense.to(total.dtype) + total
                     g.params[i].grad = total.to(g.params[i].dtype)
 
     def grads(self) -> list[Tensor]:
@@ -472,7 +473,7 @@ class GradientStore:
 
     def _expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of each entry of :meth:`state_dict` (buffers or grads)."""
-        out = []
+        out: list[tuple[tuple[int, ...], torch.dtype]] = []
         for g in self.groups:
             if g.buffers is None:
                 out.extend((tuple(p.shape), p.dtype) for p in g.params)

@@ -85,7 +85,7 @@ def _scalar(x: "Tensor | float", device: torch.device, dtype: torch.dtype) -> Te
 def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
     """Sum of squared 2-norms of ``tensors`` as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    by_key: dict[tuple, list[Tensor]] = {}
+    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in dense:
         by_key.setdefault((t.device, t.dtype), []).append(t.detach())
     total = torch.zeros((), device=device, dtype=dtype)
@@ -179,20 +179,21 @@ class NoiseScaleEstimator:
             device, dtype = self._device_dtype(store)
             if sync.distributed:  # pool the ranks' small batches: one estimate on every rank
                 self._pool(device, dtype, sync.group)
-            if isinstance(self.small_n, float):
+            n, inv_w = self.small_n, self.small_inv_w
+            if not isinstance(n, Tensor) or not isinstance(inv_w, Tensor):
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
             if isinstance(mean_factor, Tensor) or mean_factor != 1.0:
                 big_sq = big_sq * _scalar(mean_factor, device, dtype).square()
             world = sync.world_size if sync.distributed else 1
             b_big = _scalar(total, device, dtype) * world
-            n = self.small_n
             small_sq = self.small_sq / n.clamp_min(1.0)
-            b_small = n / self.small_inv_w.clamp_min(torch.finfo(dtype).tiny)
+            b_small = n / inv_w.clamp_min(torch.finfo(dtype).tiny)
             ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))
             safe_small = torch.where(ok, b_small, torch.ones_like(b_small))
             safe_big = torch.where(ok, b_big, torch.full_like(b_big, 2.0))
-            trace, grad_sq = simple_noise_scale_terms(small_sq, big_sq, safe_small, safe_big)
+            trace, grad_sq = (torch.as_tensor(x) for x in simple_noise_scale_terms(small_sq, big_sq, safe_small,
+                                                                                    safe_big))
             ok = ok & torch.isfinite(trace) & torch.isfinite(grad_sq)
             if found is not None:
                 ok = ok & (found.to(device) == 0)

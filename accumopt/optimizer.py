@@ -395,7 +395,7 @@ class AccumulatingOptimizer(Optimizer):
         """
         w = check_micro_weight(weight) if weight is not None else None
         scaled = loss if w is None else loss * w
-        self._guard.scale_loss(scaled).backward(**kwargs)
+        self._guard.scale_loss(scaled).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w)
 
     def _record_backward_weight(self, weight: "float | Tensor | None") -> None:
@@ -434,7 +434,7 @@ class AccumulatingOptimizer(Optimizer):
     # ``param_groups``, ``state`` and ``defaults`` ARE the wrapped optimizer's, read through on every
     # access: torch's ``Optimizer.load_state_dict`` replaces its lists, and a bound copy would go stale.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -442,7 +442,7 @@ class AccumulatingOptimizer(Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -450,7 +450,7 @@ class AccumulatingOptimizer(Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -607,8 +607,8 @@ class AccumulatingOptimizer(Optimizer):
         acc["stepped"] = bool(self._stepped)
         acc["pre_weight"] = pre.detach().clone() if isinstance(pre, Tensor) else pre
         sd["accumulation"] = acc
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, sd)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
@@ -648,8 +648,8 @@ class AccumulatingOptimizer(Optimizer):
         pre = acc.get("pre_weight")
         self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
         self._sync.set(self._window.next_is_last)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            load_post_hook(self)
 
     def _validate_state(self, sd: dict[str, Any], acc: Any) -> None:
         """Raise ``ValueError`` unless the optimizer part ``sd`` and the accumulation entry ``acc`` fit."""
@@ -700,8 +700,8 @@ class AccumulatingOptimizer(Optimizer):
 
     def _labels(self, *, quote: bool = False) -> dict[int, str]:
         """``{id(param): its model name (quoted: repr), else "param_groups[i]['params'][j]"}``."""
-        names = self._names or {}
-        out = {}
+        names: Mapping[int, str] = self._names or {}
+        out: dict[int, str] = {}
         for i, g in enumerate(self.param_groups):
             for j, p in enumerate(g["params"]):
                 name = names.get(id(p))

@@ -173,7 +173,8 @@ class GradSync:
     # ---------------------------------------------------------------- helpers
     def _device(self, store: Any) -> torch.device:
         for p in store.params:
-            return p.device
+            device: torch.device = p.device
+            return device
         return torch.device("cpu")  # pragma: no cover - the wrapper always has parameters
 
     def _reduce_sums(self, store: Any) -> None:
