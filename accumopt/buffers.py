@@ -53,6 +53,8 @@ class _Group:
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
     # Zeroed ``.grad`` kept for the next backward: {index: (tensor, its version once zeroed)}.
     landing: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    # The window's last gradient was left in ``.grad`` (all parameters): :meth:`finalize` adds the sums into it.
+    last_in_grad: bool = False
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
@@ -78,6 +80,7 @@ class _Group:
         self.sparse.clear()
         self.seen_if_kept.clear()
         self.landing = {}
+        self.last_in_grad = False
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -217,6 +220,15 @@ class GradientStore:
                 g.mark(idx)
             else:
                 g.seen_if_kept.append((step, idx))
+            if closing and step is None and idx is None and g.same_dtype and len(grads) == len(params) and (
+                    isinstance(scale, Tensor) or scale == 1.0):
+                # The window closes now: its last gradient stays in .grad, where finalize adds the sums
+                # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
+                if isinstance(scale, Tensor):
+                    torch._foreach_mul_(grads, g.to_device(scale).to(grads[0].dtype))
+                g.landing = {}
+                g.last_in_grad = True
+                continue
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if grads and isinstance(scale, Tensor):
                 s = g.to_device(scale)
@@ -322,7 +334,11 @@ class GradientStore:
                 if not params and not g.sparse:
                     continue  # no gradient this window: .grad stays None, as without accumulation
                 scaled: Sequence[Tensor] = []
-                if params and g.same_dtype:
+                if params and g.last_in_grad:
+                    scaled = [p.grad for p in params if p.grad is not None]
+                    torch._foreach_add_(scaled, bufs)
+                    _mul_(scaled, factor)
+                elif params and g.same_dtype:
                     _mul_(bufs, factor)
                     scaled = bufs
                 elif params:

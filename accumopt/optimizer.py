@@ -297,7 +297,7 @@ class AccumulatingOptimizer(Optimizer):
                 "(scaler=...) and call opt.step()."
             )
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
-                               closing=self._window.next_is_last)
+                               closing=self._window.next_is_last and not self._sync.distributed)
         counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
