@@ -7,9 +7,12 @@ Two modes, chosen per wrapper:
   loop uses. Parameters whose dtype is below ``accumulate_dtype`` (bf16/fp16
   parameters) still get an fp32 buffer, because summing in bf16 loses bits.
 * ``"buffered"``: every parameter has a buffer, allocated once. At each micro-step
-  the fresh ``.grad`` is added into it (scaled by the micro-batch weight) and
-  released, so a micro-batch that fails half-way never touches the window, a bad
+  the micro-batch's ``.grad`` is added into it (scaled by the micro-batch weight)
+  and zeroed, so a micro-batch that fails half-way never touches the window, a bad
   micro-batch can be dropped, and weights may be given after the backward pass.
+  The zeroed ``.grad`` stays as where the next backward lands (autograd adds into
+  it instead of allocating a gradient per micro-batch); the window's last gradient
+  stays in ``.grad`` and receives the buffers' sum at the boundary.
 
 All arithmetic is ``torch._foreach_*`` over parameters grouped once by
 (device, gradient dtype, buffer dtype, parameter weight).
