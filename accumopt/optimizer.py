@@ -642,8 +642,8 @@ class AccumulatingOptimizer(Optimizer):
         for key, component in self._components().items():
             if component is not None and acc.get(key) is not None:
                 component.load_state_dict(acc[key])
-        if self._noise is not None and acc.get("noise") is None:
-            self._noise.discard_window()
+            elif key in ("precision", "noise") and component is not None:
+                component.discard_window()  # saved without it: no window measurements to resume
         self._stepped = bool(acc.get("stepped", False))
         pre = acc.get("pre_weight")
         self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
@@ -665,13 +665,15 @@ class AccumulatingOptimizer(Optimizer):
                 checkpoint.compare_signatures(acc.get("signature"), self._signature())
             for key, component in self._components().items():
                 state = acc.get(key)
-                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
-                    raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
-                                     "(expected a dict)")
-                if key == "scaler" and state is not None:
-                    LossScaler.validate_state_dict(state)  # also without an owned scaler
-                elif key != "scheduler" and component is not None and (state is not None or key in acc):
-                    component.validate_state_dict(state)
+                if key == "scheduler":
+                    if state is not None and not isinstance(state, Mapping):
+                        raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
+                                         "(expected a dict)")
+                elif key == "scaler":
+                    if state is not None:
+                        LossScaler.validate_state_dict(state)  # also without an owned scaler
+                elif component is not None and (state is not None or key in ("window", "sums", "stats")):
+                    component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
             if acc.get("pre_weight") is not None:
                 check_state_scalar("pre_weight", acc["pre_weight"])
         labels = self._labels(quote=True)
