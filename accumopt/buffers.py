@@ -186,6 +186,18 @@ class GradientStore:
         for g in self.groups:
             yield from g.params
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the first accumulated parameter."""
+        device: torch.device = self.groups[0].params[0].device
+        return device
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """float64 if the first accumulated parameter is double precision, else float32."""
+        double = self.groups[0].params[0].dtype in (torch.float64, torch.complex128)
+        return torch.float64 if double else torch.float32
+
     def buffer_bytes(self) -> int:
         """Bytes held by accumulation buffers (0 in pure in-place mode)."""
         return sum(b.numel() * b.element_size() for g in self.groups if g.buffers for b in g.buffers)

@@ -137,7 +137,7 @@ class NoiseScaleEstimator:
         gradient times ``weight`` when ``weight_in_grad`` (the weight went to
         ``backward()``), times ``loss_scale`` (an owned scaler's scale).
         """
-        device, dtype = self._device_dtype(store)
+        device, dtype = store.device, store.float_dtype
         sq = None
         for g in store.groups:
             grads = [p.grad for p in g.params if p.grad is not None]
@@ -176,7 +176,7 @@ class NoiseScaleEstimator:
         applied gradient into the window's mean (``1 / total`` with ``reduction="sum"``).
         """
         try:
-            device, dtype = self._device_dtype(store)
+            device, dtype = store.device, store.float_dtype
             if sync.distributed:  # pool the ranks' small batches: one estimate on every rank
                 self._pool(device, dtype, sync.group)
             n, inv_w = self.small_n, self.small_inv_w
@@ -229,13 +229,6 @@ class NoiseScaleEstimator:
         """Device tensors for :meth:`~accumopt.AccumulatingOptimizer.stats`."""
         return {"noise_scale": self.value(), "noise_trace": self.trace, "noise_grad_sq": self.grad_sq,
                 "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
-
-    @staticmethod
-    def _device_dtype(store: GradientStore) -> tuple[torch.device, torch.dtype]:
-        for p in store.params:
-            dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
-            return p.device, dtype
-        return torch.device("cpu"), torch.float32  # pragma: no cover - the wrapper always has parameters
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -149,7 +149,7 @@ class GradSync:
         if isinstance(window.total, Tensor) or window.weighted or window.count != window.k:
             # weights, drops or a partial window: totals may differ across ranks. Without any of them
             # every rank's total is K (the same schedule everywhere), so the mean needs no collective.
-            window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+            window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
         self._reduced_window = window.closed
 
     def consolidate(self, store: Any, window: Any) -> None:
@@ -168,15 +168,9 @@ class GradSync:
                 "(opt.pending == 0)."
             )
         self._reduce_sums(store)
-        window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+        window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
 
     # ---------------------------------------------------------------- helpers
-    def _device(self, store: Any) -> torch.device:
-        for p in store.params:
-            device: torch.device = p.device
-            return device
-        return torch.device("cpu")  # pragma: no cover - the wrapper always has parameters
-
     def _reduce_sums(self, store: Any) -> None:
         tensors: list[Tensor] = []
         for g in store.groups:
