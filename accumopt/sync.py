@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .buffers import GradientStore
 from .distributed import all_reduce_mean_, all_reduce_mean_scalar, is_distributed
+from .schedule import Window
 
 __all__ = ["GradSync", "unwrap_model"]
 
@@ -56,7 +58,7 @@ class GradSync:
         store: the wrapper's :class:`~accumopt.buffers.GradientStore`.
     """
 
-    def __init__(self, model: Any, store: Any = None) -> None:
+    def __init__(self, model: Any, store: GradientStore | None = None) -> None:
         self.model = model
         self.store = store
         self.kind = self.kind_of(model)
@@ -127,7 +129,7 @@ class GradSync:
         self._armed = False
 
     # -------------------------------------------------------------- boundary
-    def reduce(self, store: Any, window: Any) -> None:
+    def reduce(self, store: GradientStore, window: Window) -> None:
         """Make the window's sums and weight total global, once per window.
 
         Called at the top of the real update, before anything reads the sums.
@@ -152,7 +154,7 @@ class GradSync:
             window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
         self._reduced_window = window.closed
 
-    def consolidate(self, store: Any, window: Any) -> None:
+    def consolidate(self, store: GradientStore, window: Window) -> None:
         """Replace each rank's pending sums by their mean over ranks (before a mid-window checkpoint).
 
         Collective when a window is pending: every rank must call it (``opt.state_dict()``
@@ -171,7 +173,7 @@ class GradSync:
         window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
 
     # ---------------------------------------------------------------- helpers
-    def _reduce_sums(self, store: Any) -> None:
+    def _reduce_sums(self, store: GradientStore) -> None:
         tensors: list[Tensor] = []
         for g in store.groups:
             if g.buffers is not None:
