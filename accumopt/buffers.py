@@ -460,24 +460,12 @@ class GradientStore:
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> list[Tensor | None]:
-        """The window's pending sums, one entry per accumulated parameter, cloned."""
+        """The window's pending sums, one entry per accumulated parameter (None: no gradient), cloned."""
         drops = self.pending_drops()
         if drops is not None:  # a checkpoint may read the device: settle what the drops left
             self.resolve([d == 0 for d in drops.tolist()], release=False)
-        out: list[Tensor | None] = []
-        for g in self.groups:
-            if g.buffers is None:
-                out.extend(None if p.grad is None else p.grad.detach().clone() for p in g.params)
-            else:
-                idx = g.seen_indices()
-                seen = set(range(len(g.params))) if idx is None else set(idx)
-                for i, b in enumerate(g.buffers):
-                    if i in g.sparse:
-                        sp = g.sparse[i].detach().coalesce()
-                        out.append(sp if i not in seen else b.detach() + sp)
-                    else:
-                        out.append(b.detach().clone() if i in seen else None)
-        return out
+        sums = {id(p): t for p, t in self.pending_sums()}
+        return [None if id(p) not in sums else sums[id(p)].clone() for p in self.params]
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
         """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
@@ -497,7 +485,8 @@ class GradientStore:
             for i, (p, b) in enumerate(zip(g.params, g.buffers)):
                 sparse = g.sparse.get(i)
                 if sparse is not None:
-                    out.append((p, b.detach() + sparse if i in seen else sparse.detach()))
+                    sparse = sparse.detach().coalesce()
+                    out.append((p, b.detach() + sparse if i in seen else sparse))
                 elif i in seen:
                     out.append((p, b.detach()))
         return out
