@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_real, check_state_number
+from .checkpoint import clone_tree
 from .buffers import GradientStore
 from .sync import GradSync
 
@@ -232,12 +233,9 @@ class NoiseScaleEstimator:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        def c(x: Any) -> Any:
-            return x.detach().clone() if isinstance(x, Tensor) else x
-
-        return {"beta": self.beta, "windows": self.windows, "valid": c(self.valid), "trace": c(self.trace),
-                "grad_sq": c(self.grad_sq), "small_sq": c(self.small_sq), "small_n": c(self.small_n),
-                "small_inv_w": c(self.small_inv_w)}
+        keys = ("beta", "windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
+        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in keys})
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
