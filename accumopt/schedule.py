@@ -176,10 +176,6 @@ class KSchedule:
             self.spec.load_state_dict(state)
 
 
-def _lr_value(lr: Any) -> float:
-    return float(lr)  # a tensor LR: one read, at a boundary, only with lr_scaling
-
-
 def _set_lr(group: dict[str, Any], value: float) -> None:
     if isinstance(group["lr"], Tensor):
         group["lr"].fill_(value)  # keep the tensor (compiled/captured steps hold it)
@@ -209,6 +205,8 @@ class LRScaling:
       and its unscaled value recomputed. This composes with chainable schedulers
       only; give other schedulers to the wrapper.
 
+    A tensor LR is read on the host (one sync) only at a boundary where K changes.
+
     Args:
         rule: ``"linear"`` or ``"sqrt"``.
         param_groups: the optimizer's param groups (read and written in place).
@@ -220,7 +218,7 @@ class LRScaling:
         self.param_groups = param_groups
         self.k_ref = check_int("k_ref", k_ref)
         self.factor = 1.0
-        self.base = [_lr_value(g["lr"]) for g in param_groups]
+        self.base = [float(g["lr"]) for g in param_groups]
         self.applied = list(self.base)
 
     def factor_for(self, k: int) -> float:
@@ -230,7 +228,7 @@ class LRScaling:
     def _sync(self) -> None:
         """Take in LRs changed behind our back (new groups: their LR is unscaled)."""
         for i, g in enumerate(self.param_groups):
-            lr = _lr_value(g["lr"])
+            lr = float(g["lr"])
             if i >= len(self.base):
                 self.base.append(lr)
                 self.applied.append(lr)  # applied at the next boundary
@@ -241,7 +239,7 @@ class LRScaling:
     def _write(self) -> None:
         for i, g in enumerate(self.param_groups):
             value = self.base[i] * self.factor if self.factor != 1.0 else self.base[i]
-            if value != self.applied[i] or _lr_value(g["lr"]) != value:
+            if value != self.applied[i] or float(g["lr"]) != value:
                 _set_lr(g, value)
             self.applied[i] = value
 
@@ -264,7 +262,7 @@ class LRScaling:
         try:
             yield
         finally:
-            self.base = [_lr_value(g["lr"]) for g in self.param_groups]
+            self.base = [float(g["lr"]) for g in self.param_groups]
             self.applied = list(self.base)
             self._write()
 
