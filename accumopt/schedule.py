@@ -205,7 +205,7 @@ class LRScaling:
       and its unscaled value recomputed. This composes with chainable schedulers
       only; give other schedulers to the wrapper.
 
-    A tensor LR is read on the host (one sync) only at a boundary where K changes.
+    A tensor LR is read on the host (a sync) at window boundaries, only with ``lr_scaling``.
 
     Args:
         rule: ``"linear"`` or ``"sqrt"``.
