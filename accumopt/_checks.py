@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
+_BOOLS: tuple[type, ...] = (bool,)
 try:  # numpy is optional; its bool is not an Integral, but be explicit
-    from numpy import bool_ as np_bool
+    from numpy import bool_
+
+    _BOOLS = (bool, bool_)
 except ImportError:  # pragma: no cover
-    np_bool = bool
+    pass
 
 __all__ = ["check_choice", "check_int", "check_real", "check_state_number", "check_state_scalar", "weight_dtype"]
 
@@ -27,14 +30,14 @@ def weight_dtype(device: torch.device) -> torch.dtype:
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum`` (numpy ints too; bools are rejected)."""
-    if isinstance(value, (bool, np_bool)) or not isinstance(value, Integral):
+    if isinstance(value, _BOOLS) or not isinstance(value, Integral):
         raise TypeError(
             f"Invalid {name}: {value!r} (expected an int >= {minimum}, got {type(value).__name__})"
         )
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"Invalid {name}: {value} (expected an int >= {minimum})")
-    return value
+    number = int(value)
+    if number < minimum:
+        raise ValueError(f"Invalid {name}: {number} (expected an int >= {minimum})")
+    return number
 
 
 def check_real(
@@ -44,22 +47,22 @@ def check_real(
     positive: bool = False,
     nonnegative: bool = False,
     allow_none: bool = False,
-) -> float | None:
-    """Return ``value`` as a float if it is a finite real number in range."""
+) -> float:
+    """Return ``value`` as a float if it is a finite real number in range (None: 0.0 if ``allow_none``)."""
     if value is None and allow_none:
-        return None
+        return 0.0
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"Invalid {name}: {value!r} (expected a real number, got {type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (expected a finite number)")
-    if positive and value <= 0:
-        raise ValueError(f"Invalid {name}: {value} (expected a number > 0)")
-    if nonnegative and value < 0:
-        raise ValueError(f"Invalid {name}: {value} (expected a number >= 0)")
-    return value
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"Invalid {name}: {number} (expected a finite number)")
+    if positive and number <= 0:
+        raise ValueError(f"Invalid {name}: {number} (expected a number > 0)")
+    if nonnegative and number < 0:
+        raise ValueError(f"Invalid {name}: {number} (expected a number >= 0)")
+    return number
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -67,7 +70,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         expected = ", ".join(repr(c) for c in choices)
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {expected})")
-    return value
+    return str(value)
 
 
 def check_cuda_present(name: str, device: torch.device) -> None:

@@ -28,7 +28,6 @@ PRIVATE_MEMBERS = {
     "_lazy_init_scale_growth_tracker": "method",
     "_check_scale_growth_tracker": "method",
     "_unscale_grads_": "method",  # (optimizer, inv_scale, found_inf, allow_fp16) -> {device: found_inf}
-    "_found_inf_per_device": "method",
 }
 _STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
@@ -73,10 +72,10 @@ class LossScaler:
         assert scaler._scale is not None  # created just above
         inv_scale = scaler._scale.double().reciprocal().float()
         found_inf = torch.full((), 0.0, dtype=torch.float32, device=scaler._scale.device)
-        state["found_inf_per_device"] = scaler._unscale_grads_(inner, inv_scale, found_inf, True)
+        per_device: dict[torch.device, Tensor] = scaler._unscale_grads_(inner, inv_scale, found_inf, True)
+        state["found_inf_per_device"] = per_device
         state["stage"] = OptState.UNSCALED
         self._unscaled = id(inner)
-        per_device: dict[torch.device, Tensor] = scaler._found_inf_per_device(inner)
         return per_device
 
     def update(self) -> None:

@@ -7,9 +7,12 @@ Two modes, chosen per wrapper:
   loop uses. Parameters whose dtype is below ``accumulate_dtype`` (bf16/fp16
   parameters) still get an fp32 buffer, because summing in bf16 loses bits.
 * ``"buffered"``: every parameter has a buffer, allocated once. At each micro-step
-  the fresh ``.grad`` is added into it (scaled by the micro-batch weight) and
-  released, so a micro-batch that fails half-way never touches the window, a bad
+  the micro-batch's ``.grad`` is added into it (scaled by the micro-batch weight)
+  and zeroed, so a micro-batch that fails half-way never touches the window, a bad
   micro-batch can be dropped, and weights may be given after the backward pass.
+  The zeroed ``.grad`` stays as where the next backward lands (autograd adds into
+  it instead of allocating a gradient per micro-batch); the window's last gradient
+  stays in ``.grad`` and receives the buffers' sum at the boundary.
 
 All arithmetic is ``torch._foreach_*`` over parameters grouped once by
 (device, gradient dtype, buffer dtype, parameter weight).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -40,19 +43,21 @@ class _Group:
     weight: float
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
-    _device_cache: dict = field(default_factory=dict)
+    _device_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # Which buffers hold a gradient this window (a parameter that got none stays
     # ``.grad = None``, as in the wrapped optimizer). Host-side bookkeeping only.
     all_seen: bool = False
-    seen: set = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
     # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse
     # tensors, so that the optimizer receives a sparse gradient, as without accumulation.
-    sparse: dict = field(default_factory=dict)
+    sparse: dict[int, Tensor] = field(default_factory=dict)
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
     # Zeroed ``.grad`` kept for the next backward: {index: (tensor, its version once zeroed)}.
     landing: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    # The window's last gradient was left in ``.grad`` (all parameters): :meth:`finalize` adds the sums into it.
+    last_in_grad: bool = False
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
@@ -78,6 +83,7 @@ class _Group:
         self.sparse.clear()
         self.seen_if_kept.clear()
         self.landing = {}
+        self.last_in_grad = False
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -142,7 +148,7 @@ class GradientStore:
         self._weight_of.rebind(self._param_groups)
         self._weight_of.check_new_group(param_group)
 
-    def refresh(self, param_groups: list[dict] | None = None) -> None:
+    def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
         """Take in parameters added to the optimizer since the last call.
 
         Args:
@@ -151,7 +157,7 @@ class GradientStore:
         """
         if param_groups is not None:
             self._param_groups = param_groups
-        keyed: dict[tuple, list[Tensor]] = {}
+        keyed: dict[tuple[torch.device, torch.dtype, torch.dtype | None, float], list[Tensor]] = {}
         # Known parameters are recomputed (not remembered by id): ids change across deepcopy/pickle.
         known = {id(p) for p in self.params} | {id(p) for p in self.excluded}
         for gi, group in enumerate(self._param_groups):
@@ -179,6 +185,18 @@ class GradientStore:
     def params(self) -> Iterator[Tensor]:
         for g in self.groups:
             yield from g.params
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first accumulated parameter."""
+        device: torch.device = self.groups[0].params[0].device
+        return device
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """float64 if the first accumulated parameter is double precision, else float32."""
+        double = self.groups[0].params[0].dtype in (torch.float64, torch.complex128)
+        return torch.float64 if double else torch.float32
 
     def buffer_bytes(self) -> int:
         """Bytes held by accumulation buffers (0 in pure in-place mode)."""
@@ -217,6 +235,15 @@ class GradientStore:
                 g.mark(idx)
             else:
                 g.seen_if_kept.append((step, idx))
+            if closing and step is None and idx is None and g.same_dtype and len(grads) == len(params) and (
+                    isinstance(scale, Tensor) or scale == 1.0):
+                # The window closes now: its last gradient stays in .grad, where finalize adds the sums
+                # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
+                if isinstance(scale, Tensor):
+                    torch._foreach_mul_(grads, g.to_device(scale).to(grads[0].dtype))
+                g.landing = {}
+                g.last_in_grad = True
+                continue
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if grads and isinstance(scale, Tensor):
                 s = g.to_device(scale)
@@ -227,7 +254,7 @@ class GradientStore:
                     s = s.to(bufs[0].dtype)
                     torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             elif grads:
-                torch._foreach_add_(bufs, grads, alpha=scale)
+                torch._foreach_add_(bufs, grads, alpha=float(scale))
             if step is None and not closing and len(grads) == len(params):  # dense, surely in the window
                 # Keep ``.grad``, zeroed, as where the next backward lands: autograd then adds into it
                 # in place instead of allocating a fresh gradient for every micro-batch.
@@ -245,6 +272,7 @@ class GradientStore:
         """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
         positions = range(len(g.params)) if idx is None else idx
         dense_idx, dense = [], []
+        assert g.buffers is not None  # only buffered groups hold sparse sums
         for i, t in zip(positions, grads):
             if not t.is_sparse:
                 dense_idx.append(i)
@@ -320,19 +348,23 @@ class GradientStore:
                 bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
                 if not params and not g.sparse:
                     continue  # no gradient this window: .grad stays None, as without accumulation
-                if not params:
-                    scaled = []
-                elif g.same_dtype:
+                scaled: Sequence[Tensor] = []
+                if params and g.last_in_grad:
+                    scaled = [p.grad for p in params if p.grad is not None]
+                    torch._foreach_add_(scaled, bufs)
+                    _mul_(scaled, factor)
+                elif params and g.same_dtype:
                     _mul_(bufs, factor)
                     scaled = bufs
-                else:
+                elif params:
                     scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
                 for p, s in zip(params, scaled):
                     p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
                 for i, sp in g.sparse.items():
                     total = sp * factor
-                    if g.all_seen or i in g.seen:  # dense and sparse gradients in one window: a dense sum
-                        total = g.params[i].grad.to(total.dtype) + total
+                    dense = g.params[i].grad
+                    if dense is not None and (g.all_seen or i in g.seen):  # dense and sparse: a dense sum
+                        total = dense.to(total.dtype) + total
                     g.params[i].grad = total.to(g.params[i].dtype)
 
     def grads(self) -> list[Tensor]:
@@ -428,24 +460,12 @@ class GradientStore:
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> list[Tensor | None]:
-        """The window's pending sums, one entry per accumulated parameter, cloned."""
+        """The window's pending sums, one entry per accumulated parameter (None: no gradient), cloned."""
         drops = self.pending_drops()
         if drops is not None:  # a checkpoint may read the device: settle what the drops left
             self.resolve([d == 0 for d in drops.tolist()], release=False)
-        out: list[Tensor | None] = []
-        for g in self.groups:
-            if g.buffers is None:
-                out.extend(None if p.grad is None else p.grad.detach().clone() for p in g.params)
-            else:
-                idx = g.seen_indices()
-                seen = set(range(len(g.params))) if idx is None else set(idx)
-                for i, b in enumerate(g.buffers):
-                    if i in g.sparse:
-                        sp = g.sparse[i].detach().coalesce()
-                        out.append(sp if i not in seen else b.detach() + sp)
-                    else:
-                        out.append(b.detach().clone() if i in seen else None)
-        return out
+        sums = {id(p): t for p, t in self.pending_sums()}
+        return [None if id(p) not in sums else sums[id(p)].clone() for p in self.params]
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
         """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
@@ -465,14 +485,15 @@ class GradientStore:
             for i, (p, b) in enumerate(zip(g.params, g.buffers)):
                 sparse = g.sparse.get(i)
                 if sparse is not None:
-                    out.append((p, b.detach() + sparse if i in seen else sparse.detach()))
+                    sparse = sparse.detach().coalesce()
+                    out.append((p, b.detach() + sparse if i in seen else sparse))
                 elif i in seen:
                     out.append((p, b.detach()))
         return out
 
     def _expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of each entry of :meth:`state_dict` (buffers or grads)."""
-        out = []
+        out: list[tuple[tuple[int, ...], torch.dtype]] = []
         for g in self.groups:
             if g.buffers is None:
                 out.extend((tuple(p.shape), p.dtype) for p in g.params)

@@ -151,7 +151,7 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
                 if not isinstance(t, Tensor) or t.dim() == 0:
                     continue
                 try:
-                    fits = t.dim() == p.dim() and torch.broadcast_shapes(t.shape, p.shape) == p.shape
+                    fits = t.dim() == p.dim() and torch.broadcast_shapes(t.shape, p.shape) == p.shape  # type: ignore[no-untyped-call]
                 except RuntimeError:
                     fits = False
                 if not fits:
@@ -209,7 +209,7 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -286,7 +286,7 @@ def _digest(obj: Any) -> int:
     return crc
 
 
-def save_checkpoint(path: str | os.PathLike, obj_state: dict[str, Any], extra: Any = None) -> None:
+def save_checkpoint(path: str | os.PathLike[str], obj_state: dict[str, Any], extra: Any = None) -> None:
     """Write an optimizer state dict (and optional plain ``extra`` data) to ``path`` atomically.
 
     Args:
@@ -299,7 +299,7 @@ def save_checkpoint(path: str | os.PathLike, obj_state: dict[str, Any], extra: A
     atomic_save({"format": FILE_FORMAT, "version": 1, "checksum": _digest(payload), **payload}, path)
 
 
-def _read(path: str | os.PathLike, map_location: Any) -> Any:
+def _read(path: str | os.PathLike[str], map_location: Any) -> Any:
     name = os.fspath(path)
     try:
         return torch.load(name, map_location=map_location, weights_only=True)
@@ -318,7 +318,7 @@ def _read(path: str | os.PathLike, map_location: Any) -> Any:
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> tuple[dict[str, Any], Any]:
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> tuple[dict[str, Any], Any]:
     """Read a file written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Also accepts a file holding just ``opt.state_dict()`` (``torch.save(opt.state_dict(), path)``).

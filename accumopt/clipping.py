@@ -7,7 +7,7 @@ by value, and unit-wise adaptive gradient clipping (AGC, Brock et al. 2021,
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -18,9 +18,9 @@ __all__ = ["Clipper", "adaptive_clip_grad_"]
 
 
 def _unitwise_norm(x: Tensor) -> Tensor:
-    if x.ndim <= 1:
-        return x.norm(2)
-    return x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
+    dim = None if x.ndim <= 1 else tuple(range(1, x.ndim))
+    norm: Tensor = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=dim is not None)
+    return norm
 
 
 @torch.no_grad()
@@ -48,9 +48,16 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     """The global norm without clipping (``get_total_norm`` from torch 2.6 on; foreach, no sync)."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
-        return get_total_norm(grads, norm_type)
+        total: Tensor = get_total_norm(grads, norm_type)
+        return total
     norms = torch._foreach_norm(grads, norm_type)  # pragma: no cover - torch < 2.6
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    return total
+
+
+def _threshold(name: str, value: Any) -> float | None:
+    """A clipping threshold >= 0; 0 and None mean no clipping (None)."""
+    return check_real(name, value, nonnegative=True, allow_none=True) or None
 
 
 class Clipper:
@@ -76,9 +83,9 @@ class Clipper:
         track_norm: bool = False,
     ) -> None:
         # 0 (or None) means no clipping, as in the Hugging Face Trainer and nanoGPT
-        self.max_norm = check_real("max_grad_norm", max_norm, nonnegative=True, allow_none=True) or None
-        self.max_value = check_real("clip_value", max_value, nonnegative=True, allow_none=True) or None
-        self.agc_factor = check_real("agc_clip_factor", agc_factor, nonnegative=True, allow_none=True) or None
+        self.max_norm = _threshold("max_grad_norm", max_norm)
+        self.max_value = _threshold("clip_value", max_value)
+        self.agc_factor = _threshold("agc_clip_factor", agc_factor)
         if norm_type != float("inf"):  # inf: the max-norm, as in clip_grad_norm_
             check_real("norm_type", norm_type, positive=True)
         self.norm_type = norm_type
@@ -100,7 +107,7 @@ class Clipper:
         if self.max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
         elif self.track_norm:
-            norm = _total_norm([p.grad for p in params], self.norm_type)
+            norm = _total_norm([p.grad for p in params if p.grad is not None], self.norm_type)
         if self.max_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.max_value)
         if self.agc_factor is not None:

@@ -38,8 +38,8 @@ def is_distributed() -> bool:
 
 
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
-    by_key: dict[tuple, list[list[Tensor]]] = {}
-    sizes: dict[tuple, int] = {}
+    by_key: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
     for t in tensors:
         key = (t.device, t.dtype)
         nbytes = t.numel() * t.element_size()
@@ -70,19 +70,19 @@ def all_reduce_mean_(tensors: Sequence[Tensor], group: Any = None, world_size: i
     if world_size is None:
         world_size = dist.get_world_size(group)
     calls = 0
-    pending: deque = deque()
+    pending: deque[tuple[Any, Tensor | None, list[Tensor]]] = deque()
 
     def finish() -> None:
         work, flat, bucket = pending.popleft()
         work.wait()
         if flat is not None:
-            torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
+            torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))  # type: ignore[no-untyped-call]
 
     for bucket in _buckets([t for t in tensors if t.numel() > 0], bucket_bytes):
         if len(bucket) == 1 and bucket[0].is_contiguous():
             flat, target = None, bucket[0]  # one contiguous tensor: reduce it where it lies
         else:
-            flat = target = _flatten_dense_tensors(bucket)
+            flat = target = _flatten_dense_tensors(bucket)  # type: ignore[no-untyped-call]
         if world_size > 1:
             target.div_(world_size)  # pre-divide, as DDP does: no overflow from the sum
         pending.append((dist.all_reduce(target, group=group, async_op=True), flat, bucket))

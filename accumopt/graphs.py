@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -83,11 +83,11 @@ class _CudaGraphBackend:
         self.device = device
 
     @contextlib.contextmanager
-    def warmup(self) -> Iterable[None]:
+    def warmup(self) -> Iterator[None]:
         """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes."""
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 yield
@@ -216,8 +216,8 @@ class CapturedMicroStep:
         wdtype = torch.float64 if any(p.dtype == torch.float64 for p in self._opt_params()) else torch.float32
         self._w = torch.ones((), device=self._device, dtype=wdtype)
         self._w_is_one = True
-        self._sig: tuple | None = None
-        self._fast: tuple | None = None
+        self._sig: tuple[Any, ...] | None = None
+        self._fast: tuple[Any, ...] | None = None
         self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
         self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
         self._static_loss: Tensor | None = None
@@ -272,11 +272,13 @@ class CapturedMicroStep:
             else:
                 self._w.fill_(w)
             self._w_is_one = False
-        self._replay()
+        replay, static_loss = self._replay, self._static_loss
+        assert replay is not None and static_loss is not None  # a graph is captured (checked above)
+        replay()
         self.replays += 1
         for p, g in self._outputs:  # fresh gradients for buffered groups: the wrapper moves them
             p.grad = g
-        loss = self._static_loss.clone()
+        loss = static_loss.clone()
         opt._record_backward_weight(w)  # what opt.backward(loss, weight=w) records
         opt.step(loss=loss)
         return loss
@@ -321,7 +323,7 @@ class CapturedMicroStep:
         self.eager_steps += 1
         return loss
 
-    def _matching_leaves(self, batch: Any) -> list | None:
+    def _matching_leaves(self, batch: Any) -> list[Any] | None:
         """The batch's leaves if it has the example's structure and shapes, else None."""
         leaves, spec = pytree.tree_flatten(batch)
         if spec != self._spec:
@@ -334,16 +336,16 @@ class CapturedMicroStep:
                 return None
         return leaves
 
-    def _autocast_key(self) -> tuple:
+    def _autocast_key(self) -> tuple[Any, ...]:
         if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
             return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         return (torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype())  # torch 2.3
 
-    def _fast_key(self) -> tuple:
+    def _fast_key(self) -> tuple[Any, ...]:
         """Checked on every call: cheap signs of a changed model (top-level mode, registrations, autocast)."""
         return (self.model.training, _registrations, self._autocast_key())
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> tuple[Any, ...]:
         """Checked at each window start: everything the captured graph depends on."""
         scaler = self.optimizer.scaler
         return (
@@ -435,8 +437,8 @@ class CapturedMicroStep:
                 p.grad = s  # the backward pass adds into these: the in-place window sum
             backend.set_rng_state(rng)
             torch.set_rng_state(cpu_rng)
-            for g, st in zip(self.generators, gen_states):
-                g.set_state(st)
+            for gen, st in zip(self.generators, gen_states):
+                gen.set_state(st)
             loss, replay, graph = backend.capture(micro_step, params, self.generators)
             outputs = [(p, p.grad) for p in used if id(p) in buffered and p.grad is not None]
             for p in params:  # excluded parameters' gradients are dropped, as opt.step() does
@@ -458,8 +460,8 @@ class CapturedMicroStep:
             torch.set_autocast_cache_enabled(cache)
             backend.set_rng_state(rng)
             torch.set_rng_state(cpu_rng)
-            for g, st in zip(self.generators, gen_states):
-                g.set_state(st)
+            for gen, st in zip(self.generators, gen_states):
+                gen.set_state(st)
         for p, g in zip(params, saved_grads):  # a gradient present before capture still counts
             if g is not None:
                 p.grad = g

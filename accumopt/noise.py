@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_real, check_state_number
+from .checkpoint import clone_tree
 from .buffers import GradientStore
 from .sync import GradSync
 
@@ -85,7 +86,7 @@ def _scalar(x: "Tensor | float", device: torch.device, dtype: torch.dtype) -> Te
 def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
     """Sum of squared 2-norms of ``tensors`` as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    by_key: dict[tuple, list[Tensor]] = {}
+    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in dense:
         by_key.setdefault((t.device, t.dtype), []).append(t.detach())
     total = torch.zeros((), device=device, dtype=dtype)
@@ -137,7 +138,7 @@ class NoiseScaleEstimator:
         gradient times ``weight`` when ``weight_in_grad`` (the weight went to
         ``backward()``), times ``loss_scale`` (an owned scaler's scale).
         """
-        device, dtype = self._device_dtype(store)
+        device, dtype = store.device, store.float_dtype
         sq = None
         for g in store.groups:
             grads = [p.grad for p in g.params if p.grad is not None]
@@ -176,23 +177,24 @@ class NoiseScaleEstimator:
         applied gradient into the window's mean (``1 / total`` with ``reduction="sum"``).
         """
         try:
-            device, dtype = self._device_dtype(store)
+            device, dtype = store.device, store.float_dtype
             if sync.distributed:  # pool the ranks' small batches: one estimate on every rank
                 self._pool(device, dtype, sync.group)
-            if isinstance(self.small_n, float):
+            n, inv_w = self.small_n, self.small_inv_w
+            if not isinstance(n, Tensor) or not isinstance(inv_w, Tensor):
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
             if isinstance(mean_factor, Tensor) or mean_factor != 1.0:
                 big_sq = big_sq * _scalar(mean_factor, device, dtype).square()
             world = sync.world_size if sync.distributed else 1
             b_big = _scalar(total, device, dtype) * world
-            n = self.small_n
             small_sq = self.small_sq / n.clamp_min(1.0)
-            b_small = n / self.small_inv_w.clamp_min(torch.finfo(dtype).tiny)
+            b_small = n / inv_w.clamp_min(torch.finfo(dtype).tiny)
             ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))
             safe_small = torch.where(ok, b_small, torch.ones_like(b_small))
             safe_big = torch.where(ok, b_big, torch.full_like(b_big, 2.0))
-            trace, grad_sq = simple_noise_scale_terms(small_sq, big_sq, safe_small, safe_big)
+            trace, grad_sq = (torch.as_tensor(x) for x in simple_noise_scale_terms(small_sq, big_sq, safe_small,
+                                                                                    safe_big))
             ok = ok & torch.isfinite(trace) & torch.isfinite(grad_sq)
             if found is not None:
                 ok = ok & (found.to(device) == 0)
@@ -229,21 +231,11 @@ class NoiseScaleEstimator:
         return {"noise_scale": self.value(), "noise_trace": self.trace, "noise_grad_sq": self.grad_sq,
                 "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
 
-    @staticmethod
-    def _device_dtype(store: GradientStore) -> tuple[torch.device, torch.dtype]:
-        for p in store.params:
-            dtype = torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
-            return p.device, dtype
-        return torch.device("cpu"), torch.float32  # pragma: no cover - the wrapper always has parameters
-
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        def c(x: Any) -> Any:
-            return x.detach().clone() if isinstance(x, Tensor) else x
-
-        return {"beta": self.beta, "windows": self.windows, "valid": c(self.valid), "trace": c(self.trace),
-                "grad_sq": c(self.grad_sq), "small_sq": c(self.small_sq), "small_n": c(self.small_n),
-                "small_inv_w": c(self.small_inv_w)}
+        keys = ("beta", "windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
+        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in keys})
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""

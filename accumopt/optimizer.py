@@ -297,7 +297,7 @@ class AccumulatingOptimizer(Optimizer):
                 "(scaler=...) and call opt.step()."
             )
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
-                               closing=self._window.next_is_last)
+                               closing=self._window.next_is_last and not self._sync.distributed)
         counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
@@ -395,7 +395,7 @@ class AccumulatingOptimizer(Optimizer):
         """
         w = check_micro_weight(weight) if weight is not None else None
         scaled = loss if w is None else loss * w
-        self._guard.scale_loss(scaled).backward(**kwargs)
+        self._guard.scale_loss(scaled).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w)
 
     def _record_backward_weight(self, weight: "float | Tensor | None") -> None:
@@ -434,7 +434,7 @@ class AccumulatingOptimizer(Optimizer):
     # ``param_groups``, ``state`` and ``defaults`` ARE the wrapped optimizer's, read through on every
     # access: torch's ``Optimizer.load_state_dict`` replaces its lists, and a bound copy would go stale.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -442,7 +442,7 @@ class AccumulatingOptimizer(Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -450,7 +450,7 @@ class AccumulatingOptimizer(Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -607,8 +607,8 @@ class AccumulatingOptimizer(Optimizer):
         acc["stepped"] = bool(self._stepped)
         acc["pre_weight"] = pre.detach().clone() if isinstance(pre, Tensor) else pre
         sd["accumulation"] = acc
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, sd)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
@@ -642,14 +642,14 @@ class AccumulatingOptimizer(Optimizer):
         for key, component in self._components().items():
             if component is not None and acc.get(key) is not None:
                 component.load_state_dict(acc[key])
-        if self._noise is not None and acc.get("noise") is None:
-            self._noise.discard_window()
+            elif key in ("precision", "noise") and component is not None:
+                component.discard_window()  # saved without it: no window measurements to resume
         self._stepped = bool(acc.get("stepped", False))
         pre = acc.get("pre_weight")
         self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
         self._sync.set(self._window.next_is_last)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            load_post_hook(self)
 
     def _validate_state(self, sd: dict[str, Any], acc: Any) -> None:
         """Raise ``ValueError`` unless the optimizer part ``sd`` and the accumulation entry ``acc`` fit."""
@@ -665,13 +665,15 @@ class AccumulatingOptimizer(Optimizer):
                 checkpoint.compare_signatures(acc.get("signature"), self._signature())
             for key, component in self._components().items():
                 state = acc.get(key)
-                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
-                    raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
-                                     "(expected a dict)")
-                if key == "scaler" and state is not None:
-                    LossScaler.validate_state_dict(state)  # also without an owned scaler
-                elif key != "scheduler" and component is not None and (state is not None or key in acc):
-                    component.validate_state_dict(state)
+                if key == "scheduler":
+                    if state is not None and not isinstance(state, Mapping):
+                        raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
+                                         "(expected a dict)")
+                elif key == "scaler":
+                    if state is not None:
+                        LossScaler.validate_state_dict(state)  # also without an owned scaler
+                elif component is not None and (state is not None or key in ("window", "sums", "stats")):
+                    component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
             if acc.get("pre_weight") is not None:
                 check_state_scalar("pre_weight", acc["pre_weight"])
         labels = self._labels(quote=True)
@@ -700,8 +702,8 @@ class AccumulatingOptimizer(Optimizer):
 
     def _labels(self, *, quote: bool = False) -> dict[int, str]:
         """``{id(param): its model name (quoted: repr), else "param_groups[i]['params'][j]"}``."""
-        names = self._names or {}
-        out = {}
+        names: Mapping[int, str] = self._names or {}
+        out: dict[int, str] = {}
         for i, g in enumerate(self.param_groups):
             for j, p in enumerate(g["params"]):
                 name = names.get(id(p))

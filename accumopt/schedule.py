@@ -93,7 +93,7 @@ class KSchedule:
     def __init__(self, spec: Any, schedule_by: str | None = None) -> None:
         if isinstance(spec, KSchedule):
             spec, schedule_by = spec.spec, schedule_by or spec.schedule_by
-        self.spec = spec
+        self.spec: Any = spec
         self._points: list[tuple[int, int]] = []
         if isinstance(spec, Schedule):
             self.kind = "object"
@@ -135,7 +135,7 @@ class KSchedule:
     def __call__(self, epoch: int, updates: int) -> int:
         """K for a window that starts at ``epoch`` after ``updates`` closed windows."""
         if self.kind == "constant":
-            return self.spec
+            return int(self.spec)
         if self.kind == "object":
             return _as_int(f"{type(self.spec).__name__}(...) result", self.spec(epoch, updates))
         position = epoch if self.schedule_by == "epoch" else updates
@@ -176,11 +176,7 @@ class KSchedule:
             self.spec.load_state_dict(state)
 
 
-def _lr_value(lr: Any) -> float:
-    return float(lr)  # a tensor LR: one read, at a boundary, only with lr_scaling
-
-
-def _set_lr(group: dict, value: float) -> None:
+def _set_lr(group: dict[str, Any], value: float) -> None:
     if isinstance(group["lr"], Tensor):
         group["lr"].fill_(value)  # keep the tensor (compiled/captured steps hold it)
     else:
@@ -209,18 +205,20 @@ class LRScaling:
       and its unscaled value recomputed. This composes with chainable schedulers
       only; give other schedulers to the wrapper.
 
+    A tensor LR is read on the host (a sync) at window boundaries, only with ``lr_scaling``.
+
     Args:
         rule: ``"linear"`` or ``"sqrt"``.
         param_groups: the optimizer's param groups (read and written in place).
         k_ref: K0.
     """
 
-    def __init__(self, rule: str, param_groups: list[dict], k_ref: int) -> None:
+    def __init__(self, rule: str, param_groups: list[dict[str, Any]], k_ref: int) -> None:
         self.rule = check_choice("lr_scaling", rule, LR_SCALING_RULES)
         self.param_groups = param_groups
         self.k_ref = check_int("k_ref", k_ref)
         self.factor = 1.0
-        self.base = [_lr_value(g["lr"]) for g in param_groups]
+        self.base = [float(g["lr"]) for g in param_groups]
         self.applied = list(self.base)
 
     def factor_for(self, k: int) -> float:
@@ -230,7 +228,7 @@ class LRScaling:
     def _sync(self) -> None:
         """Take in LRs changed behind our back (new groups: their LR is unscaled)."""
         for i, g in enumerate(self.param_groups):
-            lr = _lr_value(g["lr"])
+            lr = float(g["lr"])
             if i >= len(self.base):
                 self.base.append(lr)
                 self.applied.append(lr)  # applied at the next boundary
@@ -241,7 +239,7 @@ class LRScaling:
     def _write(self) -> None:
         for i, g in enumerate(self.param_groups):
             value = self.base[i] * self.factor if self.factor != 1.0 else self.base[i]
-            if value != self.applied[i] or _lr_value(g["lr"]) != value:
+            if value != self.applied[i] or float(g["lr"]) != value:
                 _set_lr(g, value)
             self.applied[i] = value
 
@@ -264,7 +262,7 @@ class LRScaling:
         try:
             yield
         finally:
-            self.base = [_lr_value(g["lr"]) for g in self.param_groups]
+            self.base = [float(g["lr"]) for g in self.param_groups]
             self.applied = list(self.base)
             self._write()
 
@@ -303,12 +301,10 @@ class Window:
     """
 
     def __init__(self, schedule: KSchedule, lr_scaling: str | None = None,
-                 param_groups: list[dict] | None = None, reduction: str = "mean") -> None:
+                 param_groups: list[dict[str, Any]] | None = None, reduction: str = "mean") -> None:
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         if lr_scaling is not None:
             check_choice("lr_scaling", lr_scaling, LR_SCALING_RULES)
-            if param_groups is None:
-                raise ValueError("lr_scaling needs the optimizer's param_groups")
         self.schedule = schedule
         self.epoch = 0
         self.closed = 0  # windows closed so far (applied or skipped)
@@ -317,7 +313,11 @@ class Window:
         self.open_ended = False  # only flush() closes it (MicroBatcher: one batch, one window)
         self.weighted = False  # any explicit micro-batch weight so far (sticky for the run)
         self.k = schedule(0, 0)
-        self.lr_scaling = None if lr_scaling is None else LRScaling(lr_scaling, param_groups, self.k)
+        self.lr_scaling = None
+        if lr_scaling is not None:
+            if param_groups is None:
+                raise ValueError("lr_scaling needs the optimizer's param_groups")
+            self.lr_scaling = LRScaling(lr_scaling, param_groups, self.k)
 
     def add(self, weight: "float | Tensor") -> None:
         self.count += 1

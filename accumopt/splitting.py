@@ -97,7 +97,7 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
         return batch[start:stop] if batch.dim() > 0 else batch
     if isinstance(batch, Mapping):
         out = {k: slice_batch(v, start, stop) for k, v in batch.items()}
-        return out if type(batch) is dict else type(batch)(out)
+        return out if type(batch) is dict else type(batch)(out)  # type: ignore[call-arg]
     if isinstance(batch, (list, tuple)):
         if batch and all(isinstance(v, str) for v in batch):
             return batch[start:stop]
@@ -292,6 +292,7 @@ class MicroBatcher:
             opt.discard()  # nothing half-applied
             raise
         opt.flush()
+        assert loss_sum is not None  # n > 0 samples ran
         return loss_sum / n
 
     __call__ = step
@@ -340,6 +341,7 @@ class MicroBatcher:
         opt = self.optimizer
         before = self.monitor.used() if self.memory_fraction is not None else 0
         failed = False
+        loss: Tensor | None = None
         try:
             loss = loss_fn(micro)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -358,7 +360,7 @@ class MicroBatcher:
                     f"(min_micro_batch_size={self.min_micro_batch_size}); the batch was discarded, parameters are "
                     f"unchanged. Original error: {error}"
                 ) from error
-        if failed:  # outside the except block: the traceback (and the activations it holds) is gone
+        if failed or loss is None:  # outside the except block: the traceback (and its activations) is gone
             loss = None
             self._recover(size)
             return None
@@ -370,7 +372,8 @@ class MicroBatcher:
         self._static = before
         self._per_sample = max(after_forward - before, 0) / size
         total = self.monitor.total()
-        if total and after_forward + self._grad_bytes > self.memory_fraction * total and size > self.min_micro_batch_size:
+        fraction = self.memory_fraction or 1.0  # only measured with a budget
+        if total and after_forward + self._grad_bytes > fraction * total and size > self.min_micro_batch_size:
             self.last.over_budget += 1
             self.micro_batch_size = max(self.min_micro_batch_size, size // 2)  # this one is kept; the next are halved
             self._successes = 0

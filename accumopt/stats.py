@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int
+from .checkpoint import clone_tree
 
 __all__ = ["Statistics", "memory_usage"]
 
@@ -219,11 +220,7 @@ class Statistics:
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors cloned)."""
-        def c(x: Any) -> Any:
-            return x.detach().clone() if isinstance(x, Tensor) else x
-
-        out: dict[str, Any] = {k: getattr(self, k) for k in _HOST_FIELDS}
-        out.update({k: c(getattr(self, k)) for k in _DEVICE_FIELDS})
+        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS})
         return out
 
     @staticmethod
@@ -243,16 +240,12 @@ class Statistics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
         self.validate_state_dict(state)
-
-        def c(x: Any) -> Any:
-            return x.detach().clone() if isinstance(x, Tensor) else x
-
         for k in _HOST_FIELDS:
             if k in state:
                 setattr(self, k, int(state[k]))
         for k in _DEVICE_FIELDS:
             if k in state:
-                setattr(self, k, c(state[k]))
+                setattr(self, k, clone_tree(state[k]))
         self._t0 = None
         self._rate_samples = 0.0
 

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .buffers import GradientStore
 from .distributed import all_reduce_mean_, all_reduce_mean_scalar, is_distributed
+from .schedule import Window
 
 __all__ = ["GradSync", "unwrap_model"]
 
@@ -56,7 +58,7 @@ class GradSync:
         store: the wrapper's :class:`~accumopt.buffers.GradientStore`.
     """
 
-    def __init__(self, model: Any, store: Any = None) -> None:
+    def __init__(self, model: Any, store: GradientStore | None = None) -> None:
         self.model = model
         self.store = store
         self.kind = self.kind_of(model)
@@ -127,7 +129,7 @@ class GradSync:
         self._armed = False
 
     # -------------------------------------------------------------- boundary
-    def reduce(self, store: Any, window: Any) -> None:
+    def reduce(self, store: GradientStore, window: Window) -> None:
         """Make the window's sums and weight total global, once per window.
 
         Called at the top of the real update, before anything reads the sums.
@@ -149,10 +151,10 @@ class GradSync:
         if isinstance(window.total, Tensor) or window.weighted or window.count != window.k:
             # weights, drops or a partial window: totals may differ across ranks. Without any of them
             # every rank's total is K (the same schedule everywhere), so the mean needs no collective.
-            window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+            window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
         self._reduced_window = window.closed
 
-    def consolidate(self, store: Any, window: Any) -> None:
+    def consolidate(self, store: GradientStore, window: Window) -> None:
         """Replace each rank's pending sums by their mean over ranks (before a mid-window checkpoint).
 
         Collective when a window is pending: every rank must call it (``opt.state_dict()``
@@ -168,15 +170,10 @@ class GradSync:
                 "(opt.pending == 0)."
             )
         self._reduce_sums(store)
-        window.total = all_reduce_mean_scalar(window.total, self._device(store), self.group, self.world_size)
+        window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
 
     # ---------------------------------------------------------------- helpers
-    def _device(self, store: Any) -> torch.device:
-        for p in store.params:
-            return p.device
-        return torch.device("cpu")  # pragma: no cover - the wrapper always has parameters
-
-    def _reduce_sums(self, store: Any) -> None:
+    def _reduce_sums(self, store: GradientStore) -> None:
         tensors: list[Tensor] = []
         for g in store.groups:
             if g.buffers is not None:

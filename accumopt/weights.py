@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
-class ParamNames(Mapping):
+class ParamNames(Mapping[int, str]):
     """``{id(param): name}`` that survives ``copy.deepcopy`` and pickle.
 
     Ids change when parameters are copied; this holds the parameters themselves
@@ -58,14 +58,17 @@ class ParamNames(Mapping):
     """
 
     def __init__(self, pairs: Iterable[tuple[Tensor, str]]) -> None:
-        self._pairs = list(pairs)
-        self._index = {id(p): n for p, n in self._pairs}
-        self._objects = {id(p): p for p, _ in self._pairs}
+        self._build(list(pairs))
+
+    def _build(self, pairs: list[tuple[Tensor, str]]) -> None:
+        self._pairs = pairs
+        self._index = {id(p): n for p, n in pairs}
+        self._objects = {id(p): p for p, _ in pairs}
 
     def __getitem__(self, key: int) -> str:
         return self._index[key]
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[int]:
         return iter(self._index)
 
     def __len__(self) -> int:
@@ -79,7 +82,7 @@ class ParamNames(Mapping):
         return {"pairs": self._pairs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["pairs"])
+        self._build(list(state["pairs"]))
 
 
 def parameter_names(model: torch.nn.Module) -> ParamNames:
@@ -92,7 +95,7 @@ def parameter_names(model: torch.nn.Module) -> ParamNames:
     while isinstance(getattr(inner, "module", None), torch.nn.Module) and (
         hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)
     ):
-        inner = inner.module
+        inner = getattr(inner, "module")
     return ParamNames((p, clean_name(n)) for n, p in inner.named_parameters())
 
 
@@ -125,7 +128,7 @@ def pattern_specificity(pattern: str) -> int:
 def _check_weight(name: str, value: Any) -> float:
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.detach().cpu().item()  # construction time: a sync is fine here
-    return check_real(name, value, nonnegative=True)  # type: ignore[return-value]
+    return check_real(name, value, nonnegative=True)
 
 
 def check_group_weight(group: Mapping[str, Any], index: int) -> float:
@@ -165,13 +168,14 @@ def _group_overrides(n: int, group_weights: Any) -> list[float]:
 class WeightResolver:
     """Callable ``(group_index, param) -> weight`` built by :func:`resolve_weights`."""
 
-    def __init__(self, param_groups: list[dict], overrides: list[float], layer: list[tuple[Tensor, float]]) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], overrides: list[float],
+                 layer: list[tuple[Tensor, float]]) -> None:
         self._param_groups = param_groups
         self._overrides = overrides
         self._layer_params = layer  # the parameters themselves: copies map onto copied parameters
         self._layer = {id(p): w for p, w in layer}
 
-    def rebind(self, param_groups: list[dict]) -> None:
+    def rebind(self, param_groups: list[dict[str, Any]]) -> None:
         """Follow the optimizer's current ``param_groups`` (torch replaces the list on load)."""
         self._param_groups = param_groups
 
@@ -204,7 +208,7 @@ class WeightResolver:
 
 
 def resolve_weights(
-    param_groups: list[dict],
+    param_groups: list[dict[str, Any]],
     names: ParamNames | None,
     layer_weights: Mapping[str, float] | None = None,
     group_weights: Any = None,
@@ -316,4 +320,4 @@ def check_micro_weight(weight: Any) -> "float | Tensor":
             check_real("weight", w.item(), nonnegative=True)
         dtype = weight_dtype(w.device)
         return w if w.dtype == dtype else w.to(dtype)
-    return check_real("weight", weight, nonnegative=True)  # type: ignore[return-value]
+    return check_real("weight", weight, nonnegative=True)

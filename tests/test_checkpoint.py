@@ -566,3 +566,18 @@ def test_extra_with_a_set_loads_in_another_process(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_state_without_noise_estimate_loads_into_a_wrapper_that_estimates():
+    """The noise estimator is not part of the signature: a state saved without one resumes the window."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    torch.nn.functional.mse_loss(model(torch.randn(4, 3, dtype=torch.float64)),
+                                 torch.zeros(4, 1, dtype=torch.float64)).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["accumulation"]["noise"] is None
+    other = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3, noise_scale=True)
+    other.load_state_dict(sd)
+    assert other.pending == 1 and tree_equal(other.state_dict()["accumulation"]["sums"], sd["accumulation"]["sums"])

@@ -85,7 +85,7 @@ def test_captured_equals_eager_fp32(mode, scaler):
     assert eager[2].replays == 0
     assert_runs_close(eager, captured, rtol=1e-5, atol=1e-6)
     if scaler:
-        assert eager[1]._precision.scaler.get_scale() == captured[1]._precision.scaler.get_scale()
+        assert eager[1].scaler.get_scale() == captured[1].scaler.get_scale()
 
 
 def test_captured_equals_eager_bf16_autocast_and_batchnorm():
