@@ -11,7 +11,7 @@ has each of them).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -69,9 +69,9 @@ class LossScaler:
         state = scaler._per_optimizer_states[id(inner)]
         if state["stage"] is not OptState.READY:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-        assert scaler._scale is not None  # created just above
-        inv_scale = scaler._scale.double().reciprocal().float()
-        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scaler._scale.device)
+        scale = cast(Tensor, scaler._scale)  # created by _check_scale_growth_tracker above
+        inv_scale = scale.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
         per_device: dict[torch.device, Tensor] = scaler._unscale_grads_(inner, inv_scale, found_inf, True)
         state["found_inf_per_device"] = per_device
         state["stage"] = OptState.UNSCALED

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -143,9 +143,15 @@ class GradientStore:
         self.refresh()
 
     # ------------------------------------------------------------------ layout
-    def check_new_group(self, param_group: Mapping[str, Any]) -> None:
-        """Raise before ``add_param_group`` if the group's ``accumulation_weight`` is invalid."""
-        self._weight_of.rebind(self._param_groups)
+    def check_new_group(self, param_group: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Raise before ``add_param_group`` if the group's ``accumulation_weight`` is invalid.
+
+        Args:
+            param_group: the group about to be added.
+            param_groups: the optimizer's current list (torch's ``load_state_dict`` replaces it).
+        """
+        self._param_groups = param_groups
+        self._weight_of.rebind(param_groups)
         self._weight_of.check_new_group(param_group)
 
     def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
@@ -272,13 +278,13 @@ class GradientStore:
         """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
         positions = range(len(g.params)) if idx is None else idx
         dense_idx, dense = [], []
-        assert g.buffers is not None  # only buffered groups hold sparse sums
+        buffers = cast(list[Tensor], g.buffers)  # only buffered groups hold sparse sums
         for i, t in zip(positions, grads):
             if not t.is_sparse:
                 dense_idx.append(i)
                 dense.append(t)
                 continue
-            t = t.to(g.buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
+            t = t.to(buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
             g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
         return dense_idx, dense
 

@@ -243,7 +243,7 @@ class GradientAccumulationConfig:
                              "(expected e.g. {'fc1.weight': 1.0, 'fc2.*': 0.5})")
 
     def _weight(self, name: str, value: Any) -> float:
-        w = cast(float, check_real(name, value, nonnegative=True))
+        w = check_real(name, value, nonnegative=True)
         if w == 0.0 and not self.selective_accumulation:
             raise ValueError(f"Invalid {name}: 0.0 freezes the parameter (expected a weight > 0, or "
                              "selective_accumulation=True / mode=SELECTIVE to freeze parameters on purpose)")
@@ -278,10 +278,12 @@ class GradientAccumulationConfig:
                           "buffers (mode='buffered'), not in .grad: out-of-memory recovery keeps the window's sum "
                           "apart from a micro-batch that fails in its backward (one gradient-sized buffer; "
                           "strategy=UNIFORM accumulates in place, without recovery).", UserWarning, stacklevel=4)
-        self.clipping_norm = check_real("clipping_norm", self.clipping_norm, positive=True, allow_none=True)
+        if self.clipping_norm is not None:
+            self.clipping_norm = check_real("clipping_norm", self.clipping_norm, positive=True)
         self._option("clipping_norm", self.gradient_clipping, 1.0,
                      "gradient_clipping=False (expected gradient_clipping=True, or no clipping_norm)", strict=True)
-        self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True, allow_none=True)
+        if self.agc_clip_factor is not None:
+            self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True)
         self._option("agc_clip_factor", self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS, 0.01,
                      f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
         self._option("nan_policy", self.nan_handling, "skip", "nan_handling=False (expected nan_handling=True)",

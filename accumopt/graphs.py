@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -272,8 +272,8 @@ class CapturedMicroStep:
             else:
                 self._w.fill_(w)
             self._w_is_one = False
-        replay, static_loss = self._replay, self._static_loss
-        assert replay is not None and static_loss is not None  # a graph is captured (checked above)
+        replay = cast(Callable[[], None], self._replay)  # a graph is captured (checked above)
+        static_loss = cast(Tensor, self._static_loss)
         replay()
         self.replays += 1
         for p, g in self._outputs:  # fresh gradients for buffered groups: the wrapper moves them

@@ -564,7 +564,7 @@ class AccumulatingOptimizer(Optimizer):
     # -------------------------------------------------------- optimizer plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and give its parameters buffers."""
-        self._store.check_new_group(param_group)  # a bad accumulation_weight: nothing added
+        self._store.check_new_group(param_group, self.optimizer.param_groups)  # a bad accumulation_weight: nothing added
         self.optimizer.add_param_group(param_group)
         self._store.refresh(self.optimizer.param_groups)
 

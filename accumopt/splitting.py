@@ -33,7 +33,7 @@ import os
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor
@@ -292,8 +292,7 @@ class MicroBatcher:
             opt.discard()  # nothing half-applied
             raise
         opt.flush()
-        assert loss_sum is not None  # n > 0 samples ran
-        return loss_sum / n
+        return cast(Tensor, loss_sum) / n  # n > 0 samples ran
 
     __call__ = step
 

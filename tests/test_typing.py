@@ -35,7 +35,6 @@ def test_py_typed_is_shipped() -> None:
     assert (ROOT / "accumopt" / "py.typed").is_file()
 
 
-@pytest.mark.xfail(strict=False, reason="typing of the core in progress")
 def test_mypy_strict_is_clean_on_the_package(cache: Path) -> None:
     r = _mypy(["--strict", "-p", "accumopt"], ROOT, cache)
     errors = [line for line in r.stdout.splitlines() if ": error:" in line]
