@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +30,18 @@ __all__ = ["AccumulationState", "GradientAccumulator"]
 # Config keys that do not change what a saved state means (they may differ on load).
 _COSMETIC = {"logging_frequency", "device", "progress_bar", "checkpoint_every", "checkpoint_path",
              "memory_monitoring", "memory_threshold"}
+_NORM_HISTORY = 1000  # update norms kept for AccumulationState.gradient_norms (the most recent)
+_MISSING = object()
+_OPTIONAL: dict[str, Any] = {"norms": [], "window_loss": None}  # entries absent from earlier versions' files
+_OWN_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {  # the accumulator's part of a state
+    "memory": (lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v), "a list of numbers"),
+    "window_samples": (lambda v: v is None or isinstance(v, (int, float)), "a number or None"),
+    "last_samples": (lambda v: v is None or isinstance(v, (int, float)), "a number or None"),
+    "pending": (lambda v: isinstance(v, list), "a list of loader batches"),
+    "batcher": (lambda v: v is None or isinstance(v, dict), "a dict or None"),
+    "norms": (lambda v: isinstance(v, list) and all(isinstance(n, Tensor) and n.ndim == 0 for n in v), "0-dim tensors"),
+    "window_loss": (lambda v: v is None or isinstance(v, Tensor) and v.ndim == 0, "a 0-dim tensor or None"),
+}
 Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing the leading dimension
 
 
@@ -52,7 +65,8 @@ def _cat(batches: list[Batch]) -> Batch:
 class AccumulationState:
     """A read-only snapshot of the accumulation, built from the wrapper's ``stats()``.
 
-    Fields: ``docs/configuration.md``; ``accumulated_gradients`` holds the open window's undivided sums by name.
+    Fields: ``docs/configuration.md``; ``accumulated_gradients`` holds the open window's undivided sums by name,
+    ``gradient_norms`` the pre-clip norms of the last (up to 1000) applied updates.
     """
 
     total_steps: int
@@ -68,6 +82,8 @@ class AccumulationState:
     nan_detected: bool
     overflow_detected: bool
     memory_usage: tuple[float, ...] = ()
+    epoch: int = 0
+    gradient_norms: tuple[float, ...] = ()
     accumulated_gradients: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
 
@@ -97,6 +113,8 @@ class GradientAccumulator:
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
         self._memory: list[float] = []  # memory_monitoring: one reading per closed window
+        self._norms: deque[Tensor] = deque(maxlen=_NORM_HISTORY)  # pre-clip norms of applied updates (device)
+        self._window_loss: Tensor | None = None  # the open window's summed loss (device)
         self._pending: list[Batch] = []  # MEMORY_AWARE: loader batches of the open window
         self._loss_fn: Callable[[Batch], Tensor] | None = None
         self._batcher_state: dict[str, Any] | None = None
@@ -151,7 +169,8 @@ class GradientAccumulator:
             num_samples: samples in this micro-batch (default: a numeric ``weight``, else
                 ``config.effective_batch_size``), for ``effective_batch_size``.
 
-        Returns ``loss``, ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
+        Returns ``loss`` and ``accumulated_loss`` (the window's summed loss so far; detached 0-dim tensors on the
+        loss's device), ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
         ``effective_batch_size`` (``docs/configuration.md``). Nothing is read from the device.
         """
         opt = self._require()
@@ -159,26 +178,32 @@ class GradientAccumulator:
             raise TypeError(f"Invalid loss: {type(loss).__name__} (expected a torch.Tensor)")
         samples = self._samples_of(num_samples, weight)
         weight = weight if self.config.loss_scaling else None
-        if opt.pending == 0:  # the window's first micro-batch fixes the noise scale's unit (ADAPTIVE)
+        if opt.pending == 0:  # a new window: it fixes the noise scale's unit (ADAPTIVE); no loss summed yet
             self._set_noise_unit(weight)
+            self._window_loss = None
         if backward:
             opt.backward(loss, weight=weight)
             weight = None  # taken by backward(); the wrapper remembers it
-        k = opt.accumulation_steps
+        k, detached = opt.accumulation_steps, loss.detach()
         try:
-            opt.step(weight=weight, loss=loss.detach())
+            opt.step(weight=weight, loss=detached)
         except BaseException:
             if opt.pending == 0:  # the wrapper discarded the window: so do the sample counts
                 self._window_samples = 0.0
             raise
         self._window_samples = None if samples is None or self._window_samples is None \
             else self._window_samples + samples
+        window_loss = self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         closed = opt.pending == 0
         if closed:
             self._closed()
-        return {"loss": loss.detach(), "accumulation_step": k if closed else opt.pending, "should_optimize": closed,
-                "applied": closed and opt.stepped, "accumulation_steps": k,
+        return {"loss": detached, "accumulated_loss": window_loss, "accumulation_step": k if closed else opt.pending,
+                "should_optimize": closed, "applied": closed and opt.stepped, "accumulation_steps": k,
                 "effective_batch_size": self._effective_batch(k, samples)}
+
+    def backward(self, loss: Tensor, *, weight: float | Tensor | None = None) -> None:
+        """The backward pass for ``accumulate_gradients(loss, backward=False)``: ``acc.optimizer.backward``."""
+        self._require().backward(loss, weight=weight)
 
     def _samples_of(self, num_samples: int | None, weight: float | Tensor | None) -> float | None:
         """Host sample count of one micro-batch: ``num_samples``, a numeric ``weight``, or the configured size."""
@@ -218,9 +243,12 @@ class GradientAccumulator:
         return None if self._last_samples is None else round(self._last_samples)
 
     def _closed(self, samples: float | None = None) -> None:
-        """A window closed: record its samples (``samples`` if known from elsewhere) and a memory reading."""
+        """A window closed: record its samples (``samples`` if known), its update's norm and a memory reading."""
         self._last_samples = self._window_samples if samples is None else samples
-        self._window_samples = 0.0
+        self._window_samples, self._window_loss = 0.0, None
+        opt = self._require()
+        if opt.stepped and isinstance(norm := opt.last_grad_norm, Tensor):
+            self._norms.append(norm.detach().clone())  # a device copy: no sync
         threshold = self.config.memory_threshold
         if self.config.memory_monitoring and threshold is not None:
             monitor = MemoryMonitor(self.device)  # host queries only: CUDA allocated, or process RSS
@@ -240,7 +268,7 @@ class GradientAccumulator:
         """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``.
 
         ``loss_fn(micro_batch)`` returns a micro-batch's mean loss. Returns the keys of :meth:`accumulate_gradients`
-        plus ``window_samples``; ``loss`` is None until the window runs."""
+        plus ``window_samples``; ``loss`` and ``accumulated_loss`` are None until the window runs, then its mean loss."""
         opt = self._require()
         if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
             raise RuntimeError("accumulate_batch needs strategy=AccumulationStrategy.MEMORY_AWARE "
@@ -255,11 +283,11 @@ class GradientAccumulator:
         self._pending.append(batch)
         self._loss_fn = loss_fn
         k = opt.accumulation_steps
-        out: dict[str, Any] = {"loss": None, "accumulation_step": len(self._pending), "should_optimize": False,
-                               "applied": False, "accumulation_steps": k, "window_samples": 0}
+        out: dict[str, Any] = {"loss": None, "accumulated_loss": None, "accumulation_step": len(self._pending),
+                               "should_optimize": False, "applied": False, "accumulation_steps": k, "window_samples": 0}
         if len(self._pending) == k:
             loss, applied, samples = self._run_window()
-            out.update(loss=loss, should_optimize=True, applied=applied, window_samples=samples)
+            out.update(loss=loss, accumulated_loss=loss, should_optimize=True, applied=applied, window_samples=samples)
         out["effective_batch_size"] = self._effective_batch(k, n)
         return out
 
@@ -322,12 +350,13 @@ class GradientAccumulator:
             accumulated_loss=s["accumulated_loss"] if opt.pending else None,
             average_gradient_norm=s["mean_grad_norm"], last_gradient_norm=s["last_grad_norm"],
             nan_detected=s["nonfinite_events"] > 0 or (skipped > 0 and not overflow), overflow_detected=overflow,
-            memory_usage=tuple(self._memory),
+            memory_usage=tuple(self._memory), epoch=opt.epoch,
+            gradient_norms=tuple(torch.stack(list(self._norms)).tolist()) if self._norms else (),  # one host read
             accumulated_gradients=MappingProxyType(opt.accumulated_gradients()))
 
     @property
     def state(self) -> AccumulationState:
-        """A read-only snapshot of the accumulation (one host read: ``opt.stats()``)."""
+        """A read-only snapshot of the accumulation (host reads: ``opt.stats()`` and the norm history)."""
         return self._state(self._require().stats())
 
     def get_accumulation_stats(self) -> dict[str, Any]:
@@ -344,7 +373,25 @@ class GradientAccumulator:
     def _own_state(self) -> dict[str, Any]:
         batcher = self.batcher.state_dict() if self.batcher is not None else self._batcher_state
         return {"config": self.config.to_dict(), "memory": list(self._memory), "window_samples": self._window_samples,
-                "last_samples": self._last_samples, "pending": list(self._pending), "batcher": batcher}
+                "last_samples": self._last_samples, "pending": list(self._pending), "batcher": batcher,
+                "norms": list(self._norms), "window_loss": self._window_loss}
+
+    def _check_own(self, state: Any) -> Mapping[str, Any]:
+        """This class's part of ``state`` (:meth:`state_dict`), checked whole against this config (``ValueError``)."""
+        own = state.get("accumulator") if isinstance(state, Mapping) and "optimizer" in state else None
+        if not isinstance(own, Mapping) or not isinstance(own.get("config"), Mapping):
+            raise ValueError("Invalid accumulation state: not a GradientAccumulator state (expected the keys "
+                             "'optimizer' and 'accumulator' of GradientAccumulator.state_dict())")
+        ours, theirs = self.config.to_dict(), own["config"]
+        differ = "; ".join(f"{k}={theirs.get(k)!r}, here {v!r}" for k, v in ours.items()
+                           if k not in _COSMETIC and theirs.get(k) != v)
+        if differ:
+            raise ValueError(f"Invalid accumulation state: saved with a different configuration ({differ})")
+        for key, (fits, expected) in _OWN_ENTRIES.items():
+            if not fits(own.get(key, _OPTIONAL.get(key, _MISSING))):
+                raise ValueError(f"Invalid accumulation state: the accumulator's {key!r} entry is "
+                                 f"{own.get(key, 'missing')!r:.80} (expected {expected})")
+        return own
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's state dict and this class's own part (plain data, loads with ``weights_only=True``)."""
@@ -353,20 +400,15 @@ class GradientAccumulator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another configuration raises ``ValueError``, changing nothing."""
         opt = self._require()
-        own = state.get("accumulator") if isinstance(state, Mapping) else None
-        if not isinstance(own, Mapping) or not isinstance(own.get("config"), Mapping) or "optimizer" not in state:
-            raise ValueError("Invalid accumulation state: not a GradientAccumulator state (expected the keys "
-                             "'optimizer' and 'accumulator' of GradientAccumulator.state_dict())")
-        ours, theirs = self.config.to_dict(), own["config"]
-        differ = "; ".join(f"{k}={theirs.get(k)!r}, here {v!r}" for k, v in ours.items()
-                           if k not in _COSMETIC and theirs.get(k) != v)
-        if differ:
-            raise ValueError(f"Invalid accumulation state: saved with a different configuration ({differ})")
+        own = self._check_own(state)  # all of it, before anything changes; then the wrapper checks its part
         opt.load_state_dict(state["optimizer"])
         self._memory = [float(x) for x in own["memory"]]
         self._window_samples, self._last_samples = own["window_samples"], own["last_samples"]
         self._size_checked = True  # a resumed run was checked when it started
         self._pending = list(own["pending"])
+        self._norms = deque((n.detach().clone() for n in own.get("norms", [])), maxlen=_NORM_HISTORY)
+        loss = own.get("window_loss")
+        self._window_loss = None if loss is None else loss.detach().clone()
         self._batcher_state = own["batcher"]
         if self.batcher is not None and self._batcher_state is not None:
             self.batcher.load_state_dict(self._batcher_state)
@@ -378,12 +420,18 @@ class GradientAccumulator:
     def load_accumulation_state(self, filepath: str | os.PathLike[str]) -> Any:
         """Load a file of :meth:`save_accumulation_state` and return its ``extra``; a corrupted or foreign file,
         or one of another configuration, raises ``ValueError`` and changes nothing."""
-        optimizer_state, saved = load_checkpoint(filepath, map_location=self.device)
-        if not isinstance(saved, Mapping) or "accumulator" not in saved:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "
-                             "the accumulator's state (expected a file of save_accumulation_state())")
-        self.load_state_dict({"optimizer": optimizer_state, "accumulator": saved["accumulator"]})
-        return saved["extra"]
+        state, extra = read_accumulation_file(filepath, self.device)
+        self.load_state_dict(state)  # validates the accumulator's part against this config, then applies
+        return extra
 
     def __repr__(self) -> str:
         return f"GradientAccumulator({self.config.mode.name}, {self.config.strategy.name}, K={self.config.k})"
+
+
+def read_accumulation_file(filepath: str | os.PathLike[str], map_location: Any = None) -> tuple[dict[str, Any], Any]:
+    """Read a file of :meth:`GradientAccumulator.save_accumulation_state` (nothing applied): ``(state, extra)``."""
+    optimizer_state, saved = load_checkpoint(filepath, map_location=map_location)
+    if not isinstance(saved, Mapping) or "accumulator" not in saved:
+        raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "
+                         "the accumulator's state (expected a file of save_accumulation_state())")
+    return {"optimizer": optimizer_state, "accumulator": saved["accumulator"]}, saved.get("extra")

@@ -9,14 +9,14 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Mapping, Sized
 from typing import Any, Callable, ContextManager, TextIO
 
 import torch
 from torch import Tensor
 
 from ._checks import check_cuda_present, check_int
-from .accumulator import Batch, GradientAccumulator
+from .accumulator import Batch, GradientAccumulator, read_accumulation_file
 from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
 from .splitting import batch_size_of
@@ -24,6 +24,7 @@ from .splitting import batch_size_of
 __all__ = ["GradientAccumulationTrainer"]
 
 _NEW_EPOCH: dict[str, Any] = {"loss_sum": 0.0, "loss_count": 0, "samples": 0, "updates": 0, "batch": 0}
+_TRAINER_KEYS = {"epoch", "position", "epoch_rng", "rng", "history", "epoch_progress"}
 
 
 def _tqdm() -> Any:
@@ -41,6 +42,10 @@ def _set_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _shapes(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: getattr(v, "shape", None) for k, v in state.items()}
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -223,11 +228,14 @@ class GradientAccumulationTrainer:
                 f"{sps:.0f} samples/s")
 
     def _open_bar(self, total: int | None, initial: int) -> Any:
+        """A tqdm bar; ``progress_bar=None``: only on a terminal (``disable=None``), else plain lines."""
         tqdm = None if self.config.progress_bar is False else _tqdm()
         if tqdm is None:
             return None
-        return tqdm(total=total, initial=initial, desc=f"epoch {self.current_epoch}", unit="batch",
-                    file=self.progress_stream or sys.stderr, leave=True, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=initial, desc=f"epoch {self.current_epoch}", unit="batch", leave=True,
+                   file=self.progress_stream or sys.stderr, dynamic_ncols=True,
+                   disable=None if self.config.progress_bar is None else False)
+        return None if getattr(bar, "disable", False) else bar
 
     def _on_update(self, bar: Any, applied: bool, sps: float, num_batches: int | None, force: bool = False) -> None:
         """A window closed: progress every ``logging_frequency`` updates, a checkpoint every ``checkpoint_every``."""
@@ -272,12 +280,15 @@ class GradientAccumulationTrainer:
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore :meth:`save_checkpoint`; training continues where it stopped (bit-identically)."""
         model, _, _ = self._parts()
-        extra = self.accumulator.load_accumulation_state(path)  # validates the configuration before any change
-        if not isinstance(extra, dict) or "trainer" not in extra:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint "
-                             "(expected a file of GradientAccumulationTrainer.save_checkpoint())")
-        model.load_state_dict(extra["model"])
-        state = extra["trainer"]
+        acc_state, extra = read_accumulation_file(path, self.device)  # read only: each part is checked first
+        extra = extra if isinstance(extra, dict) else {}
+        state, theirs = extra.get("trainer"), extra.get("model")
+        if not (isinstance(state, dict) and _TRAINER_KEYS <= set(state) and isinstance(theirs, dict)
+                and _shapes(theirs) == _shapes(model.state_dict())):
+            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint of this model "
+                             "(expected a file of GradientAccumulationTrainer.save_checkpoint() with the same model)")
+        self.accumulator.load_state_dict(acc_state)  # checks the configuration, then the wrapper's part
+        model.load_state_dict(theirs)
         self.current_epoch = int(state["epoch"])
         self.training_history = list(state["history"])
         self._pos = int(state["position"])
