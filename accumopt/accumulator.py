@@ -31,17 +31,6 @@ __all__ = ["AccumulationState", "GradientAccumulator"]
 _COSMETIC = {"logging_frequency", "device", "progress_bar", "checkpoint_every", "checkpoint_path",
              "memory_monitoring", "memory_threshold"}
 _NORM_HISTORY = 1000  # update norms kept for AccumulationState.gradient_norms (the most recent)
-_MISSING = object()
-_OPTIONAL: dict[str, Any] = {"norms": [], "window_loss": None}  # entries absent from earlier versions' files
-_OWN_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {  # the accumulator's part of a state
-    "memory": (lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v), "a list of numbers"),
-    "window_samples": (lambda v: v is None or isinstance(v, (int, float)), "a number or None"),
-    "last_samples": (lambda v: v is None or isinstance(v, (int, float)), "a number or None"),
-    "pending": (lambda v: isinstance(v, list), "a list of loader batches"),
-    "batcher": (lambda v: v is None or isinstance(v, dict), "a dict or None"),
-    "norms": (lambda v: isinstance(v, list) and all(isinstance(n, Tensor) and n.ndim == 0 for n in v), "0-dim tensors"),
-    "window_loss": (lambda v: v is None or isinstance(v, Tensor) and v.ndim == 0, "a 0-dim tensor or None"),
-}
 Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing the leading dimension
 
 
@@ -376,8 +365,8 @@ class GradientAccumulator:
                 "last_samples": self._last_samples, "pending": list(self._pending), "batcher": batcher,
                 "norms": list(self._norms), "window_loss": self._window_loss}
 
-    def _check_own(self, state: Any) -> Mapping[str, Any]:
-        """This class's part of ``state`` (:meth:`state_dict`), checked whole against this config (``ValueError``)."""
+    def _parse_own(self, state: Any) -> dict[str, Any]:
+        """This class's part of ``state``, checked against this config and copied (``ValueError``: nothing changes)."""
         own = state.get("accumulator") if isinstance(state, Mapping) and "optimizer" in state else None
         if not isinstance(own, Mapping) or not isinstance(own.get("config"), Mapping):
             raise ValueError("Invalid accumulation state: not a GradientAccumulator state (expected the keys "
@@ -387,29 +376,33 @@ class GradientAccumulator:
                            if k not in _COSMETIC and theirs.get(k) != v)
         if differ:
             raise ValueError(f"Invalid accumulation state: saved with a different configuration ({differ})")
-        for key, (fits, expected) in _OWN_ENTRIES.items():
-            if not fits(own.get(key, _OPTIONAL.get(key, _MISSING))):
-                raise ValueError(f"Invalid accumulation state: the accumulator's {key!r} entry is "
-                                 f"{own.get(key, 'missing')!r:.80} (expected {expected})")
-        return own
+        try:  # (files of earlier versions hold no norms and no window loss)
+            pending, batcher, loss = own["pending"], own["batcher"], own.get("window_loss")
+            if not isinstance(pending, list):
+                raise TypeError(f"'pending' is a {type(pending).__name__}, not a list")
+            return {"memory": [float(x) for x in own["memory"]], "pending": list(pending),
+                    "samples": [None if own[k] is None else float(own[k]) for k in ("window_samples", "last_samples")],
+                    "batcher": None if batcher is None else dict(batcher),
+                    "norms": [n.detach().clone().reshape(()) for n in own.get("norms", [])],
+                    "window_loss": None if loss is None else loss.detach().clone().reshape(())}
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise ValueError("Invalid accumulation state: the accumulator's part is malformed "
+                             f"({type(error).__name__}: {error})") from None
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's state dict and this class's own part (plain data, loads with ``weights_only=True``)."""
         return {"optimizer": self._require().state_dict(), "accumulator": self._own_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another configuration raises ``ValueError``, changing nothing."""
+        """Restore :meth:`state_dict`; a state that does not fit (another configuration) raises ``ValueError``,
+        changing nothing."""
         opt = self._require()
-        own = self._check_own(state)  # all of it, before anything changes; then the wrapper checks its part
+        own = self._parse_own(state)  # all of it, before anything changes; then the wrapper checks its part
         opt.load_state_dict(state["optimizer"])
-        self._memory = [float(x) for x in own["memory"]]
-        self._window_samples, self._last_samples = own["window_samples"], own["last_samples"]
+        self._memory, self._pending, self._batcher_state = own["memory"], own["pending"], own["batcher"]
+        self._window_samples, self._last_samples = own["samples"]
+        self._norms, self._window_loss = deque(own["norms"], maxlen=_NORM_HISTORY), own["window_loss"]
         self._size_checked = True  # a resumed run was checked when it started
-        self._pending = list(own["pending"])
-        self._norms = deque((n.detach().clone() for n in own.get("norms", [])), maxlen=_NORM_HISTORY)
-        loss = own.get("window_loss")
-        self._window_loss = None if loss is None else loss.detach().clone()
-        self._batcher_state = own["batcher"]
         if self.batcher is not None and self._batcher_state is not None:
             self.batcher.load_state_dict(self._batcher_state)
 
