@@ -98,12 +98,12 @@ class GradientAccumulator:
             self.setup(model, optimizer, scheduler)
 
     def _reset(self) -> None:
-        self._window_samples: float | None = 0.0  # samples in the open window (None: a size was unknown)
+        self._window_samples: float | None = 0.0  # samples in the open window (None: a size was unknown); and
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
         self._memory: list[float] = []  # memory_monitoring: one reading per closed window
         self._norms: deque[Tensor] = deque(maxlen=_NORM_HISTORY)  # pre-clip norms of applied updates (device)
-        self._window_loss: Tensor | None = None  # the open window's summed loss (device)
+        self._window_loss: Tensor | None = None  # its summed loss (device); both reset as a window starts
         self._pending: list[Batch] = []  # MEMORY_AWARE: loader batches of the open window
         self._loss_fn: Callable[[Batch], Tensor] | None = None
         self._batcher_state: dict[str, Any] | None = None
@@ -119,8 +119,7 @@ class GradientAccumulator:
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
         if isinstance(optimizer, torch.optim.Optimizer):
             cfg.check_model(model, optimizer)
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if scaler is None and cfg.mixed_precision == "float16" and cfg.gradient_scaling:
             scaler = torch.amp.GradScaler(device.type)
         kwargs = cfg.optimizer_kwargs()
@@ -151,12 +150,11 @@ class GradientAccumulator:
 
         Args:
             loss: the micro-batch's plain mean loss (never divide it by K).
-            backward: run the backward pass here; with ``False`` you ran
-                ``acc.optimizer.backward(loss, weight=n)`` yourself.
-            weight: how much this micro-batch counts (its sample count), a number or a 0-dim
-                tensor: the update is ``sum(w_i g_i) / sum(w_i)``. Ignored with ``loss_scaling=False``.
-            num_samples: samples in this micro-batch (default: a numeric ``weight``, else
-                ``config.effective_batch_size``), for ``effective_batch_size``.
+            backward: run the backward pass here; with ``False`` you ran ``acc.backward(loss, weight=n)``.
+            weight: how much this micro-batch counts (its sample count), a number or a 0-dim tensor: the
+                update is ``sum(w_i g_i) / sum(w_i)``. Ignored with ``loss_scaling=False``.
+            num_samples: samples in this micro-batch, for ``effective_batch_size`` (default: a numeric
+                ``weight``, else ``config.effective_batch_size``).
 
         Returns ``loss`` and ``accumulated_loss`` (the window's summed loss so far; detached 0-dim tensors on the
         loss's device), ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
@@ -167,19 +165,14 @@ class GradientAccumulator:
             raise TypeError(f"Invalid loss: {type(loss).__name__} (expected a torch.Tensor)")
         samples = self._samples_of(num_samples, weight)
         weight = weight if self.config.loss_scaling else None
-        if opt.pending == 0:  # a new window: it fixes the noise scale's unit (ADAPTIVE); no loss summed yet
+        if opt.pending == 0:  # a new window (also after the wrapper discarded one); it fixes the noise unit (ADAPTIVE)
             self._set_noise_unit(weight)
-            self._window_loss = None
+            self._window_samples, self._window_loss = 0.0, None
         if backward:
             opt.backward(loss, weight=weight)
             weight = None  # taken by backward(); the wrapper remembers it
         k, detached = opt.accumulation_steps, loss.detach()
-        try:
-            opt.step(weight=weight, loss=detached)
-        except BaseException:
-            if opt.pending == 0:  # the wrapper discarded the window: so do the sample counts
-                self._window_samples = 0.0
-            raise
+        opt.step(weight=weight, loss=detached)
         self._window_samples = None if samples is None or self._window_samples is None \
             else self._window_samples + samples
         window_loss = self._window_loss = detached if self._window_loss is None else self._window_loss + detached
@@ -211,14 +204,12 @@ class GradientAccumulator:
         checked, self._size_checked = self._size_checked, True
         if checked or e is None or n == e:
             return
-        k = self._require().accumulation_steps
-        size = int(n) if n.is_integer() else n
-        warnings.warn(
-            f"GradientAccumulator: micro-batches hold {size} samples but effective_batch_size={e} (expected the "
-            f"loader's batch size): an update of K={k} micro-batches holds {k} x {size} = {k * n:g} samples"
-            + (f", not target_batch_size={target}" if target is not None else "")
-            + ". effective_batch_size in the results counts the samples actually seen; set the loader's "
-            f"batch_size={e} or effective_batch_size={size}.", UserWarning, stacklevel=4)
+        k, size = self._require().accumulation_steps, int(n) if n.is_integer() else n
+        not_target = f", not target_batch_size={target}" if target is not None else ""
+        warnings.warn(f"GradientAccumulator: micro-batches hold {size} samples but effective_batch_size={e} (expected "
+                      f"the loader's batch size): an update of K={k} micro-batches holds {k} x {size} = {k * n:g} "
+                      f"samples{not_target}. effective_batch_size in the results counts the samples actually seen; "
+                      f"set the loader's batch_size={e} or effective_batch_size={size}.", UserWarning, stacklevel=4)
 
     def _effective_batch(self, k: int, micro: float | None) -> int | None:
         """Samples of the last closed window; before the first, K x the micro-batch size ``micro``."""
@@ -234,7 +225,6 @@ class GradientAccumulator:
     def _closed(self, samples: float | None = None) -> None:
         """A window closed: record its samples (``samples`` if known), its update's norm and a memory reading."""
         self._last_samples = self._window_samples if samples is None else samples
-        self._window_samples, self._window_loss = 0.0, None
         opt = self._require()
         if opt.stepped and isinstance(norm := opt.last_grad_norm, Tensor):
             self._norms.append(norm.detach().clone())  # a device copy: no sync
@@ -257,7 +247,7 @@ class GradientAccumulator:
         """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``.
 
         ``loss_fn(micro_batch)`` returns a micro-batch's mean loss. Returns the keys of :meth:`accumulate_gradients`
-        plus ``window_samples``; ``loss`` and ``accumulated_loss`` are None until the window runs, then its mean loss."""
+        plus ``window_samples``; ``loss`` and ``accumulated_loss`` are None until the window runs, then its mean."""
         opt = self._require()
         if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
             raise RuntimeError("accumulate_batch needs strategy=AccumulationStrategy.MEMORY_AWARE "
@@ -271,16 +261,13 @@ class GradientAccumulator:
         self._check_size(n)
         self._pending.append(batch)
         self._loss_fn = loss_fn
-        k = opt.accumulation_steps
-        out: dict[str, Any] = {"loss": None, "accumulated_loss": None, "accumulation_step": len(self._pending),
-                               "should_optimize": False, "applied": False, "accumulation_steps": k, "window_samples": 0}
-        if len(self._pending) == k:
-            loss, applied, samples = self._run_window()
-            out.update(loss=loss, accumulated_loss=loss, should_optimize=True, applied=applied, window_samples=samples)
-        out["effective_batch_size"] = self._effective_batch(k, n)
-        return out
+        k, step = opt.accumulation_steps, len(self._pending)
+        loss, applied, samples = self._run_window() if step == k else (None, False, 0)
+        return {"loss": loss, "accumulated_loss": loss, "accumulation_step": step, "should_optimize": step == k,
+                "applied": applied, "accumulation_steps": k, "window_samples": samples,
+                "effective_batch_size": self._effective_batch(k, n)}
 
-    def _run_window(self, loss_fn: Callable[[Batch], Tensor] | None = None) -> tuple[Tensor, bool, int]:
+    def _run_window(self, loss_fn: Callable[[Batch], Tensor] | None = None) -> tuple[Tensor | None, bool, int]:
         """Run the held batches through the MicroBatcher: one real update."""
         opt = self._require()
         loss_fn = loss_fn or self._loss_fn
@@ -309,12 +296,7 @@ class GradientAccumulator:
             return self._run_window(loss_fn)[1]
         if opt.pending == 0:
             return False
-        try:
-            applied = opt.flush()
-        except BaseException:
-            if opt.pending == 0:  # the wrapper discarded the window: so do the sample counts
-                self._window_samples = 0.0
-            raise
+        applied = opt.flush()
         self._closed()
         return applied
 

@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Sized
 from typing import Any, Callable, ContextManager, TextIO
 
 import torch
@@ -24,7 +24,6 @@ from .splitting import batch_size_of
 __all__ = ["GradientAccumulationTrainer"]
 
 _NEW_EPOCH: dict[str, Any] = {"loss_sum": 0.0, "loss_count": 0, "samples": 0, "updates": 0, "batch": 0}
-_TRAINER_KEYS = {"epoch", "position", "epoch_rng", "rng", "history", "epoch_progress"}
 
 
 def _tqdm() -> Any:
@@ -42,10 +41,6 @@ def _set_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _shapes(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: getattr(v, "shape", None) for k, v in state.items()}
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -182,17 +177,15 @@ class GradientAccumulationTrainer:
             if bar is not None:
                 bar.update(1)
             if m["should_optimize"]:
-                ep["updates"] += 1
-                ep["batch"] = max(ep["batch"], m["effective_batch_size"] or 0)
-                self._on_update(bar, m["applied"], t_samples / max(time.perf_counter() - t0, 1e-9))
+                sps = t_samples / max(time.perf_counter() - t0, 1e-9)
+                self._on_update(bar, m["applied"], m["effective_batch_size"], sps)
         if opt.pending or acc.pending_batches:  # the last, partial window: weighted by what it saw
             held = acc.pending_batches
             applied = acc.flush(loss_fn=self._micro_loss)
             if held and acc.last_window_loss is not None:  # MEMORY_AWARE: the held batches ran now
                 self._add_loss(ep, *acc.last_window_loss)
-            ep["updates"] += 1
-            ep["batch"] = max(ep["batch"], acc.effective_batch_size or 0)
-            self._on_update(bar, applied, t_samples / max(time.perf_counter() - t0, 1e-9), force=True)
+            sps = t_samples / max(time.perf_counter() - t0, 1e-9)
+            self._on_update(bar, applied, acc.effective_batch_size, sps, force=True)
         elapsed = time.perf_counter() - t0
         count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
         epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
@@ -233,10 +226,12 @@ class GradientAccumulationTrainer:
                    disable=None if self.config.progress_bar is None else False)
         return None if getattr(bar, "disable", False) else bar
 
-    def _on_update(self, bar: Any, applied: bool, sps: float, force: bool = False) -> None:
-        """A window closed: the bar every ``logging_frequency`` updates, a checkpoint every ``checkpoint_every``."""
+    def _on_update(self, bar: Any, applied: bool, batch: int | None, sps: float, force: bool = False) -> None:
+        """A window closed: count it, refresh the bar (every ``logging_frequency`` updates), checkpoint if due."""
         _, opt, _ = self._parts()
         cfg, n = self.config, opt.num_updates
+        self._ep["updates"] += 1
+        self._ep["batch"] = max(self._ep["batch"], batch or 0)
         if bar is not None and (force or (applied and (n % cfg.logging_frequency == 0 or n == 1))):
             bar.set_postfix_str(self._postfix(opt.stats()["last_loss"], sps))  # the one sync of this update
         if applied and cfg.checkpoint_every and cfg.checkpoint_path and n % cfg.checkpoint_every == 0:
@@ -271,9 +266,10 @@ class GradientAccumulationTrainer:
         model, _, _ = self._parts()
         acc_state, extra = read_accumulation_file(path, self.device)  # read only: each part is checked first
         extra = extra if isinstance(extra, dict) else {}
-        state, theirs = extra.get("trainer"), extra.get("model")
-        if not (isinstance(state, dict) and _TRAINER_KEYS <= set(state) and isinstance(theirs, dict)
-                and _shapes(theirs) == _shapes(model.state_dict())):
+        state, theirs, ours = extra.get("trainer"), extra.get("model"), model.state_dict()
+        if not (isinstance(state, dict) and {"epoch", "position", "epoch_rng", "rng", "history", "epoch_progress"}
+                <= set(state) and isinstance(theirs, dict) and theirs.keys() == ours.keys()
+                and all(getattr(theirs[k], "shape", None) == getattr(v, "shape", None) for k, v in ours.items())):
             raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint of this model "
                              "(expected a file of GradientAccumulationTrainer.save_checkpoint() with the same model)")
         self.accumulator.load_state_dict(acc_state)  # checks the configuration, then the wrapper's part
