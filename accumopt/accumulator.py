@@ -52,11 +52,8 @@ def _cat(batches: list[Batch]) -> Batch:
 
 @dataclass(frozen=True)
 class AccumulationState:
-    """A read-only snapshot of the accumulation, built from the wrapper's ``stats()``.
-
-    Fields: ``docs/configuration.md``; ``accumulated_gradients`` holds the open window's undivided sums by name,
-    ``gradient_norms`` the pre-clip norms of the last (up to 1000) applied updates.
-    """
+    """A read-only snapshot of the accumulation, built from the wrapper's ``stats()`` (fields:
+    ``docs/configuration.md``); ``gradient_norms``: pre-clip norms of the last (up to 1000) applied updates."""
 
     total_steps: int
     accumulation_step: int
@@ -139,9 +136,8 @@ class GradientAccumulator:
 
     def _set_noise_unit(self, weight: float | Tensor | None) -> None:
         """ADAPTIVE: the noise scale is in weight units; tell AdaptiveK one micro-batch's weight."""
-        if self.adaptive is None or isinstance(weight, Tensor):  # (a tensor: keep the unit; reading it syncs)
-            return
-        self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
+        if self.adaptive is not None and not isinstance(weight, Tensor):  # (a tensor: kept; reading it syncs)
+            self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
 
     # ------------------------------------------------------------- micro-step
     def accumulate_gradients(self, loss: Tensor, backward: bool = True, *, weight: float | Tensor | None = None,

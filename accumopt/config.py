@@ -175,19 +175,16 @@ class GradientAccumulationConfig:
     def _adaptive_target(self, k: int | None, e: int | None, t: int) -> None:
         """ADAPTIVE: ``target_batch_size`` is the largest batch per update, so it sets ``max_accumulation_steps``."""
         if e is None:
-            raise ValueError(
-                f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (under ADAPTIVE the "
-                "target is the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
+            raise ValueError(f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (it is "
+                             "the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
         k_max, hi = _divide(t, e, "effective_batch_size"), self.max_accumulation_steps
         if hi is not None and check_int("max_accumulation_steps", hi) != k_max:
-            raise ValueError(
-                f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE the target is "
-                f"the largest batch per update, so max K = target_batch_size / effective_batch_size = {t} / {e} = "
-                f"{k_max}; expected {k_max}, or give only one of the two)")
+            raise ValueError(f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE "
+                             f"the target is the largest batch per update, so max K = {t} / effective_batch_size {e} "
+                             f"= {k_max}; expected {k_max}, or give only one of the two)")
         if k is not None and k > k_max:
-            raise ValueError(
-                f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the target is the "
-                f"largest batch per update; expected a starting K <= {t} / {e} = {k_max})")
+            raise ValueError(f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the "
+                             f"target is the largest batch per update; expected a starting K <= {t} / {e} = {k_max})")
         self.max_accumulation_steps = k_max
         self.accumulation_steps = k_max if k is None else k
 
