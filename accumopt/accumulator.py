@@ -95,12 +95,12 @@ class GradientAccumulator:
             self.setup(model, optimizer, scheduler)
 
     def _reset(self) -> None:
-        self._window_samples: float | None = 0.0  # samples in the open window (None: a size was unknown); and
+        self._window_samples: float | None = 0.0  # samples in the open window (None: a size was unknown)
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
         self._memory: list[float] = []  # memory_monitoring: one reading per closed window
         self._norms: deque[Tensor] = deque(maxlen=_NORM_HISTORY)  # pre-clip norms of applied updates (device)
-        self._window_loss: Tensor | None = None  # its summed loss (device); both reset as a window starts
+        self._window_loss: Tensor | None = None  # the open window's summed loss (device); both reset as one starts
         self._pending: list[Batch] = []  # MEMORY_AWARE: loader batches of the open window
         self._loss_fn: Callable[[Batch], Tensor] | None = None
         self._batcher_state: dict[str, Any] | None = None
@@ -327,7 +327,7 @@ class GradientAccumulator:
         return self._state(self._require().stats())
 
     def get_accumulation_stats(self) -> dict[str, Any]:
-        """The wrapper's ``stats()`` plus the documented keys (one host read; numbers, 0.0 before any reading)."""
+        """The wrapper's ``stats()`` plus the documented keys (read as :attr:`state` is; 0.0 before any reading)."""
         s = self._require().stats()
         st = self._state(s)
         return {**s, "current_step": st.total_steps, "accumulation_step": st.accumulation_step,
@@ -361,8 +361,8 @@ class GradientAccumulator:
             return {"memory": [float(x) for x in own["memory"]], "pending": list(pending),
                     "samples": [None if own[k] is None else float(own[k]) for k in ("window_samples", "last_samples")],
                     "batcher": None if batcher is None else dict(batcher),
-                    "norms": [n.detach().clone().reshape(()) for n in own.get("norms", [])],
-                    "window_loss": None if loss is None else loss.detach().clone().reshape(())}
+                    "norms": [n.detach().reshape(()).to(self.device, copy=True) for n in own.get("norms", [])],
+                    "window_loss": None if loss is None else loss.detach().reshape(()).clone()}
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise ValueError("Invalid accumulation state: the accumulator's part is malformed "
                              f"({type(error).__name__}: {error})") from None
