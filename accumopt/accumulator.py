@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +30,7 @@ __all__ = ["AccumulationState", "GradientAccumulator"]
 # Config keys that do not change what a saved state means (they may differ on load).
 _COSMETIC = {"logging_frequency", "device", "progress_bar", "checkpoint_every", "checkpoint_path",
              "memory_monitoring", "memory_threshold"}
+_NORM_HISTORY = 1000  # update norms kept for AccumulationState.gradient_norms (the most recent)
 Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing the leading dimension
 
 
@@ -50,10 +52,8 @@ def _cat(batches: list[Batch]) -> Batch:
 
 @dataclass(frozen=True)
 class AccumulationState:
-    """A read-only snapshot of the accumulation, built from the wrapper's ``stats()``.
-
-    Fields: ``docs/configuration.md``; ``accumulated_gradients`` holds the open window's undivided sums by name.
-    """
+    """A read-only snapshot of the accumulation, built from the wrapper's ``stats()`` (fields:
+    ``docs/configuration.md``); ``gradient_norms``: pre-clip norms of the last (up to 1000) applied updates."""
 
     total_steps: int
     accumulation_step: int
@@ -68,6 +68,8 @@ class AccumulationState:
     nan_detected: bool
     overflow_detected: bool
     memory_usage: tuple[float, ...] = ()
+    epoch: int = 0
+    gradient_norms: tuple[float, ...] = ()
     accumulated_gradients: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
 
@@ -97,6 +99,8 @@ class GradientAccumulator:
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
         self._memory: list[float] = []  # memory_monitoring: one reading per closed window
+        self._norms: deque[Tensor] = deque(maxlen=_NORM_HISTORY)  # pre-clip norms of applied updates (device)
+        self._window_loss: Tensor | None = None  # the open window's summed loss (device); both reset as one starts
         self._pending: list[Batch] = []  # MEMORY_AWARE: loader batches of the open window
         self._loss_fn: Callable[[Batch], Tensor] | None = None
         self._batcher_state: dict[str, Any] | None = None
@@ -112,8 +116,7 @@ class GradientAccumulator:
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
         if isinstance(optimizer, torch.optim.Optimizer):
             cfg.check_model(model, optimizer)
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if scaler is None and cfg.mixed_precision == "float16" and cfg.gradient_scaling:
             scaler = torch.amp.GradScaler(device.type)
         kwargs = cfg.optimizer_kwargs()
@@ -133,9 +136,8 @@ class GradientAccumulator:
 
     def _set_noise_unit(self, weight: float | Tensor | None) -> None:
         """ADAPTIVE: the noise scale is in weight units; tell AdaptiveK one micro-batch's weight."""
-        if self.adaptive is None or isinstance(weight, Tensor):  # (a tensor: keep the unit; reading it syncs)
-            return
-        self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
+        if self.adaptive is not None and not isinstance(weight, Tensor):  # (a tensor: kept; reading it syncs)
+            self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
 
     # ------------------------------------------------------------- micro-step
     def accumulate_gradients(self, loss: Tensor, backward: bool = True, *, weight: float | Tensor | None = None,
@@ -144,14 +146,14 @@ class GradientAccumulator:
 
         Args:
             loss: the micro-batch's plain mean loss (never divide it by K).
-            backward: run the backward pass here; with ``False`` you ran
-                ``acc.optimizer.backward(loss, weight=n)`` yourself.
-            weight: how much this micro-batch counts (its sample count), a number or a 0-dim
-                tensor: the update is ``sum(w_i g_i) / sum(w_i)``. Ignored with ``loss_scaling=False``.
-            num_samples: samples in this micro-batch (default: a numeric ``weight``, else
-                ``config.effective_batch_size``), for ``effective_batch_size``.
+            backward: run the backward pass here; with ``False`` you ran ``acc.backward(loss, weight=n)``.
+            weight: how much this micro-batch counts (its sample count), a number or a 0-dim tensor: the
+                update is ``sum(w_i g_i) / sum(w_i)``. Ignored with ``loss_scaling=False``.
+            num_samples: samples in this micro-batch, for ``effective_batch_size`` (default: a numeric
+                ``weight``, else ``config.effective_batch_size``).
 
-        Returns ``loss``, ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
+        Returns ``loss`` and ``accumulated_loss`` (the window's summed loss so far; detached 0-dim tensors on the
+        loss's device), ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
         ``effective_batch_size`` (``docs/configuration.md``). Nothing is read from the device.
         """
         opt = self._require()
@@ -159,26 +161,27 @@ class GradientAccumulator:
             raise TypeError(f"Invalid loss: {type(loss).__name__} (expected a torch.Tensor)")
         samples = self._samples_of(num_samples, weight)
         weight = weight if self.config.loss_scaling else None
-        if opt.pending == 0:  # the window's first micro-batch fixes the noise scale's unit (ADAPTIVE)
+        if opt.pending == 0:  # a new window (also after the wrapper discarded one); it fixes the noise unit (ADAPTIVE)
             self._set_noise_unit(weight)
+            self._window_samples, self._window_loss = 0.0, None
         if backward:
             opt.backward(loss, weight=weight)
             weight = None  # taken by backward(); the wrapper remembers it
-        k = opt.accumulation_steps
-        try:
-            opt.step(weight=weight, loss=loss.detach())
-        except BaseException:
-            if opt.pending == 0:  # the wrapper discarded the window: so do the sample counts
-                self._window_samples = 0.0
-            raise
+        k, detached = opt.accumulation_steps, loss.detach()
+        opt.step(weight=weight, loss=detached)
         self._window_samples = None if samples is None or self._window_samples is None \
             else self._window_samples + samples
+        window_loss = self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         closed = opt.pending == 0
         if closed:
             self._closed()
-        return {"loss": loss.detach(), "accumulation_step": k if closed else opt.pending, "should_optimize": closed,
-                "applied": closed and opt.stepped, "accumulation_steps": k,
+        return {"loss": detached, "accumulated_loss": window_loss, "accumulation_step": k if closed else opt.pending,
+                "should_optimize": closed, "applied": closed and opt.stepped, "accumulation_steps": k,
                 "effective_batch_size": self._effective_batch(k, samples)}
+
+    def backward(self, loss: Tensor, *, weight: float | Tensor | None = None) -> None:
+        """The backward pass for ``accumulate_gradients(loss, backward=False)``: ``acc.optimizer.backward``."""
+        self._require().backward(loss, weight=weight)
 
     def _samples_of(self, num_samples: int | None, weight: float | Tensor | None) -> float | None:
         """Host sample count of one micro-batch: ``num_samples``, a numeric ``weight``, or the configured size."""
@@ -197,14 +200,12 @@ class GradientAccumulator:
         checked, self._size_checked = self._size_checked, True
         if checked or e is None or n == e:
             return
-        k = self._require().accumulation_steps
-        size = int(n) if n.is_integer() else n
-        warnings.warn(
-            f"GradientAccumulator: micro-batches hold {size} samples but effective_batch_size={e} (expected the "
-            f"loader's batch size): an update of K={k} micro-batches holds {k} x {size} = {k * n:g} samples"
-            + (f", not target_batch_size={target}" if target is not None else "")
-            + ". effective_batch_size in the results counts the samples actually seen; set the loader's "
-            f"batch_size={e} or effective_batch_size={size}.", UserWarning, stacklevel=4)
+        k, size = self._require().accumulation_steps, int(n) if n.is_integer() else n
+        not_target = f", not target_batch_size={target}" if target is not None else ""
+        warnings.warn(f"GradientAccumulator: micro-batches hold {size} samples but effective_batch_size={e} (expected "
+                      f"the loader's batch size): an update of K={k} micro-batches holds {k} x {size} = {k * n:g} "
+                      f"samples{not_target}. effective_batch_size in the results counts the samples actually seen; "
+                      f"set the loader's batch_size={e} or effective_batch_size={size}.", UserWarning, stacklevel=4)
 
     def _effective_batch(self, k: int, micro: float | None) -> int | None:
         """Samples of the last closed window; before the first, K x the micro-batch size ``micro``."""
@@ -218,9 +219,11 @@ class GradientAccumulator:
         return None if self._last_samples is None else round(self._last_samples)
 
     def _closed(self, samples: float | None = None) -> None:
-        """A window closed: record its samples (``samples`` if known from elsewhere) and a memory reading."""
+        """A window closed: record its samples (``samples`` if known), its update's norm and a memory reading."""
         self._last_samples = self._window_samples if samples is None else samples
-        self._window_samples = 0.0
+        opt = self._require()
+        if opt.stepped and isinstance(norm := opt.last_grad_norm, Tensor):
+            self._norms.append(norm.detach().clone())  # a device copy: no sync
         threshold = self.config.memory_threshold
         if self.config.memory_monitoring and threshold is not None:
             monitor = MemoryMonitor(self.device)  # host queries only: CUDA allocated, or process RSS
@@ -240,7 +243,7 @@ class GradientAccumulator:
         """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``.
 
         ``loss_fn(micro_batch)`` returns a micro-batch's mean loss. Returns the keys of :meth:`accumulate_gradients`
-        plus ``window_samples``; ``loss`` is None until the window runs."""
+        plus ``window_samples``; ``loss`` and ``accumulated_loss`` are None until the window runs, then its mean."""
         opt = self._require()
         if self.config.strategy is not AccumulationStrategy.MEMORY_AWARE:
             raise RuntimeError("accumulate_batch needs strategy=AccumulationStrategy.MEMORY_AWARE "
@@ -254,16 +257,13 @@ class GradientAccumulator:
         self._check_size(n)
         self._pending.append(batch)
         self._loss_fn = loss_fn
-        k = opt.accumulation_steps
-        out: dict[str, Any] = {"loss": None, "accumulation_step": len(self._pending), "should_optimize": False,
-                               "applied": False, "accumulation_steps": k, "window_samples": 0}
-        if len(self._pending) == k:
-            loss, applied, samples = self._run_window()
-            out.update(loss=loss, should_optimize=True, applied=applied, window_samples=samples)
-        out["effective_batch_size"] = self._effective_batch(k, n)
-        return out
+        k, step = opt.accumulation_steps, len(self._pending)
+        loss, applied, samples = self._run_window() if step == k else (None, False, 0)
+        return {"loss": loss, "accumulated_loss": loss, "accumulation_step": step, "should_optimize": step == k,
+                "applied": applied, "accumulation_steps": k, "window_samples": samples,
+                "effective_batch_size": self._effective_batch(k, n)}
 
-    def _run_window(self, loss_fn: Callable[[Batch], Tensor] | None = None) -> tuple[Tensor, bool, int]:
+    def _run_window(self, loss_fn: Callable[[Batch], Tensor] | None = None) -> tuple[Tensor | None, bool, int]:
         """Run the held batches through the MicroBatcher: one real update."""
         opt = self._require()
         loss_fn = loss_fn or self._loss_fn
@@ -292,12 +292,7 @@ class GradientAccumulator:
             return self._run_window(loss_fn)[1]
         if opt.pending == 0:
             return False
-        try:
-            applied = opt.flush()
-        except BaseException:
-            if opt.pending == 0:  # the wrapper discarded the window: so do the sample counts
-                self._window_samples = 0.0
-            raise
+        applied = opt.flush()
         self._closed()
         return applied
 
@@ -322,16 +317,17 @@ class GradientAccumulator:
             accumulated_loss=s["accumulated_loss"] if opt.pending else None,
             average_gradient_norm=s["mean_grad_norm"], last_gradient_norm=s["last_grad_norm"],
             nan_detected=s["nonfinite_events"] > 0 or (skipped > 0 and not overflow), overflow_detected=overflow,
-            memory_usage=tuple(self._memory),
+            memory_usage=tuple(self._memory), epoch=opt.epoch,
+            gradient_norms=tuple(torch.stack(list(self._norms)).tolist()) if self._norms else (),  # one host read
             accumulated_gradients=MappingProxyType(opt.accumulated_gradients()))
 
     @property
     def state(self) -> AccumulationState:
-        """A read-only snapshot of the accumulation (one host read: ``opt.stats()``)."""
+        """A read-only snapshot of the accumulation (host reads: ``opt.stats()`` and the norm history)."""
         return self._state(self._require().stats())
 
     def get_accumulation_stats(self) -> dict[str, Any]:
-        """The wrapper's ``stats()`` plus the documented keys (one host read; numbers, 0.0 before any reading)."""
+        """The wrapper's ``stats()`` plus the documented keys (read as :attr:`state` is; 0.0 before any reading)."""
         s = self._require().stats()
         st = self._state(s)
         return {**s, "current_step": st.total_steps, "accumulation_step": st.accumulation_step,
@@ -344,17 +340,13 @@ class GradientAccumulator:
     def _own_state(self) -> dict[str, Any]:
         batcher = self.batcher.state_dict() if self.batcher is not None else self._batcher_state
         return {"config": self.config.to_dict(), "memory": list(self._memory), "window_samples": self._window_samples,
-                "last_samples": self._last_samples, "pending": list(self._pending), "batcher": batcher}
+                "last_samples": self._last_samples, "pending": list(self._pending), "batcher": batcher,
+                "norms": list(self._norms), "window_loss": self._window_loss}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapper's state dict and this class's own part (plain data, loads with ``weights_only=True``)."""
-        return {"optimizer": self._require().state_dict(), "accumulator": self._own_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another configuration raises ``ValueError``, changing nothing."""
-        opt = self._require()
-        own = state.get("accumulator") if isinstance(state, Mapping) else None
-        if not isinstance(own, Mapping) or not isinstance(own.get("config"), Mapping) or "optimizer" not in state:
+    def _parse_own(self, state: Any) -> dict[str, Any]:
+        """This class's part of ``state``, checked against this config and copied (``ValueError``: nothing changes)."""
+        own = state.get("accumulator") if isinstance(state, Mapping) and "optimizer" in state else None
+        if not isinstance(own, Mapping) or not isinstance(own.get("config"), Mapping):
             raise ValueError("Invalid accumulation state: not a GradientAccumulator state (expected the keys "
                              "'optimizer' and 'accumulator' of GradientAccumulator.state_dict())")
         ours, theirs = self.config.to_dict(), own["config"]
@@ -362,12 +354,33 @@ class GradientAccumulator:
                            if k not in _COSMETIC and theirs.get(k) != v)
         if differ:
             raise ValueError(f"Invalid accumulation state: saved with a different configuration ({differ})")
+        try:  # (files of earlier versions hold no norms and no window loss)
+            pending, batcher, loss = own["pending"], own["batcher"], own.get("window_loss")
+            if not isinstance(pending, list):
+                raise TypeError(f"'pending' is a {type(pending).__name__}, not a list")
+            return {"memory": [float(x) for x in own["memory"]], "pending": list(pending),
+                    "samples": [None if own[k] is None else float(own[k]) for k in ("window_samples", "last_samples")],
+                    "batcher": None if batcher is None else dict(batcher),
+                    "norms": [n.detach().reshape(()).to(self.device, copy=True) for n in own.get("norms", [])],
+                    "window_loss": None if loss is None else loss.detach().reshape(()).clone()}
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise ValueError("Invalid accumulation state: the accumulator's part is malformed "
+                             f"({type(error).__name__}: {error})") from None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapper's state dict and this class's own part (plain data, loads with ``weights_only=True``)."""
+        return {"optimizer": self._require().state_dict(), "accumulator": self._own_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state that does not fit (another configuration) raises ``ValueError``,
+        changing nothing."""
+        opt = self._require()
+        own = self._parse_own(state)  # all of it, before anything changes; then the wrapper checks its part
         opt.load_state_dict(state["optimizer"])
-        self._memory = [float(x) for x in own["memory"]]
-        self._window_samples, self._last_samples = own["window_samples"], own["last_samples"]
+        self._memory, self._pending, self._batcher_state = own["memory"], own["pending"], own["batcher"]
+        self._window_samples, self._last_samples = own["samples"]
+        self._norms, self._window_loss = deque(own["norms"], maxlen=_NORM_HISTORY), own["window_loss"]
         self._size_checked = True  # a resumed run was checked when it started
-        self._pending = list(own["pending"])
-        self._batcher_state = own["batcher"]
         if self.batcher is not None and self._batcher_state is not None:
             self.batcher.load_state_dict(self._batcher_state)
 
@@ -378,12 +391,18 @@ class GradientAccumulator:
     def load_accumulation_state(self, filepath: str | os.PathLike[str]) -> Any:
         """Load a file of :meth:`save_accumulation_state` and return its ``extra``; a corrupted or foreign file,
         or one of another configuration, raises ``ValueError`` and changes nothing."""
-        optimizer_state, saved = load_checkpoint(filepath, map_location=self.device)
-        if not isinstance(saved, Mapping) or "accumulator" not in saved:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "
-                             "the accumulator's state (expected a file of save_accumulation_state())")
-        self.load_state_dict({"optimizer": optimizer_state, "accumulator": saved["accumulator"]})
-        return saved["extra"]
+        state, extra = read_accumulation_file(filepath, self.device)
+        self.load_state_dict(state)  # validates the accumulator's part against this config, then applies
+        return extra
 
     def __repr__(self) -> str:
         return f"GradientAccumulator({self.config.mode.name}, {self.config.strategy.name}, K={self.config.k})"
+
+
+def read_accumulation_file(filepath: str | os.PathLike[str], map_location: Any = None) -> tuple[dict[str, Any], Any]:
+    """Read a file of :meth:`GradientAccumulator.save_accumulation_state` (nothing applied): ``(state, extra)``."""
+    optimizer_state, saved = load_checkpoint(filepath, map_location=map_location)
+    if not isinstance(saved, Mapping) or "accumulator" not in saved:
+        raise ValueError(f"Invalid checkpoint file {os.fspath(filepath)!r}: written by opt.save() without "
+                         "the accumulator's state (expected a file of save_accumulation_state())")
+    return {"optimizer": optimizer_state, "accumulator": saved["accumulator"]}, saved.get("extra")

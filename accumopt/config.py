@@ -60,8 +60,7 @@ def _enum(name: str, value: Any, cls: type[_E]) -> _E:
             if value.lower() in (member.value, member.name.lower()):
                 return member
     expected = ", ".join(f"{cls.__name__}.{m.name}" for m in cls)
-    raise (ValueError if isinstance(value, str) else TypeError)(
-        f"Invalid {name}: {value!r} (expected one of {expected})")
+    raise (ValueError if isinstance(value, str) else TypeError)(f"Invalid {name}: {value!r} (expected one of {expected})")
 
 
 def _unused(what: str, why: str, level: int = 5) -> None:
@@ -136,23 +135,19 @@ class GradientAccumulationConfig:
                      f"mode={self.mode.name} (a schedule needs mode=AccumulationMode.PROGRESSIVE)", strict=True)
         if not progressive:
             return
-        if s is None:
-            raise ValueError("Invalid accumulation_schedule: None with mode=PROGRESSIVE "
-                             "(expected a list of K by epoch, e.g. [2, 4, 8, 16])")
+        if s is None or isinstance(s, (list, tuple)) and not s:
+            raise ValueError(f"Invalid accumulation_schedule: {s!r} with mode=PROGRESSIVE (expected a non-empty list "
+                             "of K by epoch, e.g. [2, 4, 8, 16])")
         if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
             raise TypeError(f"Invalid accumulation_schedule: {s!r} (expected a list of ints >= 1)")
-        if len(s) == 0:
-            raise ValueError("Invalid accumulation_schedule: [] (expected a non-empty list of ints >= 1)")
         self.accumulation_schedule = [check_int(f"accumulation_schedule[{i}]", k) for i, k in enumerate(s)]
         k, first = self.accumulation_steps, self.accumulation_schedule[0]
         if k is not None and k != first:
             raise ValueError(f"Invalid accumulation_steps: {k} with accumulation_schedule={list(s)!r} "
                              f"(expected {first}, the schedule's first K, or leave accumulation_steps unset)")
         if self.target_batch_size is not None:
-            raise ValueError(
-                f"Invalid target_batch_size: {self.target_batch_size} with mode=PROGRESSIVE (K changes by epoch, so "
-                "no single target holds; expected it unset: the batch per update is effective_batch_size x K of the "
-                "epoch)")
+            raise ValueError(f"Invalid target_batch_size: {self.target_batch_size} with mode=PROGRESSIVE (K changes "
+                             "by epoch, so no single target holds; expected it unset: an update is K micro-batches)")
         self.accumulation_steps = first
 
     def _check_batch_sizes(self) -> None:
@@ -179,19 +174,16 @@ class GradientAccumulationConfig:
     def _adaptive_target(self, k: int | None, e: int | None, t: int) -> None:
         """ADAPTIVE: ``target_batch_size`` is the largest batch per update, so it sets ``max_accumulation_steps``."""
         if e is None:
-            raise ValueError(
-                f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (under ADAPTIVE the "
-                "target is the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
+            raise ValueError(f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (it is "
+                             "the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
         k_max, hi = _divide(t, e, "effective_batch_size"), self.max_accumulation_steps
         if hi is not None and check_int("max_accumulation_steps", hi) != k_max:
-            raise ValueError(
-                f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE the target is "
-                f"the largest batch per update, so max K = target_batch_size / effective_batch_size = {t} / {e} = "
-                f"{k_max}; expected {k_max}, or give only one of the two)")
+            raise ValueError(f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE "
+                             f"the target is the largest batch per update, so max K = {t} / effective_batch_size {e} "
+                             f"= {k_max}; expected {k_max}, or give only one of the two)")
         if k is not None and k > k_max:
-            raise ValueError(
-                f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the target is the "
-                f"largest batch per update; expected a starting K <= {t} / {e} = {k_max})")
+            raise ValueError(f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the "
+                             f"target is the largest batch per update; expected a starting K <= {t} / {e} = {k_max})")
         self.max_accumulation_steps = k_max
         self.accumulation_steps = k_max if k is None else k
 
@@ -276,14 +268,12 @@ class GradientAccumulationConfig:
         if memory_aware and self.mode is AccumulationMode.EFFICIENT:
             warnings.warn("GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in "
                           "buffers (mode='buffered'), not in .grad: out-of-memory recovery keeps the window's sum "
-                          "apart from a micro-batch that fails in its backward (one gradient-sized buffer; "
-                          "strategy=UNIFORM accumulates in place, without recovery).", UserWarning, stacklevel=4)
-        if self.clipping_norm is not None:
-            self.clipping_norm = check_real("clipping_norm", self.clipping_norm, positive=True)
+                          "apart from a micro-batch that fails (UNIFORM sums in place).", UserWarning, stacklevel=4)
+        for name in ("clipping_norm", "agc_clip_factor"):  # optional; None: unset
+            if getattr(self, name) is not None:
+                setattr(self, name, check_real(name, getattr(self, name), positive=True))
         self._option("clipping_norm", self.gradient_clipping, 1.0,
                      "gradient_clipping=False (expected gradient_clipping=True, or no clipping_norm)", strict=True)
-        if self.agc_clip_factor is not None:
-            self.agc_clip_factor = check_real("agc_clip_factor", self.agc_clip_factor, positive=True)
         self._option("agc_clip_factor", self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS, 0.01,
                      f"strategy={self.strategy.name}; only ADAPTIVE_LAYERS clips unit-wise")
         self._option("nan_policy", self.nan_handling, "skip", "nan_handling=False (expected nan_handling=True)",
@@ -391,21 +381,15 @@ class GradientAccumulationConfig:
                               k_init=self.k)
         agc = self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS
         groups = self.strategy is AccumulationStrategy.PARAMETER_GROUPS
-        return {
-            "accumulation_steps": steps,
-            "mode": self.storage,
-            "reduction": "mean" if self.loss_scaling else "sum",
-            "nonfinite": self.nan_policy or "ignore",
-            "max_grad_norm": self.clipping_norm if self.gradient_clipping else None,
-            "agc_clip_factor": self.agc_clip_factor if agc else None,
-            "layer_weights": dict(self.layer_accumulation_weights or {}) if self.uses_layer_weights else None,
-            "group_weights": self.parameter_group_weights if groups else None,
-            "exclude": list(self.exclude_parameters) if self.exclude_parameters else None,
-            "lr_scaling": self.lr_scaling_rule,
-            "noise_scale": self.mode is AccumulationMode.ADAPTIVE,
-            "track_grad_norm": True,
-            "log_every": self.logging_frequency,
-        }
+        return {"accumulation_steps": steps, "mode": self.storage, "reduction": "mean" if self.loss_scaling else "sum",
+                "nonfinite": self.nan_policy or "ignore", "lr_scaling": self.lr_scaling_rule,
+                "max_grad_norm": self.clipping_norm if self.gradient_clipping else None,
+                "agc_clip_factor": self.agc_clip_factor if agc else None,
+                "layer_weights": dict(self.layer_accumulation_weights or {}) if self.uses_layer_weights else None,
+                "group_weights": self.parameter_group_weights if groups else None,
+                "exclude": list(self.exclude_parameters) if self.exclude_parameters else None,
+                "noise_scale": self.mode is AccumulationMode.ADAPTIVE, "track_grad_norm": True,
+                "log_every": self.logging_frequency}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (enums as their values): safe for ``torch.save`` / ``weights_only=True`` and JSON."""

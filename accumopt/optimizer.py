@@ -497,6 +497,15 @@ class AccumulatingOptimizer(Optimizer):
         """The epoch last given to :meth:`set_epoch` (0 until then)."""
         return self._window.epoch
 
+    @property
+    def last_grad_norm(self) -> Tensor | float | None:
+        """The pre-clip gradient norm of the last closed window as held (a 0-dim device tensor: no sync).
+
+        None before the first window closes, or when no norm is computed (no clipping, ``track_grad_norm=False``).
+        Read it, never write it; :meth:`stats` gives it as a number (``last_grad_norm``).
+        """
+        return self._stats.last_norm
+
     def stats(self) -> dict[str, Any]:
         """Statistics as Python numbers; the only call that reads device values (one read per device).
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_cuda_present, check_int
-from .accumulator import Batch, GradientAccumulator
+from .accumulator import Batch, GradientAccumulator, read_accumulation_file
 from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
 from .splitting import batch_size_of
@@ -58,7 +58,7 @@ class GradientAccumulationTrainer:
 
     Args:
         config: the configuration.
-        progress_stream: where progress goes (default ``sys.stderr``).
+        progress_stream: where the progress bar goes (default ``sys.stderr``).
     """
 
     def __init__(self, config: GradientAccumulationConfig, *, progress_stream: TextIO | None = None) -> None:
@@ -156,7 +156,6 @@ class GradientAccumulationTrainer:
         if opt.pending == 0 and acc.pending_batches == 0:
             opt.zero_grad(set_to_none=True)  # nothing of a window lives in .grad now
         acc.set_epoch(self.current_epoch)
-        num_batches = len(train_loader) if isinstance(train_loader, Sized) else None
         resume, self._resume = self._resume, None
         if resume is None:
             self._epoch_rng, self._pos = _get_rng(), 0
@@ -165,7 +164,7 @@ class GradientAccumulationTrainer:
             for _ in range(self._pos):  # the same batches in the same order, skipped
                 next(it)
             _set_rng(resume["rng"])
-        bar = self._open_bar(num_batches, self._pos)
+        bar = self._open_bar(len(train_loader) if isinstance(train_loader, Sized) else None, self._pos)
         ep = self._ep = {**_NEW_EPOCH, **{k: v for k, v in (resume or {}).items() if k in _NEW_EPOCH}}
         t0, t_samples = time.perf_counter(), 0
         for data_batch, target_batch in it:
@@ -178,17 +177,15 @@ class GradientAccumulationTrainer:
             if bar is not None:
                 bar.update(1)
             if m["should_optimize"]:
-                ep["updates"] += 1
-                ep["batch"] = max(ep["batch"], m["effective_batch_size"] or 0)
-                self._on_update(bar, m["applied"], t_samples / max(time.perf_counter() - t0, 1e-9), num_batches)
+                sps = t_samples / max(time.perf_counter() - t0, 1e-9)
+                self._on_update(bar, m["applied"], m["effective_batch_size"], sps)
         if opt.pending or acc.pending_batches:  # the last, partial window: weighted by what it saw
             held = acc.pending_batches
             applied = acc.flush(loss_fn=self._micro_loss)
             if held and acc.last_window_loss is not None:  # MEMORY_AWARE: the held batches ran now
                 self._add_loss(ep, *acc.last_window_loss)
-            ep["updates"] += 1
-            ep["batch"] = max(ep["batch"], acc.effective_batch_size or 0)
-            self._on_update(bar, applied, t_samples / max(time.perf_counter() - t0, 1e-9), num_batches, force=True)
+            sps = t_samples / max(time.perf_counter() - t0, 1e-9)
+            self._on_update(bar, applied, acc.effective_batch_size, sps, force=True)
         elapsed = time.perf_counter() - t0
         count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
         epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
@@ -202,9 +199,6 @@ class GradientAccumulationTrainer:
         if bar is not None:
             bar.set_postfix_str(self._postfix(epoch_loss, record["samples_per_second"]))
             bar.close()
-        elif self.config.progress_bar is not False:
-            print(f"epoch {self.current_epoch}: loss {epoch_loss:.4f}, {ep['updates']} updates, "
-                  f"{record['samples_per_second']:.0f} samples/s", file=self.progress_stream or sys.stderr, flush=True)
         self._pos = 0
         self._ep = dict(_NEW_EPOCH)
         return record
@@ -223,25 +217,23 @@ class GradientAccumulationTrainer:
                 f"{sps:.0f} samples/s")
 
     def _open_bar(self, total: int | None, initial: int) -> Any:
+        """A tqdm bar, or None: no tqdm, ``progress_bar=False``, or ``None`` off a terminal (``disable=None``)."""
         tqdm = None if self.config.progress_bar is False else _tqdm()
         if tqdm is None:
             return None
-        return tqdm(total=total, initial=initial, desc=f"epoch {self.current_epoch}", unit="batch",
-                    file=self.progress_stream or sys.stderr, leave=True, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=initial, desc=f"epoch {self.current_epoch}", unit="batch", leave=True,
+                   file=self.progress_stream or sys.stderr, dynamic_ncols=True,
+                   disable=None if self.config.progress_bar is None else False)
+        return None if getattr(bar, "disable", False) else bar
 
-    def _on_update(self, bar: Any, applied: bool, sps: float, num_batches: int | None, force: bool = False) -> None:
-        """A window closed: progress every ``logging_frequency`` updates, a checkpoint every ``checkpoint_every``."""
+    def _on_update(self, bar: Any, applied: bool, batch: int | None, sps: float, force: bool = False) -> None:
+        """A window closed: count it, refresh the bar (every ``logging_frequency`` updates), checkpoint if due."""
         _, opt, _ = self._parts()
         cfg, n = self.config, opt.num_updates
-        shown = applied and (n % cfg.logging_frequency == 0 or n == 1)
-        if cfg.progress_bar is not False and (force or shown):
-            text = self._postfix(opt.stats()["last_loss"], sps)  # the one sync of this update
-            if bar is not None:
-                bar.set_postfix_str(text)
-            else:
-                where = f"{self._pos}/{num_batches}" if num_batches else f"{self._pos}"
-                print(f"epoch {self.current_epoch} batch {where} update {n}: {text}",
-                      file=self.progress_stream or sys.stderr, flush=True)
+        self._ep["updates"] += 1
+        self._ep["batch"] = max(self._ep["batch"], batch or 0)
+        if bar is not None and (force or (applied and (n % cfg.logging_frequency == 0 or n == 1))):
+            bar.set_postfix_str(self._postfix(opt.stats()["last_loss"], sps))  # the one sync of this update
         if applied and cfg.checkpoint_every and cfg.checkpoint_path and n % cfg.checkpoint_every == 0:
             self.save_checkpoint(cfg.checkpoint_path)
 
@@ -272,12 +264,16 @@ class GradientAccumulationTrainer:
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore :meth:`save_checkpoint`; training continues where it stopped (bit-identically)."""
         model, _, _ = self._parts()
-        extra = self.accumulator.load_accumulation_state(path)  # validates the configuration before any change
-        if not isinstance(extra, dict) or "trainer" not in extra:
-            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint "
-                             "(expected a file of GradientAccumulationTrainer.save_checkpoint())")
-        model.load_state_dict(extra["model"])
-        state = extra["trainer"]
+        acc_state, extra = read_accumulation_file(path, self.device)  # read only: each part is checked first
+        extra = extra if isinstance(extra, dict) else {}
+        state, theirs, ours = extra.get("trainer"), extra.get("model"), model.state_dict()
+        if not (isinstance(state, dict) and {"epoch", "position", "epoch_rng", "rng", "history", "epoch_progress"}
+                <= set(state) and isinstance(theirs, dict) and theirs.keys() == ours.keys()
+                and all(getattr(theirs[k], "shape", None) == getattr(v, "shape", None) for k, v in ours.items())):
+            raise ValueError(f"Invalid checkpoint file {os.fspath(path)!r}: not a trainer checkpoint of this model "
+                             "(expected a file of GradientAccumulationTrainer.save_checkpoint() with the same model)")
+        self.accumulator.load_state_dict(acc_state)  # checks the configuration, then the wrapper's part
+        model.load_state_dict(theirs)
         self.current_epoch = int(state["epoch"])
         self.training_history = list(state["history"])
         self._pos = int(state["position"])

@@ -341,8 +341,9 @@ def test_uneven_weights_match_the_sample_mean():
         torch.testing.assert_close(p.detach(), b - 0.1 * gg, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("route", ["accumulator", "wrapper"])
 @pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
-def test_backward_false_takes_a_backward_run_through_the_wrapper(mode):
+def test_backward_false_takes_a_backward_run_through_the_wrapper(mode, route):
     model, batches = _mlp(), _batches()
     batches = [(x[: 2 + i], y[: 2 + i]) for i, (x, y) in enumerate(batches)]  # 2, 3, 4, 5 samples
     before = [p.detach().clone() for p in model.parameters()]
@@ -351,7 +352,7 @@ def test_backward_false_takes_a_backward_run_through_the_wrapper(mode):
                               optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     for x, y in batches:
         loss = nn.functional.cross_entropy(model(x), y)
-        acc.optimizer.backward(loss, weight=len(x))
+        (acc.backward if route == "accumulator" else acc.optimizer.backward)(loss, weight=len(x))
         out = acc.accumulate_gradients(loss, backward=False, num_samples=len(x))
         acc.zero_grad()
     assert out["should_optimize"] and out["effective_batch_size"] == 14
@@ -1063,3 +1064,156 @@ def test_setup_errors_name_the_seed_options():
     with pytest.raises(ValueError, match=r"Invalid exclude_parameters: \['nope.\*'\] match no parameter name"):
         GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ the reference's result keys and state fields
+class _NoHostRead:
+    """Inside the block any host read of a tensor (.item(), float(), bool(), .tolist()) raises."""
+
+    def __init__(self, monkeypatch):
+        self.patch = monkeypatch
+
+    def __enter__(self):
+        self.ctx = self.patch.context()
+        patch = self.ctx.__enter__()
+
+        def no_read(*args, **kwargs):
+            raise AssertionError("host read of a tensor on a micro-step that does not update")
+
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            patch.setattr(torch.Tensor, name, no_read)
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", [AccumulationMode.STANDARD, AccumulationMode.EFFICIENT])
+def test_accumulate_gradients_returns_the_reference_keys_as_device_tensors(mode, monkeypatch):
+    model, batches = _mlp(), _batches(k=7)
+    acc = GradientAccumulator(GradientAccumulationConfig(mode=mode, accumulation_steps=3, effective_batch_size=8),
+                              model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    outs, window = [], []
+    for i, (x, y) in enumerate(batches):
+        loss = nn.functional.cross_entropy(model(x), y)
+        window.append(loss.item())  # the reference's running total, computed outside the accumulator
+        if i % 3 == 2:
+            out = acc.accumulate_gradients(loss)
+        else:
+            with _NoHostRead(monkeypatch):
+                out = acc.accumulate_gradients(loss)  # no host read on a micro-step that does not update
+        acc.zero_grad()
+        assert {"loss", "accumulated_loss", "accumulation_step", "should_optimize", "effective_batch_size"} <= set(out)
+        for key in ("loss", "accumulated_loss"):
+            assert isinstance(out[key], torch.Tensor) and out[key].ndim == 0 and not out[key].requires_grad
+        assert out["accumulated_loss"].item() == pytest.approx(math.fsum(window), rel=1e-12)
+        assert out["effective_batch_size"] == 24
+        outs.append(out)
+        if out["should_optimize"]:
+            window = []
+    assert [o["accumulation_step"] for o in outs] == [1, 2, 3, 1, 2, 3, 1]
+    assert [o["should_optimize"] for o in outs] == [False, False, True] * 2 + [False]
+
+
+def _norm_of(grads) -> float:
+    return math.sqrt(math.fsum(g.pow(2).sum().item() for g in grads.values()))
+
+
+def test_state_keeps_the_recent_update_norms_and_the_epoch(tmp_path):
+    model, batches = _mlp(), _batches(k=8)
+    cfg = GradientAccumulationConfig(mode=AccumulationMode.PROGRESSIVE, accumulation_schedule=[2], nan_handling=True)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    st = acc.state
+    assert st.gradient_norms == () and st.epoch == 0
+    expected = []
+    for w in range(4):
+        window = batches[2 * w: 2 * w + 2]
+        expected.append(_norm_of(_large_grad(model, window)))  # independent: autograd on the large batch
+        acc.set_epoch(w)
+        for x, y in window:
+            acc.accumulate_gradients(nn.functional.cross_entropy(model(x), y)); acc.zero_grad()
+    x, y = batches[0]
+    acc.accumulate_gradients(nn.functional.cross_entropy(model(x.clone().fill_(float("nan"))), y))
+    acc.flush()  # skipped: not an update, so not in the history
+    st = acc.state
+    assert st.epoch == 3 and st.skipped_optimizer_steps == 1
+    assert st.gradient_norms == pytest.approx(expected, rel=1e-12)
+    assert st.last_gradient_norm != st.gradient_norms[-1]  # the skipped window's norm (NaN) is the last one
+    assert st.average_gradient_norm == pytest.approx(sum(expected) / 4, rel=1e-12)
+    acc.save_accumulation_state(tmp_path / "acc.pt")
+    m2 = _mlp()
+    acc2 = GradientAccumulator(cfg, model=m2, optimizer=torch.optim.SGD(m2.parameters(), lr=0.1))
+    acc2.load_accumulation_state(tmp_path / "acc.pt")
+    assert acc2.state.gradient_norms == st.gradient_norms and acc2.state.epoch == 3
+
+
+def test_gradient_norm_history_is_bounded():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1).double()
+    acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=1), model=model,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.0))  # the norm grows with i
+    x = torch.randn(4, 2, dtype=torch.float64)
+    for i in range(1003):
+        acc.accumulate_gradients(model(x * (1 + i)).pow(2).mean()); acc.zero_grad()
+    norms = acc.state.gradient_norms
+    assert len(norms) == 1000 and acc.state.total_optimizer_steps == 1003
+    assert norms[-1] == acc.state.last_gradient_norm and norms[0] < norms[-1]  # the most recent ones
+
+
+def _snapshot(acc):
+    sd = acc.state_dict()
+    return sd, [p.detach().clone() for p in acc.optimizer.param_groups[0]["params"]]
+
+
+def _assert_unchanged(acc, snap):
+    sd, params = snap
+    now, now_params = _snapshot(acc)
+    assert all(torch.equal(p, q) for p, q in zip(params, now_params))
+    assert _same(now, sd)
+
+
+def _same(a, b) -> bool:
+    """Equal trees: same keys, same types, tensors equal bit for bit (NaN included)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.nan_to_num(), b.nan_to_num())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize("tamper", ["config", "memory", "window_samples", "norms", "not_a_state"])
+def test_a_file_that_does_not_fit_is_refused_changing_nothing(tmp_path, tamper):
+    from accumopt.checkpoint import load_checkpoint, save_checkpoint
+
+    def build(k=4):
+        model = _mlp()
+        acc = GradientAccumulator(GradientAccumulationConfig(accumulation_steps=k), model=model,
+                                  optimizer=torch.optim.Adam(model.parameters(), lr=0.01))
+        return model, acc
+
+    batches = _batches(k=6)
+    m1, a1 = build()
+    for x, y in batches:
+        a1.accumulate_gradients(nn.functional.cross_entropy(m1(x), y)); a1.zero_grad()
+    a1.save_accumulation_state(tmp_path / "acc.pt")
+    sd, extra = load_checkpoint(tmp_path / "acc.pt")
+    own = extra["accumulator"]
+    if tamper == "config":
+        own["config"]["accumulation_steps"] = 8
+    elif tamper == "not_a_state":
+        extra = {"something": "else"}
+    elif tamper == "window_samples":
+        del own["window_samples"]
+    else:
+        own[tamper] = "oops"
+    save_checkpoint(tmp_path / "bad.pt", sd, extra)
+    m2, a2 = build()
+    x, y = batches[0]
+    a2.accumulate_gradients(nn.functional.cross_entropy(m2(x), y)); a2.zero_grad()  # a window in progress
+    snap = _snapshot(a2)
+    with pytest.raises(ValueError, match="different configuration" if tamper == "config" else
+                       "Invalid (accumulation state|checkpoint file)"):
+        a2.load_accumulation_state(tmp_path / "bad.pt")
+    _assert_unchanged(a2, snap)
+    assert a2.state.accumulation_step == 1 and a2.state.total_steps == 1

@@ -152,6 +152,31 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("kind", ["accumulator_file", "other_model"])
+def test_a_file_that_is_not_this_trainers_checkpoint_changes_nothing(tmp_path, kind):
+    cfg = GradientAccumulationConfig(accumulation_steps=4, progress_bar=False)
+    t, _ = make(cfg)
+    x, y = dataset(n=30)[:]
+    for i in range(3):
+        t.train_step(x[10 * i: 10 * i + 10], y[10 * i: 10 * i + 10])  # a window of 3 micro-batches
+    if kind == "accumulator_file":
+        t.accumulator.save_accumulation_state(tmp_path / "f.pt")  # no model, no trainer state
+    else:
+        small = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 3)).double()
+        other = GradientAccumulationTrainer(cfg, progress_stream=io.StringIO())
+        other.setup_training(small, torch.optim.AdamW(small.parameters(), lr=0.05), nn.CrossEntropyLoss())
+        other.train_step(x[:10], y[:10])
+        other.save_checkpoint(tmp_path / "f.pt")
+    fresh, m = make(cfg)
+    fresh.train_step(x[:10], y[:10])
+    before = [p.clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        fresh.load_checkpoint(tmp_path / "f.pt")
+    assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+    st = fresh.accumulator.state
+    assert st.accumulation_step == 1 and st.total_steps == 1  # the accumulator's window is its own still
+
+
 class FakeTqdm:
     instances: list = []
 
@@ -182,26 +207,43 @@ def test_progress_bar_with_tqdm_shows_loss_lr_k_and_throughput(monkeypatch):
     assert out.getvalue() == ""  # the bar, not extra lines
 
 
-def test_real_tqdm_if_installed():
+@pytest.mark.parametrize("progress_bar, disable", [(None, None), (True, False)])
+def test_the_bar_is_automatic_unless_asked_for(monkeypatch, progress_bar, disable):
+    FakeTqdm.instances = []
+    monkeypatch.setattr(trainer_mod, "_tqdm", lambda: FakeTqdm)
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=progress_bar))
+    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
+    assert FakeTqdm.instances[0].kw["disable"] is disable  # None: tqdm draws only on a terminal
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO, Terminal])
+def test_real_tqdm_draws_on_a_terminal_only(stream):
     pytest.importorskip("tqdm")
-    out = io.StringIO()
+    out = stream()
     t, _ = make(GradientAccumulationConfig(accumulation_steps=2), stream=out)
     t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
-    assert "epoch 0" in out.getvalue() and "K=2" in out.getvalue() and "samples/s" in out.getvalue()
+    text = out.getvalue()
+    if stream is Terminal:
+        assert "epoch 0" in text and "K=2" in text and "samples/s" in text and "\r" in text
+    else:
+        assert text == ""  # not a terminal: no bar (tqdm's disable=None)
 
 
-def test_plain_lines_without_tqdm_and_silence_when_disabled(monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_tqdm", lambda: None)
+@pytest.mark.parametrize("progress_bar", [None, True, False])
+def test_without_tqdm_or_when_disabled_nothing_is_written_and_nothing_read(monkeypatch, progress_bar):
+    monkeypatch.setattr(trainer_mod, "_tqdm", lambda: None if progress_bar is not False else FakeTqdm)
     out = io.StringIO()
-    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, logging_frequency=2), stream=out)
+    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, logging_frequency=1, progress_bar=progress_bar),
+                stream=out)
+    reads = []
+    monkeypatch.setattr(t.optimizer, "stats", lambda: reads.append(1))  # (the trainer's per-update read)
     t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
-    lines = out.getvalue().splitlines()
-    assert sum("update" in line and "K=2" in line and "lr=" in line and "samples/s" in line for line in lines) == 3  # updates 1, 2, 4
-    assert lines[-1].startswith("epoch 0: loss")
-    out = io.StringIO()
-    t, _ = make(GradientAccumulationConfig(accumulation_steps=2, progress_bar=False), stream=out)
-    t.train(data.DataLoader(dataset(), batch_size=10), num_epochs=1)
-    assert out.getvalue() == ""
+    assert out.getvalue() == "" and reads == []  # the logger "accumopt" reports at INFO (see logging_frequency)
 
 
 def test_mixed_precision_float16_uses_an_owned_scaler_and_trains():
