@@ -180,8 +180,8 @@ class Statistics:
 
     def logs_next_update(self) -> bool:
         """Whether the next real update, if applied, writes the periodic record."""
-        return bool(self.log_every) and (self.updates + 1) % self.log_every == 0 \
-            and logger.isEnabledFor(logging.INFO)
+        every = self.log_every
+        return every is not None and (self.updates + 1) % every == 0 and logger.isEnabledFor(logging.INFO)
 
     def request(self, read: HostRead, norm: Tensor | None, total: "Tensor | float | None", *, k: int,
                 noise_scale: Tensor | None = None, world_size: int = 1,

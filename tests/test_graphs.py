@@ -146,7 +146,7 @@ def simulated(monkeypatch):
         return None
 
     monkeypatch.setattr(CapturedMicroStep, "_impossible", impossible)
-    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device: SimulatedGraphs(models["model"]))
+    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device, mode: SimulatedGraphs(models["model"]))
 
 
 # ------------------------------------------------------------------------- tests
