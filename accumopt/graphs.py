@@ -27,9 +27,12 @@ opt.step(loss=loss)``, and runs exactly that (eagerly) whenever the graph cannot
 be used: on CPU, for a micro-batch whose shapes differ from the example (a ragged
 last batch), for a DDP/FSDP model, or after a capture failed. The graph is
 (re)captured at the start of a window whenever the model's train/eval modes, its
-parameters, the optimizer's parameters, the autocast state or the owned scaler's
-scale tensor changed since the last capture; a change in the middle of a window
-runs the rest of that window eagerly.
+parameters, buffers or submodules (a registration on one of its modules), the
+optimizer's parameters, the autocast state or the owned scaler's scale tensor
+changed since the last capture; a change in the middle of a window runs the rest
+of that window eagerly. Modules built elsewhere do not count. On the graph path
+every micro-batch's tensors must be on the model's device (``ValueError``
+otherwise, for a replayed batch and a ragged one alike).
 
 Rules the captured function must follow (the usual CUDA-graph rules): the same
 kernels for every micro-batch (no data-dependent Python control flow, no
