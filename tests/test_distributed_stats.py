@@ -63,7 +63,7 @@ def _run(rank: int, mode: str, weighted: bool) -> dict:
                 loss.backward()
                 opt.step(weight=w, loss=loss)
             opt.zero_grad()
-            fed.append((float(loss), float(n if weighted else 1)))
+            fed.append((float(loss.detach()), float(n if weighted else 1)))
             if opt.stepped:
                 seen.append(opt.stats())
                 lrs.append(inner.param_groups[0]["lr"])
