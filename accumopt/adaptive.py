@@ -25,8 +25,9 @@ of one micro-batch carries no noise information (the estimator compares the
 micro-batch gradients with their mean), so K stays >= 2 there: ``k_min=1`` then
 acts as 2. A callable ``noise_scale`` has no such floor.
 
-Reading the estimate costs one host-device synchronisation per decision (once
-per window, at the boundary); micro-steps in between stay sync-free.
+The estimate is read on the host once per decision (at the boundary), within
+the real update's single host read (:class:`~accumopt.hostread.HostRead`): it
+adds no synchronisation of its own. Micro-steps in between stay sync-free.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
+
 from ._checks import check_int, check_real, check_state_number
+from .hostread import HostRead
 from .schedule import NoiseSource, Schedule
 
 __all__ = ["AdaptiveK"]
@@ -104,6 +108,7 @@ class AdaptiveK(Schedule):
         self._streak = 0
         self._decided_at = 0  # the boundary (closed windows) of the last decision
         self._source = noise_scale
+        self._prefetched: tuple[int, Any, HostRead | None] | None = None  # (boundary, value, its read)
 
     def _candidates(self) -> list[int]:
         out, k = [], self.k_min
@@ -132,12 +137,38 @@ class AdaptiveK(Schedule):
         self.candidates = self._candidates()
         self.k = max(self.k, self.floor)
 
-    def read(self) -> float | None:
-        """The current noise-scale estimate (one sync when it is a device tensor)."""
-        value = None if self._source is None else self._source()
+    def decides_at(self, updates: int) -> bool:
+        """Whether the window closing as the ``updates``-th one makes a decision."""
+        return updates != self._decided_at and updates >= self.warmup
+
+    def request(self, read: HostRead, updates: int) -> None:
+        """Before the ``updates``-th window closes: ask ``read`` for the estimate, if a decision is due.
+
+        The decision at that boundary then uses the host value of the update's
+        single read instead of reading on its own. No sync here.
+        """
+        if not self.decides_at(updates) or self._source is None:
+            return
+        value = self._source()
+        if isinstance(value, Tensor):
+            read.add("adaptive_k", value.reshape(-1)[:1])
+            self._prefetched = (updates, value, read)
+        else:
+            self._prefetched = (updates, value, None)
+
+    def read(self, updates: int | None = None) -> float | None:
+        """The current noise-scale estimate: the one fetched for boundary ``updates``, else read now
+        (one sync when it is a device tensor)."""
+        pre, self._prefetched = self._prefetched, None
+        if pre is not None and pre[0] == updates:
+            _, value, read = pre
+            if read is not None and read.done:
+                value = read.scalar("adaptive_k")
+        else:
+            value = None if self._source is None else self._source()
         if value is None:
             return None
-        value = float(value)  # the one sync per decision
+        value = float(value)  # a device tensor not read with the update (flush after an error): one sync
         return value if math.isfinite(value) and value > 0 else None
 
     def nearest(self, target: float) -> int:
@@ -148,10 +179,10 @@ class AdaptiveK(Schedule):
         return min(self.candidates, key=lambda k: (abs(math.log(k) - log_t), k))
 
     def __call__(self, epoch: int, updates: int) -> int:
-        if updates == self._decided_at or updates < self.warmup:
+        if not self.decides_at(updates):
             return self.k  # already decided at this boundary, or still warming up
         self._decided_at = updates
-        estimate = self.read()
+        estimate = self.read(updates)
         if estimate is None:
             return self.k  # no evidence: stay
         self.target = estimate / self.micro_batch_size

@@ -27,9 +27,12 @@ opt.step(loss=loss)``, and runs exactly that (eagerly) whenever the graph cannot
 be used: on CPU, for a micro-batch whose shapes differ from the example (a ragged
 last batch), for a DDP/FSDP model, or after a capture failed. The graph is
 (re)captured at the start of a window whenever the model's train/eval modes, its
-parameters, the optimizer's parameters, the autocast state or the owned scaler's
-scale tensor changed since the last capture; a change in the middle of a window
-runs the rest of that window eagerly.
+parameters, buffers or submodules (a registration on one of its modules), the
+optimizer's parameters, the autocast state or the owned scaler's scale tensor
+changed since the last capture; a change in the middle of a window runs the rest
+of that window eagerly. Modules built elsewhere do not count. On the graph path
+every micro-batch's tensors must be on the model's device (``ValueError``
+otherwise, for a replayed batch and a ragged one alike).
 
 Rules the captured function must follow (the usual CUDA-graph rules): the same
 kernels for every micro-batch (no data-dependent Python control flow, no
@@ -41,13 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._checks import check_int
+from ._checks import check_choice, check_int
 from .amp import scale_tensor
 from .optimizer import AccumulatingOptimizer
 from .sync import GradSync, unwrap_model
@@ -57,21 +61,30 @@ __all__ = ["CapturedMicroStep", "capture_micro_step"]
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
 
-# Parameter (re)registrations anywhere (``module.weight = nn.Parameter(...)``): a cheap
-# per-call test that no parameter was replaced since the graph was captured.
+# Registrations (``module.weight = nn.Parameter(...)``, ``register_buffer``, a new submodule) anywhere
+# bump a process-wide counter and stamp the module they happen on. A CapturedMicroStep compares the
+# counter (one int) on every call and, only when it moved, looks for newer stamps on its own model's
+# modules: a module built elsewhere does not disturb its window.
 _registrations = 0
+_stamps: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 _hook_installed = False
+CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 
 
-def _count_registration(module: torch.nn.Module, name: str, param: Any) -> None:
+def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
     global _registrations
     _registrations += 1
+    _stamps[module] = _registrations
 
 
 def _install_registration_hook() -> None:
     global _hook_installed
     if not _hook_installed:
-        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        hooks = torch.nn.modules.module
+        hooks.register_module_parameter_registration_hook(_count_registration)
+        for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
+            if hasattr(hooks, name):  # torch >= 2.1
+                getattr(hooks, name)(_count_registration)
         _hook_installed = True
 
 
@@ -79,19 +92,25 @@ def _install_registration_hook() -> None:
 class _CudaGraphBackend:
     """Capture and replay with ``torch.cuda.CUDAGraph`` (the PyTorch CUDA-graph recipe)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, capture_error_mode: str = "global") -> None:
         self.device = device
+        self.capture_error_mode = capture_error_mode
 
     @contextlib.contextmanager
     def warmup(self) -> Iterator[None]:
-        """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes."""
+        """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes.
+
+        The current stream waits for the side stream afterwards, also when a warm-up step raises.
+        """
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             side.wait_stream(current)
-            with torch.cuda.stream(side):
-                yield
-            current.wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    yield
+            finally:
+                current.wait_stream(side)
 
     def get_rng_state(self) -> Tensor:
         return torch.cuda.get_rng_state(self.device)
@@ -101,19 +120,29 @@ class _CudaGraphBackend:
 
     def capture(self, fn: Callable[[], Any], params: Sequence[Tensor],
                 generators: Sequence[torch.Generator]) -> tuple[Any, Callable[[], None], Any]:
-        """Capture ``fn``; return its (static) output, a replay function and the graph to keep alive."""
+        """Capture ``fn``; return its (static) output, a replay function and the graph to keep alive.
+
+        The stream current before the capture is current again afterwards, also when the
+        capture fails: ``torch.cuda.graph`` ends the capture (which raises for an
+        invalidated capture) before it restores the stream, and would leave its capture
+        stream current for the rest of the process.
+        """
         graph = torch.cuda.CUDAGraph()
         for gen in generators:
             graph.register_generator_state(gen)
         with torch.cuda.device(self.device):
-            with torch.cuda.graph(graph):
-                out = fn()
+            stream = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
+                    out = fn()
+            finally:
+                torch.cuda.set_stream(stream)
         return out, graph.replay, graph
 
 
-def _make_backend(device: torch.device) -> Any:
+def _make_backend(device: torch.device, capture_error_mode: str = "global") -> Any:
     """The capture backend for ``device`` (tests substitute a simulated one on CPU)."""
-    return _CudaGraphBackend(device)
+    return _CudaGraphBackend(device, capture_error_mode)
 
 
 # ---------------------------------------------------------------------------- the API
@@ -137,6 +166,11 @@ class CapturedMicroStep:
             (3, as in the PyTorch documentation; use 11 or more for DDP-like hooks).
         generators: extra ``torch.Generator`` objects the model draws from
             (registered with the graph; the default CUDA generator always is).
+        capture_error_mode: ``torch.cuda.graph``'s ``capture_error_mode``:
+            ``"global"`` (default: any CUDA call that is unsafe during a capture,
+            from any thread, invalidates it), ``"thread_local"`` (only this
+            thread's: use it when other threads use CUDA meanwhile, such as a
+            ``DataLoader(pin_memory=True)``'s pinning thread) or ``"relaxed"``.
 
     Call it as ``loss = step(batch, weight=None)``: one micro-batch, returning its
     loss (a detached tensor on the device). The wrapper's step semantics apply:
@@ -155,6 +189,7 @@ class CapturedMicroStep:
         capture: bool | None = None,
         warmup_steps: int = 3,
         generators: Sequence[torch.Generator] = (),
+        capture_error_mode: str = "global",
     ) -> None:
         if not isinstance(optimizer, AccumulatingOptimizer):
             raise TypeError(
@@ -168,6 +203,7 @@ class CapturedMicroStep:
         if capture is not None and not isinstance(capture, bool):
             raise TypeError(f"Invalid capture: {capture!r} (expected None, True or False)")
         check_int("warmup_steps", warmup_steps)
+        self.capture_error_mode = check_choice("capture_error_mode", capture_error_mode, CAPTURE_ERROR_MODES)
         generators = tuple(generators)
         for gen in generators:
             if not isinstance(gen, torch.Generator):
@@ -188,7 +224,6 @@ class CapturedMicroStep:
         self._spec = spec
         self._example_leaves = leaves
         self._mode = capture
-        _install_registration_hook()
         self._reason: str | None = None  # why micro-steps run eagerly (None: they may be captured)
         self._graph: Any = None
         self._replay: Callable[[], None] | None = None
@@ -196,7 +231,11 @@ class CapturedMicroStep:
         self.replays = 0
         self.eager_steps = 0
         self.captures = 0
-        self._checked = _registrations
+        _install_registration_hook()
+        self._modules: list[torch.nn.Module] = list(model.modules())  # refreshed at each window start
+        self._seen = _registrations  # the process-wide count when the model's stamps were last looked at
+        self._version = max((_stamps.get(m, 0) for m in self._modules), default=0)  # newest stamp on the model
+        self._checked = self._version
 
         self._reason = self._impossible()
         if self._reason is not None:
@@ -206,7 +245,7 @@ class CapturedMicroStep:
         if capture is False:
             self._reason = "capture=False"
             return
-        self._backend = _make_backend(self._device)
+        self._backend = _make_backend(self._device, self.capture_error_mode)
         self._static_leaves = [
             x.detach().to(self._device, copy=True) if isinstance(x, Tensor) else x for x in leaves
         ]
@@ -246,20 +285,21 @@ class CapturedMicroStep:
             The micro-batch's loss, detached (a copy: later calls do not change it).
         """
         opt = self.optimizer
-        if opt.pending == 0 and self._checked != _registrations:  # a parameter was (re)registered somewhere
+        version = self._model_version()
+        if opt.pending == 0 and self._checked != version:  # a parameter of the model was (re)registered
             _check_params_in_optimizer(self.model, opt)
-            self._checked = _registrations
+            self._checked = version
         if self._reason is not None:
             return self._eager(batch, weight)
+        leaves, spec = self._batch_leaves(batch)  # the graph path: a batch on another device raises
         if opt.pending == 0:
             self._window_start()
             if self._reason is not None:
                 return self._eager(batch, weight)
-        leaves = self._matching_leaves(batch) if self._replay is not None and self._fast_key() == self._fast else None
-        if leaves is None:
+        if self._replay is None or self._fast_key() != self._fast or not self._matches(leaves, spec):
             return self._eager(batch, weight)
         w = check_micro_weight(weight) if weight is not None else None
-        self._attach(full=False)
+        self._attach()
         for i in self._tensor_slots:
             self._static_leaves[i].copy_(leaves[i], non_blocking=True)
         if w is None:
@@ -272,7 +312,7 @@ class CapturedMicroStep:
             else:
                 self._w.fill_(w)
             self._w_is_one = False
-        replay = cast(Callable[[], None], self._replay)  # a graph is captured (checked above)
+        replay = self._replay
         static_loss = cast(Tensor, self._static_loss)
         replay()
         self.replays += 1
@@ -323,18 +363,41 @@ class CapturedMicroStep:
         self.eager_steps += 1
         return loss
 
-    def _matching_leaves(self, batch: Any) -> list[Any] | None:
-        """The batch's leaves if it has the example's structure and shapes, else None."""
+    def _batch_leaves(self, batch: Any) -> tuple[list[Any], Any]:
+        """The batch's leaves and structure; ``ValueError`` for a tensor leaf off the model's device.
+
+        Checked for every micro-batch of the graph path, replayed or eager (a ragged
+        one too), so that a misplaced batch fails the same way wherever it falls.
+        """
         leaves, spec = pytree.tree_flatten(batch)
+        for i, x in enumerate(leaves):
+            if isinstance(x, Tensor) and x.device != self._device:
+                paths = pytree.tree_flatten_with_path(batch)[0]
+                where = pytree.keystr(paths[i][0]) or "the batch"
+                raise ValueError(
+                    f"Invalid batch: {where} is on {x.device} (expected {self._device}, the model's device; "
+                    "move the batch there first, e.g. with .to(device, non_blocking=True) from pinned memory)"
+                )
+        return leaves, spec
+
+    def _matches(self, leaves: list[Any], spec: Any) -> bool:
+        """Whether the batch has the example's structure and shapes (else it runs eagerly)."""
         if spec != self._spec:
-            return None
+            return False
         for x, meta in zip(leaves, self._leaf_meta):
             if isinstance(x, Tensor):
                 if not isinstance(meta, tuple) or x.shape != meta[0] or x.dtype != meta[1]:
-                    return None
+                    return False
             elif isinstance(meta, tuple) or x != meta:
-                return None
-        return leaves
+                return False
+        return True
+
+    def _model_version(self) -> int:
+        """The newest registration stamp among the model's modules (one int compare unless one happened)."""
+        if self._seen != _registrations:
+            self._seen = _registrations
+            self._version = max(self._version, max((_stamps.get(m, 0) for m in self._modules), default=0))
+        return self._version
 
     def _autocast_key(self) -> tuple[Any, ...]:
         if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
@@ -343,7 +406,7 @@ class CapturedMicroStep:
 
     def _fast_key(self) -> tuple[Any, ...]:
         """Checked on every call: cheap signs of a changed model (top-level mode, registrations, autocast)."""
-        return (self.model.training, _registrations, self._autocast_key())
+        return (self.model.training, self._model_version(), self._autocast_key())
 
     def _signature(self) -> tuple[Any, ...]:
         """Checked at each window start: everything the captured graph depends on."""
@@ -355,22 +418,30 @@ class CapturedMicroStep:
             tuple(sorted(self._inplace_ids())),
             self._autocast_key(),
             id(scale_tensor(scaler)) if scaler is not None else None,
+            self._model_version(),  # a replaced buffer or submodule
         )
 
     def _window_start(self) -> None:
+        modules = list(self.model.modules())
+        if len(modules) != len(self._modules) or any(a is not b for a, b in zip(modules, self._modules)):
+            self._modules = modules  # a submodule was added or replaced
+            self._seen = -1  # look at the new modules' stamps too
         if self._replay is None or self._signature() != self._sig:
             self._capture()
             if self._replay is None:
                 return
         self._fast = self._fast_key()
-        self._attach(full=True)
+        self._attach()
 
-    def _attach(self, *, full: bool) -> None:
-        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start)."""
+    def _attach(self) -> None:
+        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start).
+
+        Every parameter is checked on every call (one identity test each): a ``.grad``
+        replaced anywhere mid-window (an eager micro-step, a loaded checkpoint, the
+        user) is carried over into the static tensor the replays add into.
+        """
         pairs = self._accumulating
-        if not pairs:
-            return
-        if not full and pairs[0][0].grad is pairs[0][1] and pairs[-1][0].grad is pairs[-1][1]:
+        if all(p.grad is s for p, s in pairs):
             return
         zero = []
         for p, s in pairs:

@@ -31,9 +31,11 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from ._checks import check_state_scalar, weight_dtype
+from .adaptive import AdaptiveK
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
+from .hostread import HostRead
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
@@ -308,10 +310,15 @@ class AccumulatingOptimizer(Optimizer):
         return result
 
     def _update(self) -> None:
-        """The real update: mean, unscale, check, clip, step, scheduler, reset."""
+        """The real update: mean, unscale, check, clip, one host read, step, scheduler, reset."""
+        local_total = self._window.total  # this rank's own (the reduction replaces it)
         self._sync.reduce(self._store, self._window)  # data-parallel: make sums and total global (once)
+        world = self._sync.world_size if self._sync.distributed else 1
+        if world > 1:
+            self._stats.make_global(self._store.device, self._sync.group, world)
         self._check_total()
         norm = found = None
+        read = self._guard.new_read()
         try:
             self._store.finalize(self._window.grad_factor())
             found = self._guard.unscale_and_check(self.optimizer, self._store.grads, self._window.total)
@@ -319,7 +326,9 @@ class AccumulatingOptimizer(Optimizer):
                 mean_factor = self._window.inv_total() if self._window.reduction == "sum" else 1.0
                 self._noise.on_update(self._store, self._sync, self._window.total, found, mean_factor)
             norm = self._clipper(list(self._store.params))
-            applied = self._guard.apply(self.optimizer, found, self._describe_nonfinite, self._store.drop_resolver())
+            self._request_reads(read, found, norm, local_total, world)
+            read.run()  # the one host read of this update (none when nothing asked)
+            applied = self._guard.apply(self.optimizer, read, self._describe_nonfinite)
         except BaseException as error:  # "raise" policy, or any failure before the step: discard the window
             self._stats.on_update(False, norm, found, self._window.total)
             self._abandon_window(closed=True)
@@ -327,8 +336,9 @@ class AccumulatingOptimizer(Optimizer):
                          "the next step() starts a new window)")
             raise
         if applied:
-            self._step_scheduler()
-        self._stats.on_update(applied, norm, found, self._window.total)
+            self._step_scheduler(read.scalar("plateau_metric"))
+        self._stats.on_update(applied, norm, found, self._window.total, read, local_total=local_total,
+                              world_size=world)
         self._store.reset()
         self._stepped = applied
         try:
@@ -338,6 +348,21 @@ class AccumulatingOptimizer(Optimizer):
             _note(error, f"accumopt: the window's update was {'applied' if applied else 'skipped'}; "
                          f"K stays {self._window.k}")
             raise
+
+    def _request_reads(self, read: HostRead, found: Tensor | None, norm: Tensor | None,
+                       local_total: "float | Tensor", world: int) -> None:
+        """Everything the host needs from this update, asked of its single read (see :mod:`accumopt.hostread`)."""
+        self._guard.request(read, found, self._store.drop_resolver())
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            metric = self._stats.window_mean_loss()
+            if metric is not None:
+                read.add("plateau_metric", metric)
+        noise = self._noise.value() if self._noise is not None else None
+        self._stats.request(read, norm, self._window.total, k=self._window.k, noise_scale=noise,
+                            world_size=world, local_total=local_total)
+        spec = self._window.schedule.spec
+        if isinstance(spec, AdaptiveK):
+            spec.request(read, self._window.closed + 1)
 
     def _check_total(self) -> None:
         """Refuse (and discard) a window whose weights sum to 0, where the host knows the total for free."""
@@ -758,12 +783,12 @@ class AccumulatingOptimizer(Optimizer):
             return weight, False
         return (1.0, False) if in_grad is None else (in_grad, True)
 
-    def _step_scheduler(self) -> None:
+    def _step_scheduler(self, metric: float | None = None) -> None:
+        """Step the scheduler after an applied update; ``metric``: the window's mean loss, read with the update."""
         if self.scheduler is None:
             return
         with self._window.scheduler_lr():  # lr_scaling: the scheduler sees and sets unscaled LRs
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self._stats.window_mean_loss()
                 if metric is None:
                     raise ValueError(_PLATEAU_NEEDS_LOSS)
                 self.scheduler.step(metric)

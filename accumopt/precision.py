@@ -17,7 +17,8 @@ accumulated gradient is scaled by and whether the update is applied:
 Checks are fused per device and dtype with
 ``torch._amp_foreach_non_finite_check_and_unscale_`` (the kernel GradScaler
 uses); the host reads one flag per real update, and only when a scaler or a
-policy needs the host to decide. See ``docs/precision.md`` for the table.
+policy needs the host to decide, within the update's single read
+(:class:`~accumopt.hostread.HostRead`). See ``docs/precision.md`` for the table.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from ._checks import check_choice, weight_dtype
 from .amp import LossScaler
+from .hostread import HostRead
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "NonFiniteGuard", "found_nonfinite"]
 
@@ -84,6 +86,7 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
 # Why a window is not applied (bits of the flag read at the boundary).
 _EMPTY_WINDOW = 1  # every micro-batch was dropped
 _NONFINITE = 2  # the accumulated gradient holds NaN/inf
+_READ_KEY = "nonfinite"  # the flags' key in the update's HostRead
 
 
 class NonFiniteGuard:
@@ -106,6 +109,7 @@ class NonFiniteGuard:
         self._empty: Tensor | None = None  # every micro-batch of the window was dropped
         self._scaler_found: Tensor | None = None  # the owned scaler's own found_inf tensor of this update
         self._external_seen = False  # an external GradScaler has driven this wrapper (it drops micro-batches)
+        self._drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None  # requested, decided in apply
 
     @property
     def may_drop(self) -> bool:
@@ -188,36 +192,50 @@ class NonFiniteGuard:
             return found_nonfinite(grads())
         return None
 
-    def apply(
-        self,
-        inner: torch.optim.Optimizer,
-        found: Tensor | None,
-        describe_bad: Callable[[], str],
-        drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None,
-    ) -> bool:
-        """Step ``inner`` unless the window must be skipped; return whether it stepped.
+    @staticmethod
+    def new_read() -> HostRead:
+        """An empty :class:`HostRead` for one update, copying through :func:`host_read`."""
+        return HostRead(lambda t: host_read(t))
 
-        At most one host sync, reading together ``found``, the empty-window flag and
+    def request(
+        self,
+        read: HostRead,
+        found: Tensor | None,
+        drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None,
+    ) -> None:
+        """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing).
+
+        One small vector: the reasons code (``found``, the empty-window flag) and
         ``drops``: flags of micro-batches that may have been dropped, whose host
-        values go to its callback (``True``: kept) before the step. With an owned
-        scaler, ``scaler.update()`` runs exactly once here, whether the window is
-        applied, skipped or raises.
+        values go to its callback (``True``: kept) in :meth:`apply`. No sync here.
         """
         self.last_found = found
+        self._drops = drops
+        code: Tensor | None = None
+        if found is not None:
+            code = (found > 0).float() * float(_NONFINITE)
+        if self._empty is not None:
+            empty = self._empty if code is None else self._empty.to(code.device)
+            code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
+        if code is None and drops is not None:
+            code = torch.zeros((), device=drops[0].device)
+        if code is not None:
+            flags = code.reshape(1).float()
+            if drops is not None:
+                flags = torch.cat([flags, drops[0].to(flags.device, torch.float32)])
+            read.add(_READ_KEY, flags)
+
+    def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
+        """Step ``inner`` unless the window must be skipped; return whether it stepped.
+
+        Decides from the host values of :meth:`request` (``read`` has run: this reads
+        nothing itself). With an owned scaler, ``scaler.update()`` runs exactly once
+        here, whether the window is applied, skipped or raises.
+        """
+        drops, self._drops = self._drops, None
         try:
-            code: Tensor | None = None
-            if found is not None:
-                code = (found > 0).float() * float(_NONFINITE)
-            if self._empty is not None:
-                empty = self._empty if code is None else self._empty.to(code.device)
-                code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
-            if code is None and drops is not None:
-                code = torch.zeros((), device=drops[0].device)
-            if code is not None:
-                flags = code.reshape(1).float()
-                if drops is not None:
-                    flags = torch.cat([flags, drops[0].to(flags.device, torch.float32)])
-                host = host_read(flags)  # the one sync of this update
+            if _READ_KEY in read:
+                host = read.get(_READ_KEY)
                 reasons = int(host[0])
                 if drops is not None:
                     drops[1]([d == 0 for d in host[1:]])
@@ -255,6 +273,7 @@ class NonFiniteGuard:
         self._dropped = None
         self._empty = None
         self._scaler_found = None
+        self._drops = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -6,8 +6,14 @@ tensor weights) are accumulated as device tensors with out-of-place adds and rea
 only when the user asks (``opt.stats()``): one host read per device, batched.
 
 Optional periodic logging (``log_every=N``) writes one INFO record through the
-``accumopt`` logger every N real updates; building it reads the device values,
-so that update synchronises once (and only while INFO is enabled for the logger).
+``accumopt`` logger every N real updates (only while INFO is enabled for the
+logger); its device values are read within the update's single host read
+(:class:`~accumopt.hostread.HostRead`), together with whatever else that update
+reads, so logging adds no synchronisation of its own.
+
+With a data-parallel model the window's loss, its weight total and the sample
+count are global (summed over ranks, once per update); memory and the dropped
+micro-batch count are the rank's own (see ``docs/state.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor
 
 from ._checks import check_int
 from .checkpoint import clone_tree
+from .hostread import HostRead
 
 __all__ = ["Statistics", "memory_usage"]
 
@@ -37,6 +44,13 @@ def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
     if isinstance(value, Tensor):
         value = value.detach()
     return acc + value
+
+
+def _scalar_on(value: Tensor | float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-dim tensor on ``device`` (a fill for a number: no host-to-device copy)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device, dtype).reshape(())
+    return torch.full((), float(value), device=device, dtype=dtype)
 
 
 def _rss_bytes() -> tuple[int | None, int | None]:
@@ -98,7 +112,8 @@ class Statistics:
 
     Args:
         log_every: log a summary every this many real updates (None: never).
-        report: callable returning the full statistics dict (the wrapper's ``stats``).
+        report: callable returning the full statistics dict (the wrapper's ``stats``);
+            the periodic record does not call it (it is built from the update's read).
     """
 
     def __init__(self, log_every: int | None = None, report: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -119,6 +134,7 @@ class Statistics:
         self.last_batch: Tensor | float | None = None  # summed weight of the last closed window
         self._t0: float | None = None  # end of the first micro-step seen by this object
         self._rate_samples: Tensor | float = 0.0  # samples since _t0 (not checkpointed: time restarts)
+        self._record: dict[str, Any] | None = None  # what the pending log record needs (see request)
 
     # ------------------------------------------------------------------ events
     def on_micro_step(self, weight: Tensor | float, loss: Tensor | float | None, found: Tensor | None) -> None:
@@ -147,9 +163,55 @@ class Statistics:
             return None
         return self.window_loss / self.window_loss_weight
 
+    def make_global(self, device: torch.device, group: Any, world_size: int) -> None:
+        """Sum the pending window's loss and loss weight over the ranks of ``group`` (data-parallel).
+
+        Called once per update, before anything reads the window's mean loss, so
+        that it (``last_loss``, ``ReduceLROnPlateau``'s metric) is the global
+        weighted mean on every rank. One 2-element ``all_reduce``, no host sync.
+        """
+        weight = self.window_loss_weight
+        if world_size <= 1 or (isinstance(weight, float) and weight == 0.0):
+            return
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        sums = torch.stack([_scalar_on(self.window_loss, device, dtype), _scalar_on(weight, device, dtype)])
+        torch.distributed.all_reduce(sums, group=group)
+        self.window_loss, self.window_loss_weight = sums[0], sums[1]
+
+    def logs_next_update(self) -> bool:
+        """Whether the next real update, if applied, writes the periodic record."""
+        every = self.log_every
+        return every is not None and (self.updates + 1) % every == 0 and logger.isEnabledFor(logging.INFO)
+
+    def request(self, read: HostRead, norm: Tensor | None, total: "Tensor | float | None", *, k: int,
+                noise_scale: Tensor | None = None, world_size: int = 1,
+                local_total: "Tensor | float | None" = None) -> None:
+        """Ask ``read`` for the values of this update's log record (only when it logs). No sync.
+
+        Arguments as for :meth:`on_update`; ``k`` is the window's K.
+        """
+        if not self.logs_next_update():
+            return
+        values = {"last_loss": self.window_mean_loss(), "last_grad_norm": norm, "rate_samples": self._rate_samples,
+                  "effective_batch": total, "noise_scale": noise_scale,
+                  "local_total": local_total if world_size > 1 else None}
+        keys = {}
+        for name, v in values.items():
+            if v is not None:
+                keys[name] = f"stats.{name}"
+                read.add(keys[name], v)
+        self._record = {"keys": keys, "k": k, "world_size": world_size}
+
     def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
-                  total: "Tensor | float | None" = None) -> None:
-        """Count a closed window (applied or skipped); ``total`` is its summed weight. No sync unless logging."""
+                  total: "Tensor | float | None" = None, read: HostRead | None = None, *,
+                  local_total: "Tensor | float | None" = None, world_size: int = 1) -> None:
+        """Count a closed window (applied or skipped). No sync.
+
+        ``total`` is its summed weight (with a data-parallel model: the mean over
+        ``world_size`` ranks, this rank's own being ``local_total``); ``read``, after
+        it ran, holds what :meth:`request` asked for the log record.
+        """
+        record, self._record = self._record, None
         if applied:
             self.updates += 1
         else:
@@ -162,23 +224,41 @@ class Statistics:
                 self.norm_sum = _add(self.norm_sum, self.last_norm)
                 self.norm_count += 1
         if total is not None:
-            self.last_batch = total.detach().clone() if isinstance(total, Tensor) else float(total)
+            batch = total.detach().clone() if isinstance(total, Tensor) else float(total)
+            if world_size > 1:  # the global batch: sum over ranks; samples become global too
+                batch = batch * world_size
+                if local_total is not None:
+                    extra = batch - (local_total.detach() if isinstance(local_total, Tensor) else local_total)
+                    self.samples = _add(self.samples, extra)
+                    self._rate_samples = _add(self._rate_samples, extra)
+            self.last_batch = batch
         self.last_loss = self.window_mean_loss()
         self.window_loss = 0.0
         self.window_loss_weight = 0.0
-        if applied and self.log_every and self.updates % self.log_every == 0 and self.report is not None \
-                and logger.isEnabledFor(logging.INFO):
-            s = self.report()  # the one sync of this update (only when logging is on)
-            logger.info("accumopt: update %d (%d micro-steps, %d skipped): loss %s, grad norm %s, K %s, "
-                        "effective batch %s, %.1f samples/s%s", s["updates"], s["micro_steps"], s["skipped_updates"],
-                        _fmt(s.get("last_loss")), _fmt(s.get("last_grad_norm")), s.get("accumulation_steps"),
-                        _fmt(s.get("effective_batch")), s.get("samples_per_second") or 0.0,
-                        "" if s.get("noise_scale") is None else f", noise scale {s['noise_scale']:.4g}")
+        if applied and record is not None and read is not None and read.done:
+            self._log(record, read)
+
+    def _log(self, record: dict[str, Any], read: HostRead) -> None:
+        """Write the periodic INFO record from host values (read with the update)."""
+        v = {name: read.scalar(key) for name, key in record["keys"].items()}
+        elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        rate = v.get("rate_samples") or 0.0
+        batch = v.get("effective_batch")
+        if batch is not None and record["world_size"] > 1:  # global, as on_update makes it
+            batch *= record["world_size"]
+            rate += batch - (v.get("local_total") or 0.0)
+        noise = v.get("noise_scale")
+        logger.info("accumopt: update %d (%d micro-steps, %d skipped): loss %s, grad norm %s, K %s, "
+                    "effective batch %s, %.1f samples/s%s", self.updates, self.micro_steps, self.skipped,
+                    _fmt(v.get("last_loss")), _fmt(v.get("last_grad_norm")), record["k"], _fmt(batch),
+                    rate / elapsed if elapsed > 0 else 0.0,
+                    "" if noise is None or not 0 < noise < float("inf") else f", noise scale {noise:.4g}")
 
     def discard_window(self) -> None:
         """Forget the pending window's losses (the window was discarded)."""
         self.window_loss = 0.0
         self.window_loss_weight = 0.0
+        self._record = None
 
     # -------------------------------------------------------------------- read
     def device_values(self) -> dict[str, Any]:

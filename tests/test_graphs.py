@@ -146,7 +146,7 @@ def simulated(monkeypatch):
         return None
 
     monkeypatch.setattr(CapturedMicroStep, "_impossible", impossible)
-    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device: SimulatedGraphs(models["model"]))
+    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device, mode: SimulatedGraphs(models["model"]))
 
 
 # ------------------------------------------------------------------------- tests
@@ -345,6 +345,201 @@ def test_capture_failure_falls_back_with_warning(simulated):
         assert torch.equal(a.grad, b.grad)
 
 
+# ------------------------------------------------------------------ CUDA backend, mocked
+class FakeStreams:
+    """Stand-ins for torch.cuda's stream calls on CPU: one 'current stream' variable per process."""
+
+    def __init__(self):
+        self.default = self.Stream("default")
+        self.current = self.default
+        self.waits = []
+
+    def Stream(self, name="side"):  # noqa: N802 - torch.cuda.Stream
+        streams = self
+
+        class _Stream:
+            def __init__(self, label=name):
+                self.label = label
+
+            def wait_stream(self, other):
+                streams.waits.append((self.label, other.label))
+
+            def __repr__(self):
+                return f"Stream({self.label})"
+
+        return _Stream()
+
+    def stream(self, s):  # torch.cuda.stream: select ``s``, restore on exit
+        streams = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.prev = streams.current
+                streams.current = s
+
+            def __exit__(self, *exc):
+                streams.current = self.prev
+
+        return _Ctx()
+
+    def set_stream(self, s):
+        self.current = s
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream and graph calls faked on CPU; torch's own ``torch.cuda.graph`` context is used as is."""
+    streams = FakeStreams()
+    calls = {}
+
+    class FakeGraph:
+        def register_generator_state(self, gen):
+            pass
+
+        def capture_begin(self, *pool, capture_error_mode="global", **kw):
+            calls["mode"] = capture_error_mode
+            calls["begin_stream"] = streams.current
+
+        def capture_end(self):  # the documented fallback case: the capture was invalidated
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", streams.Stream)
+    monkeypatch.setattr(torch.cuda, "stream", streams.stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams.current)
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.set_stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)
+    monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)
+    return streams, calls
+
+
+@pytest.mark.parametrize("mode", ["global", "thread_local", "relaxed"])
+def test_failed_capture_restores_the_current_stream(fake_cuda, mode):
+    streams, calls = fake_cuda
+    backend = graphs_mod._make_backend(torch.device("cuda", 0), mode)
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        backend.capture(lambda: torch.ones(()), [], [])
+    assert calls["mode"] == mode  # capture_error_mode reaches torch.cuda.graph
+    assert calls["begin_stream"] is not streams.default  # captured on torch's side stream...
+    assert streams.current is streams.default  # ...and the stream before the capture is current again
+
+
+def test_failed_warmup_restores_the_stream_and_joins_the_side_stream(fake_cuda):
+    streams, _ = fake_cuda
+    backend = graphs_mod._make_backend(torch.device("cuda", 0), "global")
+    with pytest.raises(ValueError, match="bad warm-up"):
+        with backend.warmup():
+            assert streams.current is not streams.default
+            raise ValueError("bad warm-up")
+    assert streams.current is streams.default
+    assert streams.waits == [("side", "default"), ("default", "side")]  # the current stream waited for the side one
+
+
+def test_middle_parameter_grad_replaced_mid_window(simulated):
+    """A .grad replaced mid-window on a middle parameter is carried into the tensor the replays add into."""
+    data = make_data(n=12, ragged=4)
+    m1, m2 = make_model(bn=False), make_model(bn=False)
+    o1, o2 = build("inplace", m1), build("inplace", m2)
+    step = CapturedMicroStep(o2, m2, loss_fn, data[0])
+    middle = [list(m1.parameters())[2], list(m2.parameters())[2]]
+    assert len(list(m1.parameters())) == 4
+    for i, (m, o) in enumerate(((m1, o1), (m2, o2))):
+        torch.manual_seed(6)
+        for j, b in enumerate(data):
+            if j in (5, 9):  # mid-window (K=4): the user rescales one parameter's pending sum
+                middle[i].grad = middle[i].grad * 0.5
+            if o is o2:
+                step(b)
+            else:
+                loss = loss_fn(m1, b)
+                o1.backward(loss)
+                o1.step(loss=loss)
+    assert step.replays == len(data) and step.eager_steps == 0
+    assert_same(m1, o1, m2, o2)
+
+
+@pytest.fixture
+def simulated_elsewhere(monkeypatch):
+    """Simulated capture for a model 'on' the meta device: every CPU batch is on the wrong device."""
+    def impossible(self):
+        self._device = torch.device("meta")
+        return None
+
+    monkeypatch.setattr(CapturedMicroStep, "_impossible", impossible)
+    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device, mode: SimulatedGraphs(None))
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_batch_on_another_device_raises_before_anything(simulated_elsewhere, ragged):
+    model = make_model()
+    opt = build("inplace", model)
+    example = make_data(2)[0]
+    step = CapturedMicroStep(opt, model, loss_fn, example)
+    batch = make_data(2, ragged=3)[1] if ragged else example  # a ragged batch would run eagerly: same error
+    with pytest.raises(ValueError, match=r"^Invalid batch: \[0\] is on cpu \(expected meta, the model's device"):
+        step(batch)
+    dict_step = CapturedMicroStep(opt, model, lambda m, b: loss_fn(m, (b["x"], b["y"])),
+                                  {"x": example[0], "y": example[1]})
+    with pytest.raises(ValueError, match=r"^Invalid batch: \['x'\] is on cpu"):
+        dict_step({"x": batch[0], "y": batch[1]})
+    assert opt.pending == 0 and step.captures == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_capture_error_mode_reaches_the_backend(monkeypatch):
+    seen = []
+    monkeypatch.setattr(CapturedMicroStep, "_impossible", lambda self: setattr(self, "_device", torch.device("cpu")))
+    monkeypatch.setattr(graphs_mod, "_make_backend", lambda device, mode: seen.append(mode) or SimulatedGraphs(None))
+    model = make_model()
+    CapturedMicroStep(build("inplace", model), model, loss_fn, make_data(2)[0], capture_error_mode="thread_local")
+    assert seen == ["thread_local"]
+
+
+def test_module_built_elsewhere_mid_window_keeps_replaying(simulated):
+    data = make_data(n=12, ragged=3)
+    m1, m2 = make_model(), make_model()
+    o1, o2 = build("inplace", m1), build("inplace", m2)
+    torch.manual_seed(3)
+    plain_loop(o1, m1, data, [None] * len(data))
+    torch.manual_seed(3)
+    step = CapturedMicroStep(o2, m2, loss_fn, data[0])
+    others = []
+    for i, b in enumerate(data):
+        if i in (1, 6):  # mid-window: another model is built (parameters, buffers, submodules registered)
+            with torch.random.fork_rng():
+                others.append(make_model(seed=i))
+        step(b)
+    o2.flush()
+    assert step.captures == 1 and step.eager_steps == 1  # only the ragged last batch ran eagerly
+    assert_same(m1, o1, m2, o2)
+
+
+def test_buffer_replaced_in_the_model_recaptures(simulated):
+    data = make_data(n=12, ragged=4)
+    m1, m2 = make_model(), make_model()
+    o1, o2 = build("inplace", m1), build("inplace", m2)
+    step = CapturedMicroStep(o2, m2, loss_fn, data[0])
+    for m, o in ((m1, o1), (m2, o2)):
+        torch.manual_seed(5)
+        for i, b in enumerate(data):
+            if i == 6:  # mid-window: a BatchNorm buffer is replaced by a new tensor
+                m[1].running_var = torch.full((16,), 2.0)
+            if o is o2:
+                step(b)
+            else:
+                loss = loss_fn(m1, b)
+                o1.backward(loss)
+                o1.step(loss=loss)
+    assert step.captures == 2  # the model's own registration: eager for the rest of that window, then recaptured
+    assert step.eager_steps == 2  # micro-steps 6 and 7
+    assert_same(m1, o1, m2, o2)
+
+
 def _bad(**kw):
     model = make_model()
     args = dict(optimizer=build("inplace", model), model=model, loss_fn=loss_fn, example_batch=make_data(2)[0])
@@ -362,6 +557,8 @@ def _bad(**kw):
         ({"warmup_steps": 0}, ValueError, "Invalid warmup_steps: 0 (expected an int >= 1)"),
         ({"generators": [1]}, TypeError, "Invalid generators: 1 (expected torch.Generator objects)"),
         ({"example_batch": (1, "a")}, ValueError, "Invalid example_batch: tuple holds no tensor"),
+        ({"capture_error_mode": "local"}, ValueError,
+         "Invalid capture_error_mode: 'local' (expected one of 'global', 'thread_local', 'relaxed')"),
         ({"capture": True}, ValueError, "Invalid capture: True, but the micro-step cannot be captured: parameters on cpu"),
     ],
 )

@@ -158,16 +158,46 @@ def test_log_every(caplog):
     assert [r.getMessage().split()[2] for r in records] == ["3", "6"]
 
 
-def test_log_every_does_not_read_when_info_is_off(monkeypatch, caplog):
+@pytest.mark.parametrize("info", [False, True])
+def test_log_every_reads_only_while_info_is_on(monkeypatch, caplog, info):
+    """The record's values come with the update's one host read; INFO off: no read at all."""
+    from accumopt import precision
+
     model = make_model()
     opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1, log_every=1)
-    calls = []
-    monkeypatch.setattr(opt._stats, "report", lambda: calls.append(1) or {})
-    with caplog.at_level(logging.WARNING, logger="accumopt"):
+    reads = []
+    real = precision.host_read
+    monkeypatch.setattr(precision, "host_read", lambda t: reads.append(t.numel()) or real(t))
+    with caplog.at_level(logging.INFO if info else logging.WARNING, logger="accumopt"):
         for x, y in batches(3):
-            loss_fn(model, x, y).backward()
-            opt.step()
-    assert calls == [] and opt.num_updates == 3
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step(loss=loss.detach())
+    assert opt.num_updates == 3
+    assert len(reads) == (3 if info else 0)
+
+
+def test_log_record_matches_stats(caplog):
+    """Every figure of the record (built from the update's read) equals what stats() reads afterwards."""
+    model = make_model()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered", log_every=1,
+                                track_grad_norm=True, nonfinite="skip")
+    expected = []
+    with caplog.at_level(logging.INFO, logger="accumopt"):
+        for i, (x, y) in enumerate(batches(6)):
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step(loss=loss.detach(), weight=torch.tensor(float(i + 1), dtype=torch.float64))
+            opt.zero_grad()
+            if opt.stepped:
+                s = opt.stats()
+                expected.append(f"update {s['updates']} ({s['micro_steps']} micro-steps, 0 skipped): "
+                                f"loss {s['last_loss']:.6g}, grad norm {s['last_grad_norm']:.6g}, K 2, "
+                                f"effective batch {s['effective_batch']:.6g}")
+    got = [r.getMessage() for r in caplog.records if r.name == "accumopt"]
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert g.startswith("accumopt: " + e), (g, e)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "3"])
@@ -201,3 +231,24 @@ def test_get_accumulation_stats_alias():
     model = make_model()
     opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2)
     assert opt.get_accumulation_stats()["micro_steps"] == 0
+
+
+def test_host_read_reads_everything_with_one_copy():
+    from accumopt.hostread import HostRead
+
+    copies = []
+    read = HostRead(lambda t: copies.append(t.numel()) or t.tolist())
+    read.add("flags", torch.tensor([2.0, 0.0, 1.0]))
+    read.add("metric", torch.tensor(0.25, dtype=torch.float32))
+    read.add("k", 7)
+    read.add("count", torch.tensor(3))
+    assert not read.done and read.scalar("metric") is None
+    read.run()
+    assert copies == [5]  # every tensor in one copy; the number needs none
+    assert read.get("flags") == [2.0, 0.0, 1.0] and read.scalar("metric") == 0.25
+    assert read.scalar("k") == 7.0 and read.scalar("count") == 3.0 and read.scalar("absent") is None
+    with pytest.raises(RuntimeError, match="requested after the read"):
+        read.add("late", torch.ones(()))
+    empty = HostRead(lambda t: copies.append(t.numel()) or t.tolist())
+    empty.run()
+    assert copies == [5] and empty.syncs == 0

@@ -58,48 +58,43 @@ import pytest
 K = 4
 WINDOWS = 3
 
-# (name, xfail reason or None). Each name is a configuration built in _configurations().
-_TWO_READS = ("needs two host reads per update today: the non-finite flag (nonfinite='skip') and {}; "
-              "the second read is to be folded into the first")
-_SAME = "more than one host read per update today ({}): each reader syncs on its own; to be folded into one read"
-CONFIGS: list[tuple[str, str | None]] = [
-    ("adamw-foreach", None),
-    ("adamw-single-tensor", None),
-    ("adamw-fused", None),
-    ("adamw-capturable", None),
-    ("sgd-momentum", None),
-    ("bf16-params-fp32-buffers", None),
-    ("bf16-params-inplace", None),
-    ("token-weights-backward", None),
-    ("buffered", None),
-    ("buffered-token-weights-step", None),
-    ("max-grad-norm", None),
-    ("grad-scaler", None),
-    ("grad-scaler-buffered-token-weights", None),
-    ("nonfinite-skip", None),
-    ("nonfinite-raise", None),
-    ("nonfinite-drop", None),
-    ("noise-scale", None),
-    ("scheduler-lambda", None),
-    ("scheduler-plateau", None),
-    ("log-every", None),
-    ("adaptive-k", None),
-    ("skip+max-grad-norm+scaler", None),
-    ("skip+noise-scale", None),
-    ("skip+plateau", _TWO_READS.format("ReduceLROnPlateau's metric (the window's mean loss)")),
-    ("skip+log-every", _TWO_READS.format("the log_every record (stats())")),
-    ("adaptive-k+skip", _TWO_READS.format("AdaptiveK's noise-scale estimate")),
-    # The same cause beyond the three combinations above: each of the four host readers of an update (the
-    # non-finite/overflow flag of an owned scaler or a skip/drop/raise policy, ReduceLROnPlateau's metric,
-    # the log_every record, AdaptiveK's estimate) reads on its own, so any two of them cost two syncs.
-    ("scaler+plateau", _SAME.format("the owned GradScaler's overflow flag and ReduceLROnPlateau's metric")),
-    ("scaler+log-every", _SAME.format("the owned GradScaler's overflow flag and the log_every record")),
-    ("drop+plateau", _SAME.format("the drop flags and ReduceLROnPlateau's metric")),
-    ("plateau+log-every", _SAME.format("ReduceLROnPlateau's metric and the log_every record")),
-    ("adaptive-k+plateau", _SAME.format("AdaptiveK's estimate and ReduceLROnPlateau's metric")),
-    ("adaptive-k+log-every", _SAME.format("AdaptiveK's estimate and the log_every record")),
-    ("all-readers", _SAME.format("skip's flag, ReduceLROnPlateau's metric, the log_every record and "
-                                 "AdaptiveK's estimate (four reads)")),
+# Each name is a configuration built in _configurations(). The combinations put together the update's host
+# readers (the non-finite/overflow flag of an owned scaler or a skip/drop/raise policy, ReduceLROnPlateau's
+# metric, the log_every record, AdaptiveK's estimate): all of them share the update's single read.
+CONFIGS: list[str] = [
+    "adamw-foreach",
+    "adamw-single-tensor",
+    "adamw-fused",
+    "adamw-capturable",
+    "sgd-momentum",
+    "bf16-params-fp32-buffers",
+    "bf16-params-inplace",
+    "token-weights-backward",
+    "buffered",
+    "buffered-token-weights-step",
+    "max-grad-norm",
+    "grad-scaler",
+    "grad-scaler-buffered-token-weights",
+    "nonfinite-skip",
+    "nonfinite-raise",
+    "nonfinite-drop",
+    "noise-scale",
+    "scheduler-lambda",
+    "scheduler-plateau",
+    "log-every",
+    "adaptive-k",
+    "skip+max-grad-norm+scaler",
+    "skip+noise-scale",
+    "skip+plateau",
+    "skip+log-every",
+    "adaptive-k+skip",
+    "scaler+plateau",
+    "scaler+log-every",
+    "drop+plateau",
+    "plateau+log-every",
+    "adaptive-k+plateau",
+    "adaptive-k+log-every",
+    "all-readers",
 ]
 
 _SHIM_SOURCE = r"""
@@ -215,20 +210,12 @@ def test_detector_ignores_device_only_work(measured):
 
 
 def test_every_configuration_ran(measured):
-    assert sorted(measured["configs"]) == sorted(name for name, _ in CONFIGS)
+    assert sorted(measured["configs"]) == sorted(CONFIGS)
     errors = {n: c["error"] for n, c in measured["configs"].items() if c.get("error")}
     assert not errors, errors
 
 
-def _params():
-    out = []
-    for name, reason in CONFIGS:
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
-@pytest.mark.parametrize("name", [n for n, _ in CONFIGS])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_no_sync_on_micro_steps_that_do_not_update(measured, name):
     c = measured["configs"][name]
     assert not c.get("error"), c.get("error")
@@ -237,7 +224,7 @@ def test_no_sync_on_micro_steps_that_do_not_update(measured, name):
     assert not syncing, f"{name}: syncs on non-updating micro-steps: {syncing}"
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", CONFIGS)
 def test_at_most_one_sync_per_update(measured, name):
     c = measured["configs"][name]
     assert not c.get("error"), c.get("error")
