@@ -564,3 +564,23 @@ def test_bf16_loss_weights_are_not_rounded_to_bf16(mode: str, scaler: bool) -> N
         assert rel(s, r) <= 1e-6, rel(s, r)
         assert c.dtype == torch.bfloat16
         assert _within_half_ulp(c, r / 2000.0)
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_closure_passed_positionally_through_scaler_step_is_refused(owned: bool) -> None:
+    """``scaler.step(opt, closure)`` slips past GradScaler's keyword check; the wrapper refuses it, uncalled."""
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu")
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered",
+                                scaler=scaler if owned else None)
+    x, y = make_data(4)
+    calls: list[int] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        return loss_fn(model, x, y)
+
+    scaler.scale(loss_fn(model, x, y)).backward()
+    with pytest.raises(ValueError, match="Closures are not supported with a GradScaler"):
+        scaler.step(opt, closure)
+    assert calls == [] and opt.pending == 0
