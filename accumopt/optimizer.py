@@ -299,6 +299,7 @@ class AccumulatingOptimizer(Optimizer):
                 "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
                 "(scaler=...) and call opt.step()."
             )
+        self._sync.end_micro_batch()  # DDP: did this micro-batch's forward run with synchronisation on?
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
                                closing=self._window.next_is_last and not self._sync.distributed)
         counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
