@@ -579,7 +579,8 @@ class AccumulatingOptimizer(Optimizer):
 
         Each is the undivided, weighted sum ``sum(w_i g_i)`` so far, in its accumulation
         dtype (fp32 for bf16/fp16 parameters), times the owned ``GradScaler``'s scale if
-        there is one. Names are the model's (``model=``), else
+        there is one; where weights given to :meth:`backward` are scale-free (owned scaler,
+        sums in ``.grad``), divided by the window's first weight. Names are the model's (``model=``), else
         ``"param_groups[i]['params'][j]"``. The tensors are detached views of the live
         sums: read-only, valid until the window changes. No host synchronisation.
         """

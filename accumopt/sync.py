@@ -164,6 +164,7 @@ class GradSync:
         of the ranks' totals (a device tensor), so ``sum / total`` is the global
         weighted mean.
         """
+        self._forwards.clear()  # records left over (forwards that reached no step()) must not pair later
         if not self.distributed or self._reduced_window == window.closed:
             return
         if not (self.native and self._armed and (self.kind == "fsdp" or self._this_forward is True)):
