@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+import math
+
 from ._checks import check_state_number
 
 __all__ = ["LossScaler", "PRIVATE_MEMBERS", "scale_tensor"]
@@ -30,6 +32,25 @@ PRIVATE_MEMBERS = {
     "_unscale_grads_": "method",  # (optimizer, inv_scale, found_inf, allow_fp16) -> {device: found_inf}
 }
 _STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def check_factors(growth: Any, backoff: Any, interval: Any, where: str) -> None:
+    """Raise ``ValueError`` unless a GradScaler's growth factor is > 1, backoff in (0, 1), interval an int >= 1.
+
+    Outside these ranges the scale shrinks after clean steps (or grows after overflows) and never settles.
+    """
+    if not _real(growth) or not growth > 1.0:
+        raise ValueError(f"Invalid {where}growth_factor: {growth!r} (expected a finite number > 1; otherwise the "
+                         "scale never grows back after an overflow)")
+    if not _real(backoff) or not 0.0 < backoff < 1.0:
+        raise ValueError(f"Invalid {where}backoff_factor: {backoff!r} (expected a number in (0, 1); otherwise the "
+                         "scale does not back off after an overflow)")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"Invalid {where}growth_interval: {interval!r} (expected an int >= 1)")
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def scale_tensor(scaler: "torch.amp.GradScaler | None") -> Tensor | None:
@@ -48,7 +69,21 @@ class LossScaler:
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
             raise TypeError(f"Invalid scaler: {type(scaler).__name__} (expected an enabled torch.amp.GradScaler)")
         self.scaler = scaler
+        self.check_settings()
         self._unscaled: int | None = None  # id of the optimizer unscaled in this window
+
+    def check_settings(self) -> None:
+        """Raise ``ValueError`` unless the scaler's factors make sense (host values only: no sync).
+
+        Checked when the wrapper is built, when a state is loaded and at every real update, since
+        torch's ``set_growth_factor``/``set_backoff_factor`` accept any value.
+        """
+        s = self.scaler
+        check_factors(s.get_growth_factor(), s.get_backoff_factor(), s.get_growth_interval(), "scaler ")
+        if s._scale is None:  # not created yet: get_scale() returns the initial scale, a host number (no sync)
+            init = s.get_scale()
+            if not _real(init) or not init > 0:
+                raise ValueError(f"Invalid scaler init_scale: {init!r} (expected a finite number > 0)")
 
     def scale(self, loss: Tensor) -> Tensor:
         """``loss`` times the current scale."""
@@ -60,6 +95,7 @@ class LossScaler:
 
     def unscale_(self, inner: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """``scaler.unscale_(inner)``, fp16 gradients allowed; returns the found-inf flag per device."""
+        self.check_settings()  # factors changed through torch's setters since the last update
         scaler = self.scaler
         params = [p for g in inner.param_groups for p in g["params"]]
         if scaler._scale is None:  # e.g. loaded from a state dict: GradScaler creates it lazily, in scale()
@@ -95,11 +131,23 @@ class LossScaler:
 
     @staticmethod
     def validate_state_dict(state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` is a ``GradScaler`` state dict."""
+        """Raise ``ValueError`` unless ``state`` is a usable ``GradScaler`` state dict.
+
+        Scale finite and > 0, growth factor > 1, backoff factor in (0, 1), growth interval
+        an int >= 1, growth tracker an int in [0, interval).
+        """
         if not isinstance(state, Mapping) or any(k not in state for k in _STATE_KEYS):
             raise ValueError(f"Invalid state dict: the scaler entry lacks one of {_STATE_KEYS}")
         for k in _STATE_KEYS:
             check_state_number(f"scaler[{k!r}]", state[k])
+        if not state["scale"] > 0:
+            raise ValueError(f"Invalid state dict: scaler['scale'] is {state['scale']!r} (expected a finite number > 0)")
+        check_factors(state["growth_factor"], state["backoff_factor"], state["growth_interval"],
+                      "state dict: scaler ")
+        tracker = state["_growth_tracker"]
+        if isinstance(tracker, bool) or not isinstance(tracker, int) or not 0 <= tracker < state["growth_interval"]:
+            raise ValueError(f"Invalid state dict: scaler['_growth_tracker'] is {tracker!r} (expected an int in "
+                             f"[0, {state['growth_interval']}))")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.validate_state_dict(state)

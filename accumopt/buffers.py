@@ -473,6 +473,24 @@ class GradientStore:
         sums = {id(p): t for p, t in self.pending_sums()}
         return [None if id(p) not in sums else sums[id(p)].clone() for p in self.params]
 
+    def has_fresh_grads(self) -> bool:
+        """Whether a buffered parameter's ``.grad`` holds a gradient not yet moved into its buffer.
+
+        That is a backward pass since the last ``step()``: :meth:`state_dict` cannot hold it.
+        Host bookkeeping only (tensor versions), no device read.
+        """
+        for g in self.groups:
+            if g.buffers is None:
+                continue
+            for i, p in enumerate(g.params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                land = g.landing.get(i)
+                if land is None or land[0] is not grad or grad._version != land[1]:
+                    return True
+        return False
+
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
         """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
 

@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "FILE_FORMAT",
     "atomic_save",
+    "check_header",
     "clone_tree",
     "compare_signatures",
     "load_checkpoint",
@@ -72,10 +73,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any], scaler: bool,
-              scheduler: Any, lr_scaling: str | None) -> dict[str, Any]:
-    """What a state dict must match to be loaded (plain data)."""
+              scheduler: Any, lr_scaling: str | None, names: list[str] | None = None) -> dict[str, Any]:
+    """What a state dict must match to be loaded (plain data).
+
+    ``names``: the parameters' model names in optimizer order (known with ``model=``), else None.
+    """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return {
+        "names": names,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
         "mode": mode,
         "k": k,
@@ -87,11 +92,44 @@ def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any],
     }
 
 
+def check_header(acc: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the accumulation entry carries this version's format, version and signature.
+
+    Older (legacy) or unsigned entries cannot be checked against the optimizer, so they are refused.
+    """
+    if acc.get("format") != STATE_FORMAT or acc.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"Invalid state dict: accumulation entry of format {acc.get('format')!r} version {acc.get('version')!r} "
+            f"(expected format {STATE_FORMAT!r} version {STATE_VERSION}: a legacy or foreign entry cannot be "
+            "checked against this optimizer)"
+        )
+    if "signature" not in acc:
+        raise ValueError("Invalid state dict: the accumulation entry has no 'signature' (expected one from "
+                         "AccumulatingOptimizer.state_dict())")
+
+
 def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first difference between a saved signature and ``ours``."""
+    """Raise ``ValueError`` naming the first difference between a saved signature and ``ours``.
+
+    Parameter names are compared when both sides know them (wrappers built with ``model=``).
+    """
     if not isinstance(saved, dict):
         raise ValueError("Invalid state dict: the accumulation entry has no 'signature' (expected one from "
                          "AccumulatingOptimizer.state_dict())")
+    theirs, mine = saved.get("names"), ours.get("names")
+    if theirs is not None and not (isinstance(theirs, list) and all(isinstance(n, (str, type(None))) for n in theirs)):
+        raise ValueError(f"Invalid state dict: signature['names'] is {theirs!r} (expected a list of parameter names)")
+    if theirs is not None and mine is not None:
+        if len(theirs) != len(mine):
+            raise ValueError(f"Invalid state dict: saved from {len(theirs)} named parameters (expected {len(mine)}); "
+                             "it belongs to another model")
+        for i, (a, b) in enumerate(zip(theirs, mine)):
+            if a != b:
+                raise ValueError(
+                    f"Invalid state dict: parameter {i} is {a!r} in the state dict but {b!r} in this optimizer "
+                    "(other parameter names, or the same names in another order: its state would land on the "
+                    "wrong parameters)"
+                )
     params = saved.get("params")
     if not isinstance(params, list) or len(params) != len(ours["params"]):
         n = len(params) if isinstance(params, list) else params
@@ -213,6 +251,10 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"Cannot create the folder of {path!r}: {e.strerror}", folder) from e
     f, tmp = _open_temp(folder, os.path.basename(path))
     try:
         with f:
@@ -290,7 +332,7 @@ def save_checkpoint(path: str | os.PathLike[str], obj_state: dict[str, Any], ext
     """Write an optimizer state dict (and optional plain ``extra`` data) to ``path`` atomically.
 
     Args:
-        path: destination; its folder must exist. An existing file is replaced only
+        path: destination; missing parent folders are created. An existing file is replaced only
             once the new one is complete and on disk.
         obj_state: ``opt.state_dict()``.
         extra: anything ``weights_only`` can read back (e.g. ``{"model": model.state_dict()}``).

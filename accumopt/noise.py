@@ -255,17 +255,36 @@ class NoiseScaleEstimator:
         self.small_inv_w = c(state["small_inv_w"])
 
     @staticmethod
-    def validate_state_dict(state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` (before any change)."""
+    def validate_state_dict(state: Any, closed: int | None = None) -> None:
+        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` (before any change).
+
+        ``closed``: the windows closed so far by the wrapper (the estimator saw at most that many).
+        """
         keys = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
         if not isinstance(state, Mapping) or any(k not in state for k in keys):
             raise ValueError("Invalid state dict: the 'noise' entry is not a noise-scale estimator state")
         check_state_number("noise['windows']", state["windows"], integer=True, minimum=0)
+        if closed is not None and state["windows"] > closed:
+            raise ValueError(f"Invalid state dict: noise['windows'] is {state['windows']} after {closed} closed "
+                             "windows (expected at most that many)")
         for k in keys[1:]:
             v = state[k]
-            if v is not None and not isinstance(v, (Tensor, float, int)):
+            if v is not None and not isinstance(v, (Tensor, float, int)) or isinstance(v, bool):
                 raise ValueError(f"Invalid state dict: noise entry {k!r} is a {type(v).__name__} "
                                  "(expected a tensor or a number)")
+            if v is None or k == "small_sq":  # a window that will be skipped may have measured inf
+                continue
+            if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point()):
+                raise ValueError(f"Invalid state dict: noise entry {k!r} is a tensor of shape {tuple(v.shape)} and "
+                                 f"dtype {v.dtype} (expected a floating-point scalar)")
+            x = float(v.detach().double().cpu().reshape(())) if isinstance(v, Tensor) else float(v)
+            signed = k in ("trace", "grad_sq")  # unbiased estimates: may be negative
+            if not math.isfinite(x) or (not signed and x < 0):
+                raise ValueError(f"Invalid state dict: noise entry {k!r} is {x!r} (expected a finite number"
+                                 f"{'' if signed else ' >= 0'})")
+            if k == "valid" and x > state["windows"]:
+                raise ValueError(f"Invalid state dict: noise entry 'valid' is {x!r} with {state['windows']} windows "
+                                 "(expected at most that many)")
 
     def __repr__(self) -> str:
         return f"NoiseScaleEstimator(beta={self.beta:g}, windows={self.windows})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -249,6 +250,7 @@ class AccumulatingOptimizer(Optimizer):
         self._stats = stats
         self._noise = noise
         self._backward_weight: float | Tensor | None = None  # summed weights given to backward() this micro-batch
+        self._backward_ref: float | Tensor | None = None  # .grad holds weight / ref times the gradient (None: 1x)
         self._stepped = False
         self._sync.set(self._window.next_is_last)
 
@@ -290,7 +292,8 @@ class AccumulatingOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)  # set by an external ``scaler.step(opt)``
         factor, found = self._guard.micro_factor(found_inf, getattr(self, "grad_scale", None), self._store.micro_grads)
         if self._noise is not None and self._grads_are_this_micro_batch():
-            self._noise.on_micro_step(self._store, weight, factor, found, weight_in_grad=weight_in_grad,
+            self._noise.on_micro_step(self._store, weight, _times(factor, self._window.unit()) if weight_in_grad
+                                      else factor, found, weight_in_grad=weight_in_grad,
                                       loss_scale=self._guard.loss_scale())
         if found_inf is not None and self._store.has_inplace():
             raise RuntimeError(
@@ -298,6 +301,7 @@ class AccumulatingOptimizer(Optimizer):
                 "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
                 "(scaler=...) and call opt.step()."
             )
+        self._sync.end_micro_batch()  # DDP: did this micro-batch's forward run with synchronisation on?
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
                                closing=self._window.next_is_last and not self._sync.distributed)
         counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
@@ -416,17 +420,61 @@ class AccumulatingOptimizer(Optimizer):
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
         """``loss.backward()`` with the owned scaler's scale and the micro-batch weight applied.
 
-        Works in both modes; the weight is remembered for the next :meth:`step`.
+        Works in both modes; the weight is remembered for the next :meth:`step`. The
+        weight never passes through the loss's dtype where it can be avoided: when every
+        parameter accumulates in a buffer, the plain loss is backpropagated and the weight
+        multiplies the gradient in the buffer's precision at :meth:`step`. Where sums live
+        in ``.grad`` and an owned ``GradScaler`` scales the loss, the loss is multiplied by
+        ``weight / w_ref``, ``w_ref`` being the window's first weight, so the loss scale sees
+        numbers near 1 whatever the unit of the weights (the boundary multiplies ``w_ref``
+        back, exactly).
         """
         w = check_micro_weight(weight) if weight is not None else None
-        scaled = loss if w is None else loss * w
+        ref = self._window.ref
+        if w is None and self._store.has_inplace() and ref is not None and not _is_one(ref):
+            w = 1.0  # the window's sums are relative to ref: an unweighted loss counts 1 / ref of it
+        ref = None if w is None else self._backward_reference(w)
+        scaled = loss if w is None or ref is None else loss * _ratio(w, ref)
         self._guard.scale_loss(scaled).backward(**kwargs)  # type: ignore[no-untyped-call]
-        self._record_backward_weight(w)
+        self._record_backward_weight(w, ref)
 
-    def _record_backward_weight(self, weight: "float | Tensor | None") -> None:
-        """A backward pass multiplied its loss by ``weight`` (checked; None: by 1): remember it for ``step()``."""
-        if weight is not None:
-            self._backward_weight = weight if self._backward_weight is None else self._backward_weight + weight
+    def _backward_reference(self, weight: "float | Tensor") -> "float | Tensor | None":
+        """What ``backward(weight=...)`` divides the weight by before multiplying the loss.
+
+        None: the loss is not multiplied (every parameter has a buffer: ``step()`` applies the weight
+        there, in the buffer's precision). 1: the plain weight. Else the window's first weight
+        (scale-free weights under an owned GradScaler; not with a process group, where every rank
+        would have its own reference while the model averages the sums).
+        """
+        if not self._store.has_inplace():
+            return None
+        if self._window.ref is not None:
+            return self._window.ref
+        if self._guard.scaler is None or self._sync.distributed:
+            return 1.0
+        if isinstance(weight, Tensor):
+            return torch.where(weight > 0, weight, torch.ones_like(weight))  # no sync; a weight of 0 keeps 1
+        return weight if weight > 0 else 1.0
+
+    def _record_backward_weight(self, weight: "float | Tensor | None", ref: "float | Tensor | None" = 1.0) -> None:
+        """A backward pass gave this micro-batch ``weight`` (checked; None: none): remember it for ``step()``.
+
+        ``ref``: the loss was multiplied by ``weight / ref`` (1: by the weight itself); None: not at all,
+        ``step()`` applies the weight to the gradient. The window's reference is fixed by its first one.
+        """
+        if weight is None:
+            return
+        if ref is not None:
+            if self._window.ref is None:
+                self._window.ref = ref
+            elif self._window.ref is not ref and not (_is_one(ref) and _is_one(self._window.ref)):
+                raise ValueError(
+                    "Invalid weight: this micro-batch's loss was weighted relative to another reference than "
+                    "the window's first micro-batch (opt.backward and a captured step mixed in one window); "
+                    "weight the micro-batches of a window the same way"
+                )
+        self._backward_weight = weight if self._backward_weight is None else self._backward_weight + weight
+        self._backward_ref = ref
 
     @contextlib.contextmanager
     def _open_ended_window(self) -> Iterator[None]:
@@ -565,7 +613,8 @@ class AccumulatingOptimizer(Optimizer):
 
         Each is the undivided, weighted sum ``sum(w_i g_i)`` so far, in its accumulation
         dtype (fp32 for bf16/fp16 parameters), times the owned ``GradScaler``'s scale if
-        there is one. Names are the model's (``model=``), else
+        there is one; where weights given to :meth:`backward` are scale-free (owned scaler,
+        sums in ``.grad``), divided by the window's first weight. Names are the model's (``model=``), else
         ``"param_groups[i]['params'][j]"``. The tensors are detached views of the live
         sums: read-only, valid until the window changes. No host synchronisation.
         """
@@ -616,9 +665,13 @@ class AccumulatingOptimizer(Optimizer):
                 "noise": self._noise, "scaler": self._guard.scaler, "scheduler": self.scheduler}
 
     def _signature(self) -> dict[str, Any]:
+        names = None
+        if self._names is not None:
+            labels = self._labels()
+            names = [labels[id(p)] for g in self.param_groups for p in g["params"]]
         return checkpoint.signature(self.optimizer, mode=self._store.mode, k=self._window.schedule.describe(),
                                     scaler=self._guard.scaler is not None, scheduler=self.scheduler,
-                                    lr_scaling=self._window.lr_scaling_rule)
+                                    lr_scaling=self._window.lr_scaling_rule, names=names)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe).
@@ -631,6 +684,12 @@ class AccumulatingOptimizer(Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        if self._store.has_fresh_grads() or (self._backward_weight is not None and self._backward_ref is None):
+            raise RuntimeError(
+                "state_dict() between backward() and step(): this micro-batch's gradient is in .grad, outside "
+                "the accumulation buffers, and a checkpoint cannot resume it. Call state_dict() (or save()) "
+                "after opt.step()."
+            )
         self._sync.consolidate(self._store, self._window)
         sd = self.optimizer.state_dict()
         acc: dict[str, Any] = {"format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION,
@@ -651,7 +710,8 @@ class AccumulatingOptimizer(Optimizer):
         """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only.
 
         Everything is validated before anything changes (``ValueError``, optimizer
-        unchanged); the argument is neither mutated nor aliased.
+        unchanged); the argument is neither mutated nor aliased. Each component checks
+        its own entry (see :mod:`accumopt.checkpoint`); legacy or unsigned entries are refused.
         """
         sd: Any = state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -681,6 +741,7 @@ class AccumulatingOptimizer(Optimizer):
         self._stepped = bool(acc.get("stepped", False))
         pre = acc.get("pre_weight")
         self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
+        self._backward_ref = None if pre is None else self._window.unit()  # in .grad (in-place sums only)
         self._sync.set(self._window.next_is_last)
         for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
             load_post_hook(self)
@@ -692,24 +753,43 @@ class AccumulatingOptimizer(Optimizer):
             if not isinstance(acc, Mapping):
                 raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} "
                                  "(expected a dict)")
+            checkpoint.check_header(acc)  # legacy or unsigned entries cannot be checked: refused
             for key in ("window", "sums", "stats"):
                 if key not in acc:
                     raise ValueError(f"Invalid state dict: accumulation entry lacks {key!r}")
-            if "signature" in acc or acc.get("version", 1) >= checkpoint.STATE_VERSION:
-                checkpoint.compare_signatures(acc.get("signature"), self._signature())
+            checkpoint.compare_signatures(acc.get("signature"), self._signature())
             for key, component in self._components().items():
                 state = acc.get(key)
                 if key == "scheduler":
                     if state is not None and not isinstance(state, Mapping):
                         raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
                                          "(expected a dict)")
+                    if state is None and component is not None:
+                        raise ValueError("Invalid state dict: the scheduler entry is None (this optimizer owns a "
+                                         f"{type(component).__name__}: its state would not be restored)")
                 elif key == "scaler":
+                    if state is None and component is not None:
+                        raise ValueError("Invalid state dict: the scaler entry is None (this optimizer owns a "
+                                         "GradScaler: its scale would not be restored)")
                     if state is not None:
                         LossScaler.validate_state_dict(state)  # also without an owned scaler
+                elif key == "noise" and component is not None and state is not None:
+                    component.validate_state_dict(state, closed=acc["window"]["closed"])  # after the window's
                 elif component is not None and (state is not None or key in ("window", "sums", "stats")):
                     component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
-            if acc.get("pre_weight") is not None:
-                check_state_scalar("pre_weight", acc["pre_weight"])
+            stepped = acc.get("stepped", False)
+            if not isinstance(stepped, bool):
+                raise ValueError(f"Invalid state dict: 'stepped' is {stepped!r} (expected True or False)")
+            pre = acc.get("pre_weight")
+            if pre is not None:
+                check_state_scalar("pre_weight", pre)
+                value = float(pre.detach().double().cpu().reshape(())) if isinstance(pre, Tensor) else float(pre)
+                if not (math.isfinite(value) and value >= 0):
+                    raise ValueError(f"Invalid state dict: 'pre_weight' is {value!r} (expected a finite weight >= 0)")
+                if not self._store.has_inplace():
+                    raise ValueError("Invalid state dict: 'pre_weight' (a weight given to backward() before the "
+                                     "state was taken) with every parameter buffered (its gradient is not in "
+                                     "the state)")
         labels = self._labels(quote=True)
         checkpoint.validate_state_shapes(sd, self.param_groups, lambda i, j: labels[id(self.param_groups[i]["params"][j])])
 
@@ -757,7 +837,9 @@ class AccumulatingOptimizer(Optimizer):
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             return None
-        if self._guard.scaler is not None:
+        if self._guard.scaler is not None or "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:
+            # Owned scaler, or an external ``scaler.step(opt, closure)`` (the closure passed positionally
+            # slips past GradScaler's own keyword check): the closure's backward would be unscaled.
             raise ValueError("Closures are not supported with a GradScaler (GradScaler refuses closures too)")
         with torch.enable_grad():
             return closure()
@@ -776,12 +858,24 @@ class AccumulatingOptimizer(Optimizer):
 
     def _take_weight(self, weight: "float | Tensor | None") -> "tuple[float | Tensor, bool]":
         """This micro-batch's weight, and whether it is already in ``.grad`` (given to ``backward()``)."""
-        in_grad, self._backward_weight = self._backward_weight, None
-        if weight is not None or in_grad is not None:
+        given, self._backward_weight = self._backward_weight, None
+        ref, self._backward_ref = self._backward_ref, None
+        if weight is not None or given is not None:
             self._window.weighted = True  # totals may now differ across ranks (see sync.reduce)
+        if given is not None and ref is not None:
+            return given, True
+        window_ref = self._window.ref
+        if window_ref is not None and not _is_one(window_ref) and self._store.has_inplace():
+            raise ValueError(
+                "Invalid weight: a micro-batch whose loss was not weighted with opt.backward(loss, weight=...) in a "
+                "window whose first micro-batch was; its gradient is already summed into .grad in another unit. "
+                "Call opt.backward(loss, weight=n) for every micro-batch of the window (weight=1 for the others)."
+            )
+        if self._store.has_inplace() and window_ref is None:
+            self._window.ref = 1.0  # a plain first micro-batch: the window's sums are in units of 1
         if weight is not None:  # _check_step_weight already refused a weight given to backward() too
             return weight, False
-        return (1.0, False) if in_grad is None else (in_grad, True)
+        return (1.0, False) if given is None else (given, False)  # given: applied to the buffers now
 
     def _step_scheduler(self, metric: float | None = None) -> None:
         """Step the scheduler after an applied update; ``metric``: the window's mean loss, read with the update."""
@@ -803,6 +897,13 @@ class AccumulatingOptimizer(Optimizer):
                     label = labels[id(p)]
                     return f"parameter {label}" if label.startswith(("'", '"')) else label
         return "a parameter"
+
+
+def _ratio(weight: "float | Tensor", ref: "float | Tensor") -> "float | Tensor":
+    """``weight / ref`` (no operation when ``ref`` is the number 1; a device division otherwise)."""
+    if isinstance(ref, float) and ref == 1.0:
+        return weight
+    return weight / ref
 
 
 def _times(factor: "float | Tensor", weight: "float | Tensor") -> "float | Tensor":

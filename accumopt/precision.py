@@ -286,6 +286,14 @@ class NonFiniteGuard:
         if not isinstance(state, Mapping) or not (state.get("dropped") is None or
                                                   isinstance(state.get("dropped"), Tensor)):
             raise ValueError("Invalid state dict: malformed 'precision' entry")
+        dropped = state.get("dropped")
+        if dropped is not None:
+            if dropped.numel() != 1 or not dropped.is_floating_point():
+                raise ValueError(f"Invalid state dict: precision['dropped'] is a tensor of shape "
+                                 f"{tuple(dropped.shape)} and dtype {dropped.dtype} (expected a float scalar)")
+            value = float(dropped.detach().double().cpu().reshape(()))  # load time: a read is fine
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Invalid state dict: precision['dropped'] is {value!r} (expected a flag in [0, 1])")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.validate_state_dict(state)

@@ -167,6 +167,28 @@ class KSchedule:
     def state_dict(self) -> dict[str, Any] | None:
         return self.spec.state_dict() if self.kind == "object" else None
 
+    def validate_window(self, k: int, count: int, epoch: int, closed: int) -> None:
+        """Raise ``ValueError`` unless a saved window's K can come from this schedule.
+
+        A constant K must be that K; a list or mapping must give one of its values, and,
+        between windows, the one for the saved position. Callables and schedule objects
+        are not called here (they may count their calls).
+        """
+        if self.kind == "constant":
+            if k != int(self.spec):
+                raise ValueError(f"Invalid state dict: window['k'] is {k} (expected the constant "
+                                 f"accumulation_steps {int(self.spec)})")
+        elif self.kind in ("list", "mapping"):
+            values = sorted({v for _, v in self._points})
+            if k not in values:
+                raise ValueError(f"Invalid state dict: window['k'] is {k} (expected one of the schedule's values "
+                                 f"{values})")
+            if count == 0:
+                expected = self(epoch, closed)
+                if k != expected:
+                    raise ValueError(f"Invalid state dict: window['k'] is {k} at epoch {epoch} after {closed} "
+                                     f"windows (the schedule gives {expected})")
+
     def validate_state_dict(self, state: Any) -> None:
         if self.kind == "object" and state is not None:
             self.spec.validate_state_dict(state)
@@ -270,7 +292,8 @@ class LRScaling:
         return {"rule": self.rule, "k_ref": self.k_ref, "factor": self.factor,
                 "base": list(self.base), "applied": list(self.applied)}
 
-    def validate_state_dict(self, state: Any) -> None:
+    def validate_state_dict(self, state: Any, k: int | None = None) -> None:
+        """Raise ``ValueError`` unless ``state`` fits (and, given the window's ``k``, its factor is K's)."""
         if not isinstance(state, Mapping) or any(k not in state for k in ("k_ref", "factor", "base", "applied")):
             raise ValueError("Invalid state dict: malformed window['lr_scaling'] entry")
         n = len(self.param_groups)
@@ -282,6 +305,15 @@ class LRScaling:
         check_state_number("window['lr_scaling']['factor']", state["factor"])
         for x in state["base"] + state["applied"]:
             check_state_number("a learning rate in window['lr_scaling']", x)
+        if state.get("rule", self.rule) != self.rule:
+            raise ValueError(f"Invalid state dict: window['lr_scaling']['rule'] is {state['rule']!r} "
+                             f"(expected {self.rule!r})")
+        if k is not None:
+            ratio = k / state["k_ref"]
+            expected = ratio if self.rule == "linear" else math.sqrt(ratio)
+            if not math.isclose(state["factor"], expected, rel_tol=1e-12):
+                raise ValueError(f"Invalid state dict: window['lr_scaling']['factor'] is {state['factor']!r} "
+                                 f"(expected {expected!r} for K={k} and k_ref={state['k_ref']})")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.k_ref = int(state["k_ref"])
@@ -312,6 +344,9 @@ class Window:
         self.total: float | Tensor = 0.0  # their summed weight
         self.open_ended = False  # only flush() closes it (MicroBatcher: one batch, one window)
         self.weighted = False  # any explicit micro-batch weight so far (sticky for the run)
+        # Scale-free weights: micro-batch weights in .grad are relative to this reference (the window's first
+        # weight; None until fixed), so the sums hold sum(w_i g_i) / ref. The boundary multiplies ref back.
+        self.ref: float | Tensor | None = None
         self.k = schedule(0, 0)
         self.lr_scaling = None
         if lr_scaling is not None:
@@ -332,9 +367,19 @@ class Window:
         """Whether the next micro-batch closes the window."""
         return not self.open_ended and self.count + 1 >= self.k
 
+    def unit(self) -> "float | Tensor":
+        """The reference weight of the sums (1 unless scale-free weights fixed another)."""
+        return 1.0 if self.ref is None else self.ref
+
     def grad_factor(self) -> "float | Tensor":
         """What the window's sum is multiplied by to give the applied gradient."""
-        return self.inv_total() if self.reduction == "mean" else 1.0
+        factor = self.inv_total() if self.reduction == "mean" else 1.0
+        ref = self.ref
+        if ref is None or (not isinstance(ref, Tensor) and ref == 1.0):
+            return factor
+        if isinstance(ref, Tensor):
+            return ref * factor if isinstance(factor, Tensor) else ref * float(factor)
+        return factor * ref
 
     def inv_total(self) -> "float | Tensor":
         if isinstance(self.total, Tensor):
@@ -344,6 +389,7 @@ class Window:
     def close(self) -> None:
         self.count = 0
         self.total = 0.0
+        self.ref = None
         self.closed += 1
         self._set_k(self.schedule(self.epoch, self.closed))
 
@@ -351,6 +397,7 @@ class Window:
         """Forget the pending micro-batches without closing the window (the caller resets the sums)."""
         self.count = 0
         self.total = 0.0
+        self.ref = None
 
     def _set_k(self, k: int) -> None:
         self.k = k
@@ -375,6 +422,8 @@ class Window:
         total = self.total
         out: dict[str, Any] = {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
                                "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
+        ref = self.ref
+        out["ref"] = ref.detach().clone() if isinstance(ref, Tensor) else ref
         schedule_state = self.schedule.state_dict()
         if schedule_state is not None:
             out["schedule"] = schedule_state
@@ -391,15 +440,39 @@ class Window:
                 raise ValueError(f"Invalid state dict: window entry lacks {key!r}")
             check_state_number(f"window[{key!r}]", state[key], integer=True, minimum=minimum)
         check_state_scalar("window['total']", state.get("total"))
+        count, k = state["count"], state["k"]
+        if count >= k:
+            raise ValueError(f"Invalid state dict: window['count'] is {count} with window['k'] {k} (expected "
+                             "0 <= count < k: a full window is applied before the state is taken)")
+        self.schedule.validate_window(k, count, state["epoch"], state["closed"])
+        total = state["total"]
+        value = float(total.detach().double().cpu().reshape(())) if isinstance(total, Tensor) else float(total)
+        if isinstance(total, Tensor) and (total.is_complex() or not total.is_floating_point()):
+            raise ValueError(f"Invalid state dict: window['total'] has dtype {total.dtype} (expected a float)")
+        if not math.isfinite(value) or value < 0 or (count == 0 and value != 0):
+            raise ValueError(f"Invalid state dict: window['total'] is {value!r} with {count} micro-batches pending "
+                             "(expected the finite, non-negative sum of their weights; 0 with none pending)")
+        ref = state.get("ref")
+        if ref is not None:
+            check_state_scalar("window['ref']", ref)
+            r = float(ref.detach().double().cpu().reshape(())) if isinstance(ref, Tensor) else float(ref)
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference "
+                                 "weight > 0)")
         self.schedule.validate_state_dict(state.get("schedule"))
-        if self.lr_scaling is not None and state.get("lr_scaling") is not None:
-            self.lr_scaling.validate_state_dict(state["lr_scaling"])
+        if self.lr_scaling is not None:
+            if state.get("lr_scaling") is None:
+                raise ValueError("Invalid state dict: window entry lacks 'lr_scaling' (this optimizer scales "
+                                 "the learning rate with K)")
+            self.lr_scaling.validate_state_dict(state["lr_scaling"], k)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors are taken as given: the caller copies them)."""
         self.validate_state_dict(state)
         self.epoch, self.closed, self.count, self.k = (int(state[k]) for k in ("epoch", "closed", "count", "k"))
         self.total = state["total"]
+        ref = state.get("ref")
+        self.ref = ref if isinstance(ref, Tensor) or ref is None else float(ref)
         self.schedule.load_state_dict(state.get("schedule"))
         if self.lr_scaling is not None and state.get("lr_scaling") is not None:
             self.lr_scaling.load_state_dict(state["lr_scaling"])

@@ -22,13 +22,24 @@ Both reduce gradients as a *mean over ranks* (DDP's convention), and the window'
 weight total is averaged the same way (one 1-element ``all_reduce`` per update), so
 the update is ``sum_r sum_i w_ri g_ri / sum_r sum_i w_ri``: exact with uneven
 sample weights across ranks. A partial window at ``flush()`` (whose last backward
-did not synchronise) is reduced explicitly, once. Non-finite checks run on the
+did not synchronise) is reduced explicitly, once.
+
+DDP decides when a *forward* runs whether the backward of its output will reduce.
+When forwards run ahead of their backwards (all forwards of a window first, or a
+prefetching loop), the closing backward's forward ran before the wrapper switched
+synchronisation on, and DDP does not reduce. A forward pre-hook on the DDP module
+records, for each forward, whether it ran with synchronisation on; micro-steps
+take these records in order, and a window whose closing micro-batch's forward did
+not synchronise is reduced explicitly at the boundary (host bookkeeping only, no
+device read). Reducing a window that DDP already reduced is harmless (the mean of
+identical values), so when in doubt the wrapper reduces. Non-finite checks run on the
 reduced gradient, which is bit-identical on every rank, so every rank takes the
 same decision.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -75,6 +86,11 @@ class GradSync:
                 "reduce_dtype=torch.float32))), or accumulate_dtype equal to the parameter dtype."
             )
         self._armed = False  # whether the next backward synchronises
+        # DDP: whether each forward since ran with synchronisation on (its backward reduces), oldest first,
+        # and the record taken by the current micro-step (None: no forward seen through the model).
+        self._forwards: deque[bool] = deque()
+        self._this_forward: bool | None = None
+        self._hook = model.register_forward_pre_hook(self._on_forward) if self.kind == "ddp" else None
         self._native_key: tuple[int, bool] | None = None
         self._reduced_window = -1  # index of the window already reduced
         self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
@@ -124,6 +140,17 @@ class GradSync:
             self.model.set_requires_gradient_sync(flag)
         self._armed = flag
 
+    def _on_forward(self, module: torch.nn.Module, args: Any) -> None:
+        """DDP forward pre-hook: remember whether this forward's backward will reduce (DDP reads the flag now)."""
+        if torch.is_grad_enabled():  # DDP prepares its reduction only then
+            if len(self._forwards) > 256:  # forwards that never reach a step(): the pairing is lost
+                self._forwards.clear()
+            self._forwards.append(bool(getattr(module, "require_backward_grad_sync", False)))
+
+    def end_micro_batch(self) -> None:
+        """A micro-step ends: take the record of its forward (forwards and micro-steps pair in order)."""
+        self._this_forward = self._forwards.popleft() if self._forwards else None
+
     def prepare_flush(self) -> None:
         """The window is about to close without a synchronising backward (``flush()``)."""
         self._armed = False
@@ -137,9 +164,10 @@ class GradSync:
         of the ranks' totals (a device tensor), so ``sum / total`` is the global
         weighted mean.
         """
+        self._forwards.clear()  # records left over (forwards that reached no step()) must not pair later
         if not self.distributed or self._reduced_window == window.closed:
             return
-        if not (self.native and self._armed):
+        if not (self.native and self._armed and (self.kind == "fsdp" or self._this_forward is True)):
             if self.kind == "fsdp":
                 raise RuntimeError(
                     f"Cannot apply a partial window of {window.count} micro-batches with FSDP2: FSDP2 holds the "

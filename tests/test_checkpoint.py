@@ -581,3 +581,92 @@ def test_state_without_noise_estimate_loads_into_a_wrapper_that_estimates():
     other = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3, noise_scale=True)
     other.load_state_dict(sd)
     assert other.pending == 1 and tree_equal(other.state_dict()["accumulation"]["sums"], sd["accumulation"]["sums"])
+
+
+# ------------------------------------------------------------- saving at the edges
+def test_save_creates_missing_parent_folders(tmp_path):
+    _, opt = _trained()
+    path = tmp_path / "run" / "nested" / "ck.pt"
+    opt.save(path)
+    _, other = _fresh()
+    other.load(path)
+    assert tree_equal(other.state_dict()["accumulation"]["sums"], opt.state_dict()["accumulation"]["sums"])
+
+
+def test_save_under_a_file_names_the_users_folder(tmp_path):
+    _, opt = _trained()
+    (tmp_path / "blocker").write_text("not a folder")
+    with pytest.raises(OSError) as info:
+        opt.save(tmp_path / "blocker" / "ck.pt")
+    assert "blocker" in str(info.value) and "accumopt-tmp" not in str(info.value)
+
+
+def _weighted_run(mode: str, cut: int | None, data, weights, k: int = 3):
+    """Micro-batches with ``opt.backward(loss, weight=w)``; at ``cut`` the state is taken between backward()
+    and step() and resumed in a fresh wrapper, which then calls that step()."""
+    model, opt = build(dict(dtype=torch.float64, mode=mode, scaler=False, k=k, optim="adamw"))
+    for i, ((x, y), w) in enumerate(zip(data, weights)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.backward(loss, weight=w)
+        if i == cut:
+            sd = copy.deepcopy(opt.state_dict())
+            grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+            model_sd = copy.deepcopy(model.state_dict())
+            model, opt = build(dict(dtype=torch.float64, mode=mode, scaler=False, k=k, optim="adamw"))
+            model.load_state_dict(model_sd)
+            opt.load_state_dict(sd)
+            for p, g in zip(model.parameters(), grads):
+                assert tree_equal(p.grad, g)  # the pending micro-batch's gradient is part of the state
+        opt.step(loss=loss.detach())
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4])
+def test_state_between_backward_and_step_inplace_includes_the_micro_batch(cut):
+    """In-place sums: the state holds .grad (the pending micro-batch included) and the weight given to
+    backward(); resuming and calling that step() equals the uninterrupted run bitwise."""
+    data = make_data(7, torch.float64)
+    weights = [5.0, 2.0, 3.0, 7.0, 5.0, 1.0, 4.0]
+    ref, ref_opt = _weighted_run("inplace", None, data, weights)
+    got, got_opt = _weighted_run("inplace", cut, data, weights)
+    for p, q in zip(got.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert tree_equal(got_opt.stats()["effective_batch"], ref_opt.stats()["effective_batch"])
+
+
+def test_state_between_backward_and_step_buffered_is_refused_and_loses_nothing():
+    """Buffered: the micro-batch's gradient is outside the buffers; state_dict() raises, and the run goes on
+    exactly as if it had not been called."""
+    data = make_data(7, torch.float64)
+    weights = [5.0, 2.0, 3.0, 7.0, 5.0, 1.0, 4.0]
+    ref, _ = _weighted_run("buffered", None, data, weights)
+    model, opt = build(dict(dtype=torch.float64, mode="buffered", scaler=False, k=3, optim="adamw"))
+    for i, ((x, y), w) in enumerate(zip(data, weights)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.backward(loss, weight=w)
+        with pytest.raises(RuntimeError, match="between backward\\(\\) and step\\(\\)"):
+            opt.state_dict()
+        opt.step(loss=loss.detach())
+        opt.state_dict()  # after step(): fine
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("last_applied", [True, False])
+def test_stepped_is_restored_by_a_load(last_applied):
+    model, opt = build(dict(dtype=torch.float64, mode="inplace", scaler=False, k=2, optim="sgd"))
+    data = make_data(4 if last_applied else 3, torch.float64)
+    for x, y in data:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert opt.stepped is last_applied
+    sd = copy.deepcopy(opt.state_dict())
+    other_model, other = build(dict(dtype=torch.float64, mode="inplace", scaler=False, k=2, optim="sgd"))
+    for x, y in make_data(1 if last_applied else 2, torch.float64, seed=3):  # the other flag before the load
+        torch.nn.functional.mse_loss(other_model(x), y).backward()
+        other.step()
+    assert other.stepped is not last_applied
+    other.load_state_dict(sd)
+    assert other.stepped is last_applied

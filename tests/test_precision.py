@@ -483,3 +483,104 @@ def test_gradscaler_private_members_used_by_the_adapter_still_exist() -> None:
     assert state["stage"] is OptState.UNSCALED and set(found) == {torch.device("cpu")}
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+
+
+# ------------------------------------------------- micro-batch weights and the loss dtype
+def _fp16_skipped_windows(weight: float, setup: str) -> tuple[int, float]:
+    """Skipped windows out of 24 (K=4) and the final scale, fp16 on CPU with an owned GradScaler."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    fp16_params = setup.startswith("fp16 params")
+    if fp16_params:
+        model = model.half()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=6)
+    mode = "buffered" if setup.endswith("buffered") else "inplace"
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), 4, scaler=scaler, mode=mode)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(96):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        if fp16_params:
+            out = model(x.half())
+        else:
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(x)
+        opt.backward(torch.nn.functional.mse_loss(out.float(), y), weight=weight)
+        opt.step()
+    assert opt.num_updates + opt.stats()["skipped_updates"] == 24
+    return opt.stats()["skipped_updates"], scaler.get_scale()
+
+
+@pytest.mark.parametrize("setup", ["autocast fp32 params inplace", "fp16 params inplace", "fp16 params buffered"])
+def test_large_micro_batch_weights_do_not_overflow_fp16(setup: str) -> None:
+    """Token counts in the thousands: the loss scale sees numbers near 1 whatever the unit of the weights.
+
+    Multiplying the scaled loss by the weight overflowed fp16 (0, 2, 6 and 9 skipped windows out of 24 for
+    weights 1, 16, 512, 4096 here, and the scale collapsed to 32).
+    """
+    runs = {w: _fp16_skipped_windows(w, setup) for w in (1.0, 16.0, 512.0, 4096.0)}
+    skipped = {w: r[0] for w, r in runs.items()}
+    assert skipped[4096.0] <= skipped[1.0] + 1, skipped
+    assert all(r[1] >= runs[1.0][1] / 2 for r in runs.values()), runs
+
+
+def _bf16_weighted(mode: str, scaler: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """bf16 parameters and loss, weights 1001 and 999 (K=3; the third micro-batch has weight 0):
+    the fp32 sums after two micro-batches, the applied gradients, and the float64 references
+    ``1001 g1 + 999 g2`` built from the same bf16 micro-batch gradients."""
+    model = make_model(torch.bfloat16, seed=3)
+    params = list(model.parameters())
+    x, y = make_data(6, torch.bfloat16, seed=4)
+    bf16_loss = lambda i: (model(x[2 * i:2 * i + 2]) - y[2 * i:2 * i + 2]).pow(2).mean()  # noqa: E731
+    assert bf16_loss(0).dtype == torch.bfloat16
+    grads = [torch.autograd.grad(bf16_loss(i), params) for i in range(2)]
+    ref = [1001.0 * a.double() + 999.0 * b.double() for a, b in zip(*grads)]
+    inner = torch.optim.SGD(params, lr=0.0)
+    applied: list[torch.Tensor] = []
+    inner.register_step_pre_hook(lambda o, a, kw: applied.extend(p.grad.clone() for p in params))
+    opt = AccumulatingOptimizer(inner, 3, mode=mode,
+                                scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None)
+    for i, w in enumerate((1001.0, 999.0)):
+        opt.backward(bf16_loss(i), weight=w)
+        opt.step()
+    scale = opt.scaler.get_scale() if scaler else 1.0
+    sums = [t.clone() / scale for t in opt.accumulated_gradients().values()]
+    opt.backward(bf16_loss(2), weight=0.0)
+    opt.step()
+    return sums, applied, ref
+
+
+@pytest.mark.parametrize("mode", ["inplace", "buffered"])
+@pytest.mark.parametrize("scaler", [False, True])
+def test_bf16_loss_weights_are_not_rounded_to_bf16(mode: str, scaler: bool) -> None:
+    """``backward(loss, weight=1001)`` with a bf16 loss: 1001 is not rounded to 1000 (1e-3 off) on its way.
+
+    The fp32 sum is the float64 one to fp32 precision, and the applied bf16 gradient is one rounding
+    of the exact weighted mean.
+    """
+    sums, applied, ref = _bf16_weighted(mode, scaler)
+    assert len(sums) == len(applied) == len(ref)
+    for s, c, r in zip(sums, applied, ref):
+        assert s.dtype == torch.float32
+        assert rel(s, r) <= 1e-6, rel(s, r)
+        assert c.dtype == torch.bfloat16
+        assert _within_half_ulp(c, r / 2000.0)
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_closure_passed_positionally_through_scaler_step_is_refused(owned: bool) -> None:
+    """``scaler.step(opt, closure)`` slips past GradScaler's keyword check; the wrapper refuses it, uncalled."""
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu")
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered",
+                                scaler=scaler if owned else None)
+    x, y = make_data(4)
+    calls: list[int] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        return loss_fn(model, x, y)
+
+    scaler.scale(loss_fn(model, x, y)).backward()
+    with pytest.raises(ValueError, match="Closures are not supported with a GradScaler"):
+        scaler.step(opt, closure)
+    assert calls == [] and opt.pending == 0

@@ -357,3 +357,51 @@ def test_zero_grad_forgets_weight_of_cleared_gradient():
     opt.backward(F.mse_loss(acc(x), y), weight=4)
     opt.step()
     assert max(_rel(p, q) for p, q in zip(acc.parameters(), ref.parameters())) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["inplace", "buffered"])
+@pytest.mark.parametrize("weight_kind", ["number", "tensor"])
+def test_scale_free_weights_with_owned_scaler_equal_large_batch(mode, weight_kind):
+    """Owned GradScaler: the loss is multiplied by w / w_ref (in-place sums) or not at all (buffers); the update
+    is still the token-weighted large batch, in float64 to 1e-10, with weights of very different sizes."""
+    sizes = [3, 1, 5, 2]
+    tokens = [4096.0, 1.0, 523.0, 16.0]  # weights of the micro-batches, not their sizes
+    model = _model(11)
+    g = torch.Generator().manual_seed(12)
+    n = sum(sizes)
+    batches = [(torch.randn(n, 5, generator=g, dtype=DT), torch.randn(n, 3, generator=g, dtype=DT)) for _ in range(3)]
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
+    for x, y in batches:  # sum_i t_i mean_i / sum_i t_i, computed directly
+        ref_opt.zero_grad()
+        losses = [F.mse_loss(ref(xs), ys) * t for xs, ys, t in zip(x.split(sizes), y.split(sizes), tokens)]
+        (sum(losses) / sum(tokens)).backward()
+        ref_opt.step()
+    acc = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    opt = AccumulatingOptimizer(torch.optim.AdamW(acc.parameters(), lr=0.05, weight_decay=0.1), len(sizes),
+                                mode=mode, scaler=scaler)
+    for x, y in batches:
+        for xs, ys, t in zip(x.split(sizes), y.split(sizes), tokens):
+            opt.backward(F.mse_loss(acc(xs), ys), weight=t if weight_kind == "number" else torch.tensor(t))
+            opt.step()
+            opt.zero_grad()
+    assert opt.num_updates == 3 and scaler.get_scale() == 2.0**13
+    assert _deviation(acc, opt, ref, ref_opt) <= TOL
+
+
+def test_unweighted_backward_after_a_weighted_first_micro_batch_is_refused_in_place():
+    """Scale-free in-place sums are relative to the window's first weight: a raw loss.backward() later in the
+    window cannot be placed in that unit, and is refused with the fix; opt.backward(loss) counts 1."""
+    model = _model(2)
+    x = torch.randn(4, 5, dtype=DT)
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3,
+                                scaler=torch.amp.GradScaler("cpu", init_scale=4.0))
+    opt.backward(model(x).sum(), weight=7.0)
+    opt.step()
+    opt.backward(model(x).sum())  # no weight: counts 1, placed in the window's unit
+    opt.step()
+    assert opt.pending == 2
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match=r"opt.backward\(loss, weight=n\)"):
+        opt.step()
