@@ -34,6 +34,7 @@ from ._checks import check_state_scalar, weight_dtype
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
+from .misuse import MisuseDetector
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
@@ -249,6 +250,9 @@ class AccumulatingOptimizer(Optimizer):
         self._backward_weight: float | Tensor | None = None  # summed weights given to backward() this micro-batch
         self._stepped = False
         self._sync.set(self._window.next_is_last)
+        self._misuse = MisuseDetector(optimizer, store, window, sync, stats, scheduler)
+        self._misuse.attach(self)  # a window still pending when the wrapper goes: a warning naming flush()
+        self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
 
     # ------------------------------------------------------------------ the loop
     def step(self, closure: Callable[[], Any] | None = None, *, weight: "float | Tensor | None" = None,
@@ -284,6 +288,7 @@ class AccumulatingOptimizer(Optimizer):
         result = self._run_closure(closure)
         if loss is None and result is None and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(_PLATEAU_NEEDS_LOSS)  # before any change
+        self._misuse.on_micro_step(self)  # .grad cleared behind our back, schedulers, clipping, model.to()
         weight, weight_in_grad = self._take_weight(weight)
         found_inf = getattr(self, "found_inf", None)  # set by an external ``scaler.step(opt)``
         factor, found = self._guard.micro_factor(found_inf, getattr(self, "grad_scale", None), self._store.micro_grads)
@@ -305,6 +310,7 @@ class AccumulatingOptimizer(Optimizer):
         if self._window.full:
             self._update()
         self._sync.set(self._window.next_is_last)
+        self._misuse.after_micro_step()
         return result
 
     def _update(self) -> None:
@@ -685,10 +691,15 @@ class AccumulatingOptimizer(Optimizer):
         # *this* object): a copy must not call back into the original. torch drops it the same way.
         state.pop("step", None)
         state.pop("_opt_called", None)
+        # Mid-window in-place sums live in the parameters' .grad, which copies of parameters leave behind.
+        state["_carried_grads"] = self._misuse.carry()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        grads = state.pop("_carried_grads", None)
         self.__dict__.update(state)
+        self._misuse.restore(grads)
+        self._misuse.attach(self)
 
     def __repr__(self) -> str:
         return (f"AccumulatingOptimizer(accumulation_steps={self._window.k}, mode={self._store.mode!r}, "
