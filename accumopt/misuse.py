@@ -138,6 +138,7 @@ class MisuseDetector:
         if self.scheduler is not None and self.scheduler.last_epoch - self.stats.updates > self._offset:
             self._report("scheduler", _SCHEDULER_GIVEN.format(name=type(self.scheduler).__name__))
         if self.window.count == 0:  # a new window: nothing of it can have been lost yet
+            self._seen = None
             if self.store.layout_changed():
                 self.store.replan()
                 self._plan()
