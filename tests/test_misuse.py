@@ -225,6 +225,17 @@ def test_bf16_after_wrapping_sums_in_fp32_again():
     err = float((grads[0].double() - reference / k).abs().max() / (reference / k).abs().max())
     assert err <= 2.0 ** -8  # summed in bf16 it was 6e-2
 
+    # Bitwise what a wrapper built on the bf16 model gives (fp32 buffers planned from the start).
+    torch.manual_seed(0)
+    planned = torch.nn.Linear(64, 16, bias=False).to(torch.bfloat16)
+    opt2 = AccumulatingOptimizer(torch.optim.SGD(planned.parameters(), lr=1.0), k)
+    opt2.register_step_pre_hook(lambda o, a, kw: grads.append(planned.weight.grad.clone()))
+    for x in xs:
+        planned(x).sum().backward()
+        opt2.step()
+        opt2.zero_grad()
+    assert torch.equal(grads[1], grads[0])
+
 
 # ------------------------------------------------------------------ copies mid-window
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
