@@ -62,6 +62,11 @@ class _Counter:
         self.n += 1
 
 
+def _count_accumulations(param: Tensor, counter: _Counter) -> RemovableHandle:
+    handle: RemovableHandle = param.register_post_accumulate_grad_hook(counter)  # type: ignore[no-untyped-call]
+    return handle
+
+
 def _release(window: Window, hooks: list[RemovableHandle]) -> None:
     """The wrapper is gone (or the interpreter exits): say so if its window was pending; drop the hook."""
     for handle in hooks:
@@ -124,7 +129,7 @@ class MisuseDetector:
             self._hooks.clear()
         self._sentinel = sentinel
         if sentinel is not None and not self._hooks:
-            self._hooks.append(sentinel.register_post_accumulate_grad_hook(self._counter))
+            self._hooks.append(_count_accumulations(sentinel, self._counter))
 
     def attach(self, owner: object) -> None:
         """Warn if ``owner`` (the wrapper) is destroyed, or the program ends, with its window pending."""
@@ -242,7 +247,7 @@ class MisuseDetector:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._sentinel is not None:
-            self._hooks.append(self._sentinel.register_post_accumulate_grad_hook(self._counter))
+            self._hooks.append(_count_accumulations(self._sentinel, self._counter))
         self._s_count = 0
 
 
