@@ -194,13 +194,13 @@ class GradientStore:
     def layout_changed(self) -> bool:
         """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``).
 
-        Host-side attribute reads only (no device access).
+        Host-side attribute reads only (no device access): every parameter's dtype, the
+        device of the first parameter of each group.
         """
         for g in self.groups:
-            dtype, device = g.dtype, g.device
-            for p in g.params:
-                if p.dtype is not dtype or p.device != device:
-                    return True
+            dtype = g.dtype
+            if g.params[0].device != g.device or not all(p.dtype is dtype for p in g.params):
+                return True  # a device move (model.to(device)) moves every parameter: the first one tells
         return False
 
     def replan(self) -> None:

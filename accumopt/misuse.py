@@ -44,6 +44,21 @@ from .sync import GradSync
 __all__ = ["MisuseDetector", "MisuseWarning"]
 
 _grad_of = attrgetter("grad")
+_deref = weakref.ref.__call__  # what a recorded reference points to now (None: gone)
+
+
+class _Gone:
+    pass
+
+
+_gone = _Gone()
+_ABSENT: "weakref.ref[Any]" = weakref.ref(_gone)  # recorded for a parameter without a gradient
+del _gone  # dead from now on: calling it gives None, as for a gradient that was freed
+
+
+def _ref(grad: Tensor | None) -> "weakref.ref[Any]":
+    """A weak reference to ``grad`` (the window's sum must not be kept alive by its watcher)."""
+    return _ABSENT if grad is None else weakref.ref(grad)
 
 
 class MisuseWarning(UserWarning):
@@ -121,7 +136,7 @@ class MisuseDetector:
         """Which parameters sum in ``.grad``; the one whose accumulations are counted (hook moved to it)."""
         self._groups = len(self.store.groups)
         self._params = [p for g in self.store.groups if g.buffers is None for p in g.params]
-        self._seen: list[Tensor | None] | None = None
+        self._seen: list[weakref.ref[Any]] | None = None  # .grad of each, weakly, at the last micro-step
         sentinel = next((p for p in self._params if p.is_leaf and p.requires_grad), None)
         if self._hooks and (sentinel is None or sentinel is not getattr(self, "_sentinel", None)):
             for handle in self._hooks:
@@ -149,10 +164,11 @@ class MisuseDetector:
                 self._plan()
             return
         seen = self._seen
-        if seen is not None and not all(map(is_, map(_grad_of, self._params), seen)):
+        if seen is not None and not all(map(is_, map(_grad_of, self._params), map(_deref, seen))):
             self._check_replaced(seen)
-        grad = None if self._sentinel is None else self._sentinel.grad
-        if grad is not None and grad is self._s_grad and not self.sync.distributed and \
+        grad: Tensor | None = None if self._sentinel is None else self._sentinel.grad
+        same = grad is not None and grad is self._s_grad()
+        if same and grad is not None and not self.sync.distributed and \
                 grad._version - self._s_version > self._counter.n - self._s_count:
             self._report("clip", _CLIPPED)
         lr = _lr_key(self.optimizer.param_groups[0]["lr"])
@@ -162,37 +178,38 @@ class MisuseDetector:
     def after_micro_step(self) -> None:
         """Remember what the next micro-step compares with."""
         if self.window.count and self._seen is None:
-            self._seen = [p.grad for p in self._params]
+            self._seen = [_ref(p.grad) for p in self._params]
         elif not self.window.count:
             self._seen = None
         self._record()
 
     def on_load(self, _owner: Any = None) -> None:
         """The wrapper's own ``load_state_dict`` set ``.grad`` and the counters: they are the window's."""
-        self._seen = [p.grad for p in self._params] if self.window.count else None
+        self._seen = [_ref(p.grad) for p in self._params] if self.window.count else None
         self._record()
 
     def _record(self) -> None:
         grad = None if self._sentinel is None else self._sentinel.grad
-        self._s_grad = grad
+        self._s_grad = _ref(grad)
         self._s_version = 0 if grad is None else grad._version
         self._s_count = self._counter.n
         self._lr = _lr_key(self.optimizer.param_groups[0]["lr"])
         self._offset = 0 if self.scheduler is None else self.scheduler.last_epoch - self.stats.updates
 
     # ------------------------------------------------------------------ checks
-    def _check_replaced(self, seen: list[Tensor | None]) -> None:
+    def _check_replaced(self, seen: list[weakref.ref[Any]]) -> None:
         """Some ``.grad`` is not the tensor of the last micro-step: legitimate, or the window is lost."""
         lost = []
         closing_sync = self.sync.distributed and self.window.next_is_last  # DDP may rebind .grad to its bucket
-        for i, (p, before) in enumerate(zip(self._params, seen)):
-            now = p.grad
-            if now is before or before is None:
-                continue
-            if now is not None and (closing_sync or now.requires_grad or now.is_sparse or before.is_sparse):
+        for i, (p, recorded) in enumerate(zip(self._params, seen)):
+            now, before = p.grad, recorded()
+            if now is before or recorded is _ABSENT:
+                continue  # unchanged, or its first gradient of the window
+            if now is not None and (closing_sync or now.requires_grad or now.is_sparse or
+                                    (before is not None and before.is_sparse)):
                 continue  # backward(create_graph=True) and sparse sums replace .grad out of place, summed
             lost.append(i)
-        self._seen = [p.grad for p in self._params]
+        self._seen = [_ref(p.grad) for p in self._params]
         if lost and "cleared" not in self.reported:
             self.reported.add("cleared")
             p = self._params[lost[0]]
@@ -242,10 +259,13 @@ class MisuseDetector:
         state = self.__dict__.copy()
         state["_hooks"] = []  # the hook and its handle belong to the original's parameter
         state["_counter"] = _Counter()
+        state["_seen"] = None  # weak references: the copy records its own at its next micro-step
+        state["_s_grad"] = None  # set again below
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._s_grad = _ABSENT
         if self._sentinel is not None:
             self._hooks.append(_count_accumulations(self._sentinel, self._counter))
         self._s_count = 0

@@ -310,3 +310,19 @@ def test_correct_loops_emit_no_warning(kind):
         assert opt.pending == 0
         del opt
         gc.collect()
+
+
+def test_the_checks_keep_no_gradient_alive():
+    """The wrapper remembers .grad weakly: after flush() and zero_grad() the window's tensors are freed."""
+    import weakref
+
+    model = make_model()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), K)
+    for b in make_data(2):
+        loss_fn(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.flush()
+    opt.zero_grad()
+    assert all(r() is None for r in refs)
