@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from operator import attrgetter, is_
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from .schedule import Window
 from .stats import Statistics
 from .sync import GradSync
 
-__all__ = ["MisuseDetector", "MisuseWarning"]
+__all__ = ["MisuseDetector", "MisuseWarning", "WeakMethod"]
 
 _grad_of = attrgetter("grad")
 _deref = weakref.ref.__call__  # what a recorded reference points to now (None: gone)
@@ -82,17 +82,55 @@ def _count_accumulations(param: Tensor, counter: _Counter) -> RemovableHandle:
     return handle
 
 
-def _release(window: Window, hooks: list[RemovableHandle]) -> None:
+class WeakMethod:
+    """A bound method called through a weak reference to its object (``{}`` once the object is gone).
+
+    What a component calls back into the wrapper with, so that the wrapper is in no
+    reference cycle and goes (with its pending-window warning) when its last reference
+    does. Picklable and deep-copyable: a copy calls the copy of the object.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, method: Callable[[], dict[str, Any]]) -> None:
+        self._ref = weakref.WeakMethod(method)
+
+    def __call__(self) -> dict[str, Any]:
+        method = self._ref()
+        return {} if method is None else method()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeakMethod, (self._ref(),))
+
+
+class _Pending:
+    """What the end-of-life check needs (never the wrapper): its window, and where a checkpoint caught it."""
+
+    __slots__ = ("window", "saved")
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
+        self.saved: tuple[int, int] | None = None  # (windows closed, micro-batches pending) at the last state_dict()
+
+    def lost(self) -> int:
+        """Micro-batches pending and in no checkpoint (0: nothing lost)."""
+        w = self.window
+        return 0 if not w.count or self.saved == (w.closed, w.count) else w.count
+
+
+def _release(pending: _Pending, hooks: list[RemovableHandle]) -> None:
     """The wrapper is gone (or the interpreter exits): say so if its window was pending; drop the hook."""
     for handle in hooks:
         handle.remove()
     hooks.clear()
-    if window.count:
+    count = pending.lost()
+    if count:
         warnings.warn(
-            f"An AccumulatingOptimizer was destroyed (or the program ended) with {window.count} micro-batch(es) "
+            f"An AccumulatingOptimizer was destroyed (or the program ended) with {count} micro-batch(es) "
             "pending in its accumulation window: their gradients were never applied. Call opt.flush() after the "
             "last micro-batch of an epoch or of training (it applies the partial window, averaged over what it "
-            "saw), or opt.discard() to drop it on purpose.", MisuseWarning, stacklevel=2)
+            "saw), or opt.discard() to drop it on purpose. (A window saved by state_dict() since its last "
+            "micro-batch is not reported: it resumes from the checkpoint.)", MisuseWarning, stacklevel=2)
 
 
 def _lr_key(lr: Any) -> Any:
@@ -127,6 +165,7 @@ class MisuseDetector:
         self.reported: set[str] = set()
         self._hooks: list[RemovableHandle] = []
         self._counter = _Counter()
+        self._pending = _Pending(window)
         self._lr_window: int | None = None  # the window in which the LR last changed mid-window
         self._plan()
         self._record()
@@ -148,7 +187,7 @@ class MisuseDetector:
 
     def attach(self, owner: object) -> None:
         """Warn if ``owner`` (the wrapper) is destroyed, or the program ends, with its window pending."""
-        weakref.finalize(owner, _release, self.window, self._hooks)
+        weakref.finalize(owner, _release, self._pending, self._hooks)
 
     # ------------------------------------------------------------------ the loop
     def on_micro_step(self, owner: Any) -> None:
@@ -182,6 +221,10 @@ class MisuseDetector:
         elif not self.window.count:
             self._seen = None
         self._record()
+
+    def on_save(self, _owner: Any = None, _state: Any = None) -> None:
+        """``state_dict()`` was taken: the pending window is in a checkpoint (no end-of-life warning for it)."""
+        self._pending.saved = (self.window.closed, self.window.count)
 
     def on_load(self, _owner: Any = None) -> None:
         """The wrapper's own ``load_state_dict`` set ``.grad`` and the counters: they are the window's."""

@@ -34,7 +34,7 @@ from ._checks import check_state_scalar, weight_dtype
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
-from .misuse import MisuseDetector
+from .misuse import MisuseDetector, WeakMethod
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
@@ -211,7 +211,7 @@ class AccumulatingOptimizer(Optimizer):
         schedule = KSchedule(accumulation_steps, schedule_by)
         schedule.attach(None if noise is None else noise.value)  # AdaptiveK: no estimate, no wrapper
         window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
-        stats = Statistics(log_every=log_every, report=self.stats)
+        stats = Statistics(log_every=log_every, report=WeakMethod(self.stats))  # no cycle: dies when dropped
         names = None if model is None else parameter_names(model)
         weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
         store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,
@@ -253,6 +253,7 @@ class AccumulatingOptimizer(Optimizer):
         self._misuse = MisuseDetector(optimizer, store, window, sync, stats, scheduler)
         self._misuse.attach(self)  # a window still pending when the wrapper goes: a warning naming flush()
         self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
+        self.register_state_dict_post_hook(self._misuse.on_save)  # a saved window is not lost at exit
 
     # ------------------------------------------------------------------ the loop
     def step(self, closure: Callable[[], Any] | None = None, *, weight: "float | Tensor | None" = None,

@@ -172,10 +172,11 @@ def test_pending_window_warns_when_the_wrapper_is_collected():
         gc.collect()
     flushed = _pending(model)
     flushed.flush()
+    saved = _pending(model)
+    saved.state_dict()  # a mid-window checkpoint (a preempted job): the window resumes from it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        del flushed
-        gc.collect()
+        del flushed, saved  # no reference cycle: they go here, without gc
 
 
 def test_pending_window_warns_at_interpreter_exit():
