@@ -62,6 +62,9 @@ class _Group:
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
     had_grad_all: bool = False
+    # The parameters' dtype and device when the group was planned (see :meth:`GradientStore.layout_changed`).
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
 
     def seen_indices(self) -> list[int] | None:
         """Indices of the buffers that (may have) received a dense gradient this window (None: all)."""
@@ -181,11 +184,35 @@ class GradientStore:
                 buf_dtype = self.accumulate_dtype if p.dtype in _LOW_PRECISION else p.dtype
                 key = (p.device, p.dtype, buf_dtype if buffered else None, weight)
                 keyed.setdefault(key, []).append(p)
-        for (_, dtype, buf_dtype, weight), params in keyed.items():
+        for (device, dtype, buf_dtype, weight), params in keyed.items():
             buffers = None
             if buf_dtype is not None:
                 buffers = [torch.zeros_like(p, dtype=buf_dtype, memory_format=torch.preserve_format) for p in params]
-            self.groups.append(_Group(params, weight, buffers, same_dtype=buf_dtype in (None, dtype)))
+            self.groups.append(_Group(params, weight, buffers, same_dtype=buf_dtype in (None, dtype),
+                                      dtype=dtype, device=device))
+
+    def layout_changed(self) -> bool:
+        """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``).
+
+        Host-side attribute reads only (no device access): every parameter's dtype, the
+        device of the first parameter of each group.
+        """
+        for g in self.groups:
+            dtype = g.dtype
+            if g.params[0].device != g.device or not all(p.dtype is dtype for p in g.params):
+                return True  # a device move (model.to(device)) moves every parameter: the first one tells
+        return False
+
+    def replan(self) -> None:
+        """Plan the storage again for the parameters' current dtypes and devices, between windows.
+
+        bf16/fp16 parameters get ``accumulate_dtype`` buffers again, buffers move to their
+        parameter's device. Call it only with no window pending (the sums are dropped).
+        """
+        self.groups = []
+        self.excluded = []
+        self._drops.clear()
+        self.refresh()
 
     @property
     def params(self) -> Iterator[Tensor]:

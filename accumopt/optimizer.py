@@ -37,6 +37,7 @@ from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
 from .hostread import HostRead
+from .misuse import MisuseDetector, WeakMethod
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
@@ -213,7 +214,7 @@ class AccumulatingOptimizer(Optimizer):
         schedule = KSchedule(accumulation_steps, schedule_by)
         schedule.attach(None if noise is None else noise.value)  # AdaptiveK: no estimate, no wrapper
         window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
-        stats = Statistics(log_every=log_every, report=self.stats)
+        stats = Statistics(log_every=log_every, report=WeakMethod(self.stats))  # no cycle: dies when dropped
         names = None if model is None else parameter_names(model)
         weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
         store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,
@@ -253,6 +254,10 @@ class AccumulatingOptimizer(Optimizer):
         self._backward_ref: float | Tensor | None = None  # .grad holds weight / ref times the gradient (None: 1x)
         self._stepped = False
         self._sync.set(self._window.next_is_last)
+        self._misuse = MisuseDetector(optimizer, store, window, sync, stats, scheduler)
+        self._misuse.attach(self)  # a window still pending when the wrapper goes: a warning naming flush()
+        self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
+        self.register_state_dict_post_hook(self._misuse.on_save)  # a saved window is not lost at exit
 
     # ------------------------------------------------------------------ the loop
     def step(self, closure: Callable[[], Any] | None = None, *, weight: "float | Tensor | None" = None,
@@ -288,6 +293,7 @@ class AccumulatingOptimizer(Optimizer):
         result = self._run_closure(closure)
         if loss is None and result is None and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(_PLATEAU_NEEDS_LOSS)  # before any change
+        self._misuse.on_micro_step(self)  # .grad cleared behind our back, schedulers, clipping, model.to()
         weight, weight_in_grad = self._take_weight(weight)
         found_inf = getattr(self, "found_inf", None)  # set by an external ``scaler.step(opt)``
         factor, found = self._guard.micro_factor(found_inf, getattr(self, "grad_scale", None), self._store.micro_grads)
@@ -311,6 +317,7 @@ class AccumulatingOptimizer(Optimizer):
         if self._window.full:
             self._update()
         self._sync.set(self._window.next_is_last)
+        self._misuse.after_micro_step()
         return result
 
     def _update(self) -> None:
@@ -799,10 +806,15 @@ class AccumulatingOptimizer(Optimizer):
         # *this* object): a copy must not call back into the original. torch drops it the same way.
         state.pop("step", None)
         state.pop("_opt_called", None)
+        # Mid-window in-place sums live in the parameters' .grad, which copies of parameters leave behind.
+        state["_carried_grads"] = self._misuse.carry()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        grads = state.pop("_carried_grads", None)
         self.__dict__.update(state)
+        self._misuse.restore(grads)
+        self._misuse.attach(self)
 
     def __repr__(self) -> str:
         return (f"AccumulatingOptimizer(accumulation_steps={self._window.k}, mode={self._store.mode!r}, "

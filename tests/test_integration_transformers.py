@@ -203,3 +203,29 @@ def test_import_accumopt_imports_no_framework():
             "assert not bad, bad")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "buffered"])
+def test_naive_trainer_setup_raises_or_warns(tmp_path, mode):
+    """``Trainer(optimizers=(AccumulatingOptimizer(...), LambdaLR(...)))`` with the Trainer's accumulation off.
+
+    The Trainer calls ``model.zero_grad()`` after every optimizer step and steps the scheduler on every
+    micro-batch: in-place mode loses the window (raises at the second micro-batch); in buffered mode the
+    sums survive, and the scheduler running K times too fast is reported.
+    """
+    from accumopt.misuse import MisuseWarning
+
+    data = make_data(24, variable=False)
+    model = make_model()
+    opt = AccumulatingOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), K, mode=mode)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: max(0.0, 1.0 - n / 12))
+    trainer = Trainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=1, num_train_epochs=1),
+                      train_dataset=data, compute_loss_func=token_loss, optimizers=(opt, sched))
+    if mode == "inplace":
+        with pytest.raises(RuntimeError, match=r"window was lost.*model\.zero_grad\(\).*Hugging Face Trainer"):
+            trainer.train()
+        assert opt.num_updates == 0
+    else:
+        with pytest.warns(MisuseWarning, match="K times too fast"):
+            trainer.train()
+    opt.discard()
