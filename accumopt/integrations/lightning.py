@@ -22,8 +22,10 @@ What this gives, compared with ``accumulate_grad_batches=K``:
 * ``max_grad_norm`` clips the accumulated window once (``gradient_clip_val``
   would clip every micro-batch's partial sum);
 * the last, partial window of an epoch is averaged over the micro-batches (or
-  weights) it saw and applied at the epoch's end (Lightning divides the short
-  last window by K);
+  weights) it saw and applied after the epoch's last batch, before the epoch-end
+  validation (Lightning divides the short last window by K);
+* validation keeps the pending window (Lightning clears gradients before each
+  validation run, where ``mode="inplace"`` keeps the window's sum);
 * micro-batches weighted by their tokens or samples with
   :class:`WeightedBackwardMixin`;
 * Lightning checkpoints hold the pending window (``optimizer_states``), so a
@@ -35,7 +37,7 @@ Lightning's ``global_step`` and ``max_steps`` count micro-batches here (every
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback
@@ -62,12 +64,26 @@ def accumulating_optimizers(trainer: Any) -> list[AccumulatingOptimizer]:
     return [o for o in found if isinstance(o, AccumulatingOptimizer)]
 
 
+def _zero_grad_keeping_windows(pl_module: Any, optimizers: list[AccumulatingOptimizer]) -> None:
+    """``model.zero_grad()`` that keeps the pending windows: each wrapper clears what is not part of its window."""
+    kept: set[int] = set()
+    for opt in optimizers:
+        opt.zero_grad()  # keeps in-place sums in .grad
+        kept.update(id(p) for group in opt.param_groups for p in group["params"])
+    for p in pl_module.parameters():
+        if id(p) not in kept:
+            p.grad = None
+
+
 class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
-    It also restores a mid-window checkpoint's pending sums after Lightning's
-    ``model.zero_grad()`` at the start of ``fit`` (which would clear them in
-    ``mode="inplace"``). At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
+    The partial window is applied after the epoch's last batch, before the epoch-end
+    validation. Lightning clears gradients before every validation run
+    (``on_validation_model_zero_grad``), which would delete a pending window's sum in
+    ``mode="inplace"``: while a window is pending, the callback has the wrappers clear only
+    what is not part of it. It also restores a mid-window checkpoint's pending sums after
+    Lightning's ``model.zero_grad()`` at the start of ``fit``. At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
     (``accumulate_grad_batches`` other than 1, a ``gradient_clip_val``), when no optimizer
     returned by ``configure_optimizers`` is an ``AccumulatingOptimizer``, and when a
     scheduler with ``interval="step"`` is attached to one (it would step on every
@@ -83,6 +99,7 @@ class AccumulationCallback(Callback):
             raise TypeError(f"Invalid flush_on_epoch_end: {flush_on_epoch_end!r} (expected a bool)")
         self.flush_on_epoch_end = flush_on_epoch_end
         self._optimizer_states: list[Any] | None = None
+        self._patched: tuple[Any, Any] | None = None  # (module, its own on_validation_model_zero_grad or None)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.accumulate_grad_batches != 1:
@@ -105,6 +122,35 @@ class AccumulationCallback(Callback):
                     "AccumulatingOptimizer (Lightning would step it on every micro-batch): build it on the "
                     "wrapped optimizer and pass it as AccumulatingOptimizer(..., scheduler=...), which steps it "
                     "once per real update")
+        self._keep_windows_through_validation(trainer, pl_module)
+
+    def _keep_windows_through_validation(self, trainer: Any, pl_module: Any) -> None:
+        """Replace the module's ``on_validation_model_zero_grad`` by one that keeps pending windows."""
+        self._restore_zero_grad_hook()
+        original: Callable[[], None] = pl_module.on_validation_model_zero_grad
+
+        def on_validation_model_zero_grad() -> None:
+            optimizers = accumulating_optimizers(trainer)
+            if any(opt.pending for opt in optimizers):
+                _zero_grad_keeping_windows(pl_module, optimizers)
+            else:
+                original()
+
+        self._patched = (pl_module, pl_module.__dict__.get("on_validation_model_zero_grad"))
+        pl_module.on_validation_model_zero_grad = on_validation_model_zero_grad
+
+    def _restore_zero_grad_hook(self) -> None:
+        patched, self._patched = self._patched, None
+        if patched is None:
+            return
+        module, own = patched
+        if own is None:
+            module.__dict__.pop("on_validation_model_zero_grad", None)
+        else:
+            module.on_validation_model_zero_grad = own
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore_zero_grad_hook()
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._optimizer_states = checkpoint.get("optimizer_states")
@@ -121,7 +167,16 @@ class AccumulationCallback(Callback):
             if isinstance(opt, AccumulatingOptimizer) and opt.pending:
                 opt.load_state_dict(state)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The epoch's last batch: apply the partial window now, before Lightning's epoch-end validation
+        # (it runs before on_train_epoch_end).
+        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        if self.flush_on_epoch_end and last:
+            for opt in accumulating_optimizers(trainer):
+                opt.flush()
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # An epoch that ended some other way (a batch returned -1, the Trainer stopped): nothing pending otherwise.
         if self.flush_on_epoch_end:
             for opt in accumulating_optimizers(trainer):
                 opt.flush()
