@@ -107,7 +107,8 @@ class CountAndSave(L.Callback):
 
 
 def fit(module, data, batch_size, callbacks=(), ckpt_path=None, loader=None, val_data=None, **trainer_kwargs):
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+    trainer_kwargs.setdefault("max_epochs", 2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=list(callbacks),
                         num_sanity_val_steps=0, **trainer_kwargs)
     val = DataLoader(val_data, batch_size=3) if val_data is not None else None
@@ -284,3 +285,43 @@ def test_validation_without_a_window_clears_gradients():
     fit(acc, data, 2, [AccumulationCallback(), Probe()], val_data=VAL, val_check_interval=4)
     assert acc.val_pending == [0] * len(acc.val_pending) and len(seen) == 8
     assert all(all(cleared) for cleared in seen)
+
+
+class ManualValNet(ValNet):
+    """``ValNet`` with manual optimization: the training step calls the wrapper itself."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+
+def test_manual_optimization_keeps_the_window_through_validation():
+    data = make_data(32, variable=False)
+    ref = ValNet()
+    fit(ref, data, 2, accumulate_grad_batches=K, gradient_clip_val=CLIP, val_data=VAL, val_check_interval=6)
+    acc = ManualValNet(K)
+    fit(acc, data, 2, [AccumulationCallback()], val_data=VAL, val_check_interval=6)
+    assert 2 in acc.val_pending
+    assert rel(acc, ref) <= 1e-12
+    assert val_rel(acc, ref) <= 1e-12
+
+
+def test_windows_spanning_epochs_survive_validation():
+    # flush_on_epoch_end=False: 18 micro-batches per epoch, so the epoch-end validation finds 2 pending;
+    # the two epochs are the large batch's one epoch over the data twice (9 windows of 4).
+    data = make_data(36, variable=True)
+    big = Net()
+    fit(big, data + data, 2 * K, gradient_clip_val=CLIP, max_epochs=1)
+    acc = ValNet(K)
+    trainer = fit(acc, data, 2, [AccumulationCallback(flush_on_epoch_end=False)], val_data=VAL)
+    assert acc.val_pending == [2, 0]
+    assert rel(acc, big) <= 1e-12
+    assert trainer.optimizers[0].num_updates == 9
