@@ -325,3 +325,26 @@ def test_windows_spanning_epochs_survive_validation():
     assert acc.val_pending == [2, 0]
     assert rel(acc, big) <= 1e-12
     assert trainer.optimizers[0].num_updates == 9
+
+
+class EpochSchedulerNet(Net):
+    """An ``interval="epoch"`` LambdaLR from ``configure_optimizers`` (on the wrapper for accumopt)."""
+
+    def configure_optimizers(self):
+        inner = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        opt = AccumulatingOptimizer(inner, self.k, max_grad_norm=CLIP, mode=self.mode) if self.k else inner
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                   "interval": "epoch"}}
+
+
+@pytest.mark.parametrize("mode", ["inplace", "buffered"])
+def test_partial_window_uses_the_epochs_learning_rate(mode):
+    # The partial last window is applied before Lightning steps the epoch scheduler, as the large batch's last step.
+    data = make_data(36, variable=True)
+    big = EpochSchedulerNet()
+    fit(big, data, 2 * K, gradient_clip_val=CLIP)
+    acc = EpochSchedulerNet(K, mode=mode)
+    trainer = fit(acc, data, 2, [AccumulationCallback()])
+    assert rel(acc, big) <= 1e-12
+    assert trainer.optimizers[0].num_updates == 10
+    assert "optimizer_step" not in vars(acc)

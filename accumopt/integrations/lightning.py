@@ -22,8 +22,9 @@ What this gives, compared with ``accumulate_grad_batches=K``:
 * ``max_grad_norm`` clips the accumulated window once (``gradient_clip_val``
   would clip every micro-batch's partial sum);
 * the last, partial window of an epoch is averaged over the micro-batches (or
-  weights) it saw and applied after the epoch's last batch, before the epoch-end
-  validation (Lightning divides the short last window by K);
+  weights) it saw and applied right after the epoch's last batch, before
+  ``interval="epoch"`` schedulers and the epoch-end validation (Lightning divides
+  the short last window by K);
 * validation keeps the pending window (Lightning clears gradients before each
   validation run, where ``mode="inplace"`` keeps the window's sum);
 * micro-batches weighted by their tokens or samples with
@@ -78,8 +79,8 @@ def _zero_grad_keeping_windows(pl_module: Any, optimizers: list[AccumulatingOpti
 class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
-    The partial window is applied after the epoch's last batch, before the epoch-end
-    validation. Lightning clears gradients before every validation run
+    The partial window is applied right after the epoch's last micro-batch, before
+    Lightning steps ``interval="epoch"`` schedulers and runs the epoch-end validation. Lightning clears gradients before every validation run
     (``on_validation_model_zero_grad``), which would delete a pending window's sum in
     ``mode="inplace"``: while a window is pending, the callback has the wrappers clear only
     what is not part of it. It also restores a mid-window checkpoint's pending sums after
@@ -99,7 +100,7 @@ class AccumulationCallback(Callback):
             raise TypeError(f"Invalid flush_on_epoch_end: {flush_on_epoch_end!r} (expected a bool)")
         self.flush_on_epoch_end = flush_on_epoch_end
         self._optimizer_states: list[Any] | None = None
-        self._patched: tuple[Any, Any] | None = None  # (module, its own on_validation_model_zero_grad or None)
+        self._patched: list[tuple[Any, str, Any]] = []  # (module, hook name, the module's own attribute or None)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.accumulate_grad_batches != 1:
@@ -122,35 +123,53 @@ class AccumulationCallback(Callback):
                     "AccumulatingOptimizer (Lightning would step it on every micro-batch): build it on the "
                     "wrapped optimizer and pass it as AccumulatingOptimizer(..., scheduler=...), which steps it "
                     "once per real update")
-        self._keep_windows_through_validation(trainer, pl_module)
+        self._patch_module_hooks(trainer, pl_module)
 
-    def _keep_windows_through_validation(self, trainer: Any, pl_module: Any) -> None:
-        """Replace the module's ``on_validation_model_zero_grad`` by one that keeps pending windows."""
-        self._restore_zero_grad_hook()
-        original: Callable[[], None] = pl_module.on_validation_model_zero_grad
+    def _patch_module_hooks(self, trainer: Any, pl_module: Any) -> None:
+        """Wrap two of the module's hooks for the duration of ``fit`` (undone in :meth:`teardown`).
+
+        ``on_validation_model_zero_grad`` keeps pending windows; ``optimizer_step`` applies the
+        epoch's partial window right after its last micro-batch, before Lightning steps
+        ``interval="epoch"`` schedulers and validates.
+        """
+        self._restore_module_hooks()
+        zero_grad: Callable[[], None] = pl_module.on_validation_model_zero_grad
+        optimizer_step: Callable[..., Any] = pl_module.optimizer_step
 
         def on_validation_model_zero_grad() -> None:
             optimizers = accumulating_optimizers(trainer)
             if any(opt.pending for opt in optimizers):
                 _zero_grad_keeping_windows(pl_module, optimizers)
             else:
-                original()
+                zero_grad()
 
-        self._patched = (pl_module, pl_module.__dict__.get("on_validation_model_zero_grad"))
-        pl_module.on_validation_model_zero_grad = on_validation_model_zero_grad
+        def optimizer_step_then_flush(epoch: int, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+            result = optimizer_step(epoch, batch_idx, *args, **kwargs)
+            self._flush_if_last_batch(trainer, batch_idx)
+            return result
 
-    def _restore_zero_grad_hook(self) -> None:
-        patched, self._patched = self._patched, None
-        if patched is None:
-            return
-        module, own = patched
-        if own is None:
-            module.__dict__.pop("on_validation_model_zero_grad", None)
-        else:
-            module.on_validation_model_zero_grad = own
+        for name, hook in (("on_validation_model_zero_grad", on_validation_model_zero_grad),
+                           ("optimizer_step", optimizer_step_then_flush)):
+            self._patched.append((pl_module, name, pl_module.__dict__.get(name)))
+            setattr(pl_module, name, hook)
+
+    def _restore_module_hooks(self) -> None:
+        patched, self._patched = self._patched, []
+        for module, name, own in patched:
+            if own is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, own)
+
+    def _flush_if_last_batch(self, trainer: Any, batch_idx: int) -> None:
+        """Apply the partial windows after the epoch's last micro-batch (``flush_on_epoch_end``)."""
+        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        if self.flush_on_epoch_end and last:
+            for opt in accumulating_optimizers(trainer):
+                opt.flush()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._restore_zero_grad_hook()
+        self._restore_module_hooks()
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._optimizer_states = checkpoint.get("optimizer_states")
@@ -168,12 +187,8 @@ class AccumulationCallback(Callback):
                 opt.load_state_dict(state)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # The epoch's last batch: apply the partial window now, before Lightning's epoch-end validation
-        # (it runs before on_train_epoch_end).
-        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        if self.flush_on_epoch_end and last:
-            for opt in accumulating_optimizers(trainer):
-                opt.flush()
+        # Manual optimization (or a module's own optimizer_step): still before the epoch-end validation.
+        self._flush_if_last_batch(trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         # An epoch that ended some other way (a batch returned -1, the Trainer stopped): nothing pending otherwise.
