@@ -80,11 +80,14 @@ class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
     The partial window is applied right after the epoch's last micro-batch, before
-    Lightning steps ``interval="epoch"`` schedulers and runs the epoch-end validation. Lightning clears gradients before every validation run
+    Lightning steps ``interval="epoch"`` schedulers and runs the epoch-end validation.
+    Lightning clears gradients before every validation run
     (``on_validation_model_zero_grad``), which would delete a pending window's sum in
-    ``mode="inplace"``: while a window is pending, the callback has the wrappers clear only
-    what is not part of it. It also restores a mid-window checkpoint's pending sums after
-    Lightning's ``model.zero_grad()`` at the start of ``fit``. At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
+    ``mode="inplace"``: while a window is pending, the callback has the wrappers clear
+    only what is not part of it. It also restores a mid-window checkpoint's pending sums
+    after Lightning's ``model.zero_grad()`` at the start of ``fit``.
+
+    At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
     (``accumulate_grad_batches`` other than 1, a ``gradient_clip_val``), when no optimizer
     returned by ``configure_optimizers`` is an ``AccumulatingOptimizer``, and when a
     scheduler with ``interval="step"`` is attached to one (it would step on every
