@@ -348,3 +348,16 @@ def test_partial_window_uses_the_epochs_learning_rate(mode):
     assert rel(acc, big) <= 1e-12
     assert trainer.optimizers[0].num_updates == 10
     assert "optimizer_step" not in vars(acc)
+
+
+def test_module_hooks_restored_after_an_exception():
+    class Failing(Net):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise RuntimeError("failing micro-batch")
+            return super().training_step(batch, batch_idx)
+
+    module = Failing(K)
+    with pytest.raises(RuntimeError, match="failing micro-batch"):
+        fit(module, make_data(16, variable=False), 2, [AccumulationCallback()])
+    assert "optimizer_step" not in vars(module) and "on_validation_model_zero_grad" not in vars(module)

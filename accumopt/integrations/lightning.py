@@ -174,6 +174,9 @@ class AccumulationCallback(Callback):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore_module_hooks()
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore_module_hooks()  # Lightning does not call teardown after an exception
+
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._optimizer_states = checkpoint.get("optimizer_states")
 
