@@ -12,6 +12,9 @@ lives in its own module:
 ``schedule``       the window and its size K
 ``sync``           DDP/FSDP gradient synchronisation
 ``stats``          statistics, on the device until asked for
+``amp``            the owned GradScaler, behind one adapter
+``hostread``       the update's one host read (flags, metrics, logs)
+``checkpoint``     state-dict helpers and checkpoint files
 =================  =====================================================
 """
 

@@ -22,8 +22,11 @@ What this gives, compared with ``accumulate_grad_batches=K``:
 * ``max_grad_norm`` clips the accumulated window once (``gradient_clip_val``
   would clip every micro-batch's partial sum);
 * the last, partial window of an epoch is averaged over the micro-batches (or
-  weights) it saw and applied at the epoch's end (Lightning divides the short
-  last window by K);
+  weights) it saw and applied right after the epoch's last batch, before
+  ``interval="epoch"`` schedulers and the epoch-end validation (Lightning divides
+  the short last window by K);
+* validation keeps the pending window (Lightning clears gradients before each
+  validation run, where ``mode="inplace"`` keeps the window's sum);
 * micro-batches weighted by their tokens or samples with
   :class:`WeightedBackwardMixin`;
 * Lightning checkpoints hold the pending window (``optimizer_states``), so a
@@ -35,7 +38,7 @@ Lightning's ``global_step`` and ``max_steps`` count micro-batches here (every
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback
@@ -62,12 +65,29 @@ def accumulating_optimizers(trainer: Any) -> list[AccumulatingOptimizer]:
     return [o for o in found if isinstance(o, AccumulatingOptimizer)]
 
 
+def _zero_grad_keeping_windows(pl_module: Any, optimizers: list[AccumulatingOptimizer]) -> None:
+    """``model.zero_grad()`` that keeps the pending windows: each wrapper clears what is not part of its window."""
+    kept: set[int] = set()
+    for opt in optimizers:
+        opt.zero_grad()  # keeps in-place sums in .grad
+        kept.update(id(p) for group in opt.param_groups for p in group["params"])
+    for p in pl_module.parameters():
+        if id(p) not in kept:
+            p.grad = None
+
+
 class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
-    It also restores a mid-window checkpoint's pending sums after Lightning's
-    ``model.zero_grad()`` at the start of ``fit`` (which would clear them in
-    ``mode="inplace"``). At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
+    The partial window is applied right after the epoch's last micro-batch, before
+    Lightning steps ``interval="epoch"`` schedulers and runs the epoch-end validation.
+    Lightning clears gradients before every validation run
+    (``on_validation_model_zero_grad``), which would delete a pending window's sum in
+    ``mode="inplace"``: while a window is pending, the callback has the wrappers clear
+    only what is not part of it. It also restores a mid-window checkpoint's pending sums
+    after Lightning's ``model.zero_grad()`` at the start of ``fit``.
+
+    At ``fit`` start it raises ``ValueError`` when Lightning would accumulate or clip too
     (``accumulate_grad_batches`` other than 1, a ``gradient_clip_val``), when no optimizer
     returned by ``configure_optimizers`` is an ``AccumulatingOptimizer``, and when a
     scheduler with ``interval="step"`` is attached to one (it would step on every
@@ -83,6 +103,7 @@ class AccumulationCallback(Callback):
             raise TypeError(f"Invalid flush_on_epoch_end: {flush_on_epoch_end!r} (expected a bool)")
         self.flush_on_epoch_end = flush_on_epoch_end
         self._optimizer_states: list[Any] | None = None
+        self._patched: list[tuple[Any, str, Any]] = []  # (module, hook name, the module's own attribute or None)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.accumulate_grad_batches != 1:
@@ -105,6 +126,56 @@ class AccumulationCallback(Callback):
                     "AccumulatingOptimizer (Lightning would step it on every micro-batch): build it on the "
                     "wrapped optimizer and pass it as AccumulatingOptimizer(..., scheduler=...), which steps it "
                     "once per real update")
+        self._patch_module_hooks(trainer, pl_module)
+
+    def _patch_module_hooks(self, trainer: Any, pl_module: Any) -> None:
+        """Wrap two of the module's hooks for the duration of ``fit`` (undone in :meth:`teardown`).
+
+        ``on_validation_model_zero_grad`` keeps pending windows; ``optimizer_step`` applies the
+        epoch's partial window right after its last micro-batch, before Lightning steps
+        ``interval="epoch"`` schedulers and validates.
+        """
+        self._restore_module_hooks()
+        zero_grad: Callable[[], None] = pl_module.on_validation_model_zero_grad
+        optimizer_step: Callable[..., Any] = pl_module.optimizer_step
+
+        def on_validation_model_zero_grad() -> None:
+            optimizers = accumulating_optimizers(trainer)
+            if any(opt.pending for opt in optimizers):
+                _zero_grad_keeping_windows(pl_module, optimizers)
+            else:
+                zero_grad()
+
+        def optimizer_step_then_flush(epoch: int, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+            result = optimizer_step(epoch, batch_idx, *args, **kwargs)
+            self._flush_if_last_batch(trainer, batch_idx)
+            return result
+
+        for name, hook in (("on_validation_model_zero_grad", on_validation_model_zero_grad),
+                           ("optimizer_step", optimizer_step_then_flush)):
+            self._patched.append((pl_module, name, pl_module.__dict__.get(name)))
+            setattr(pl_module, name, hook)
+
+    def _restore_module_hooks(self) -> None:
+        patched, self._patched = self._patched, []
+        for module, name, own in patched:
+            if own is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, own)
+
+    def _flush_if_last_batch(self, trainer: Any, batch_idx: int) -> None:
+        """Apply the partial windows after the epoch's last micro-batch (``flush_on_epoch_end``)."""
+        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        if self.flush_on_epoch_end and last:
+            for opt in accumulating_optimizers(trainer):
+                opt.flush()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore_module_hooks()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore_module_hooks()  # Lightning does not call teardown after an exception
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._optimizer_states = checkpoint.get("optimizer_states")
@@ -121,7 +192,12 @@ class AccumulationCallback(Callback):
             if isinstance(opt, AccumulatingOptimizer) and opt.pending:
                 opt.load_state_dict(state)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Manual optimization (or a module's own optimizer_step): still before the epoch-end validation.
+        self._flush_if_last_batch(trainer, batch_idx)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # An epoch that ended some other way (a batch returned -1, the Trainer stopped): nothing pending otherwise.
         if self.flush_on_epoch_end:
             for opt in accumulating_optimizers(trainer):
                 opt.flush()

@@ -16,7 +16,7 @@ one you give in ``optimizers=``). Compared with the Trainer's own accumulation:
 * ``global_step``, ``max_steps``, ``logging_steps``, ``save_steps``,
   ``eval_steps``, ``on_step_begin``/``on_step_end`` and the other per-step
   callback events count real updates; the logged loss is the window's
-  token-weighted mean loss;
+  token-weighted mean loss, the logged ``grad_norm`` the window's pre-clip norm;
 * a checkpoint saved mid-window (for example by a callback setting
   ``control.should_save`` in ``on_substep_end``) holds the pending sums, and
   ``trainer.train(resume_from_checkpoint=...)`` continues bit-identically (the loss
@@ -111,6 +111,7 @@ class _WindowCallbackHandler(CallbackHandler):
         if trainer._closing and opt is not None and opt.pending:
             opt.flush()  # the last, partial window of the epoch
         if trainer._closing:
+            trainer._fill_grad_norm()
             return super().on_optimizer_step(args, state, control)
         return control
 
@@ -131,7 +132,9 @@ class AccumulatingTrainer(Trainer):
             ``gradient_accumulation_steps`` of the ``TrainingArguments``.
         accumulation_kwargs: further keyword arguments for
             :class:`~accumopt.AccumulatingOptimizer` (``nonfinite=``, ``track_grad_norm=``,
-            ...). ``mode`` is always ``"buffered"`` here (the Trainer calls
+            ...). ``track_grad_norm`` defaults to True here, so the logged ``grad_norm`` is
+            the window's pre-clip norm, as the Trainer logs it (False: no ``grad_norm``
+            without ``max_grad_norm``). ``mode`` is always ``"buffered"`` here (the Trainer calls
             ``model.zero_grad()`` after every optimizer step, which buffered storage
             survives); clipping comes from ``TrainingArguments.max_grad_norm``.
         **kwargs: the ``Trainer``'s keyword arguments. ``optimizers=(optimizer,
@@ -158,6 +161,7 @@ class AccumulatingTrainer(Trainer):
             raise TypeError(f"Invalid args: {type(training_args).__name__} (expected transformers.TrainingArguments)")
         k = _resolve_k(accumulation_steps, training_args.gradient_accumulation_steps)
         extra = dict(accumulation_kwargs or {})
+        extra.setdefault("track_grad_norm", True)  # the Trainer logs grad_norm: the window's, here
         for key in ("mode", "max_grad_norm", "scheduler", "model"):
             if key in extra:
                 raise ValueError(f"Invalid accumulation_kwargs: {key!r} is set by AccumulatingTrainer "
@@ -191,6 +195,8 @@ class AccumulatingTrainer(Trainer):
         self._closing = False
         self._window_loss: torch.Tensor | None = None
         self._window_weight: torch.Tensor | float = 0.0
+        self._grad_norm_out: torch.Tensor | None = None  # handed to the Trainer, filled after the update
+        self._grad_norm_before: Any = None
 
     # ------------------------------------------------------------- optimizer, scheduler
     def create_optimizer(self, model: Any = None) -> Any:
@@ -308,9 +314,35 @@ class AccumulatingTrainer(Trainer):
         return mean
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        # The Trainer would compute the norm of each micro-batch's gradient here (a partial window);
-        # accumopt clips the whole window (track_grad_norm=True records its norm in opt.stats()).
-        return grad_norm
+        """The window's pre-clip norm for the Trainer's log (None on micro-batches that do not close a window).
+
+        The Trainer asks before ``optimizer.step()``, and the window's norm exists only after
+        it: the Trainer gets a 0-dim device tensor now, which is filled on the device once the
+        window closed (no host read; the Trainer reads it only when it logs).
+        """
+        opt = self.accumulating_optimizer
+        self._grad_norm_out = None
+        tracked = self._max_grad_norm or self._accumulation_kwargs.get("track_grad_norm")
+        if opt is None or not self._closing or not tracked:
+            return None
+        device = opt.param_groups[0]["params"][0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._grad_norm_out = torch.full((), float("nan"), dtype=dtype, device=device)
+        self._grad_norm_before = opt.last_grad_norm
+        return self._grad_norm_out
+
+    def _fill_grad_norm(self) -> None:
+        """After the update: copy the closed window's norm into the tensor the Trainer will log."""
+        out, self._grad_norm_out = self._grad_norm_out, None
+        before, self._grad_norm_before = self._grad_norm_before, None
+        opt = self.accumulating_optimizer
+        norm = opt.last_grad_norm if opt is not None else None
+        if out is None or norm is None or norm is before:  # no norm computed for this window: NaN
+            return
+        if isinstance(norm, torch.Tensor):
+            out.copy_(norm)
+        else:
+            out.fill_(norm)
 
 
 _SET_BY_TRAINER = {
