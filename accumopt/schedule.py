@@ -4,7 +4,7 @@
 
 * an ``int``: a fixed K;
 * a list of ints: K by epoch (``[2, 4, 8]`` means K=2 in epoch 0, 4 in epoch 1,
-  8 from epoch 2 on), the seed documents' ``accumulation_schedule``;
+  8 from epoch 2 on), the configuration API's ``accumulation_schedule``;
 * a mapping ``{start: K}``: K from that epoch (or update) on, like Lightning's
   ``GradientAccumulationScheduler``; must contain 0;
 * a callable ``f(n) -> int``: like optax's ``every_k_schedule``;

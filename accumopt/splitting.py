@@ -22,7 +22,7 @@ of MosaicML Composer (``device_train_microbatch_size="auto"``), with exact
 weighting of uneven micro-batches.
 
 Memory pressure only ever changes how a batch is split, never the value of a
-gradient (the seed documents' "halve the gradient above memory_threshold" would
+gradient (halving gradients above a memory threshold, a common shortcut, would
 silently bias training).
 """
 
