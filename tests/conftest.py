@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
-from accumopt.misuse import MisuseWarning
 from hypothesis import HealthCheck, settings
+
+from accumopt.misuse import MisuseWarning
 
 settings.register_profile(
     "ci",
