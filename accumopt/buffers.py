@@ -439,21 +439,14 @@ class GradientStore:
         backward has touched since is left alone, any other one is cleared as torch does.
         """
         stale: list[Tensor] = []
-        for g in self.groups:
-            if g.buffers is None:
-                continue
-            for i, p in enumerate(g.params):
-                grad = p.grad
-                if grad is None:
-                    continue
-                land = g.landing.get(i)
-                if land is not None and land[0] is grad:
-                    if grad._version != land[1]:
-                        stale.append(grad)
-                elif set_to_none:
-                    p.grad = None
-                else:
+        for p, grad, land in self._buffered_grads():
+            if land is not None and land[0] is grad:
+                if grad._version != land[1]:
                     stale.append(grad)
+            elif set_to_none:
+                p.grad = None
+            else:
+                stale.append(grad)
         for p in self.excluded:
             if set_to_none:
                 p.grad = None
@@ -506,17 +499,18 @@ class GradientStore:
         That is a backward pass since the last ``step()``: :meth:`state_dict` cannot hold it.
         Host bookkeeping only (tensor versions), no device read.
         """
+        return any(land is None or land[0] is not grad or grad._version != land[1]
+                   for _, grad, land in self._buffered_grads())
+
+    def _buffered_grads(self) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, int] | None]]:
+        """``(param, .grad, landing record or None)`` for each buffered parameter holding a ``.grad``."""
         for g in self.groups:
             if g.buffers is None:
                 continue
             for i, p in enumerate(g.params):
                 grad = p.grad
-                if grad is None:
-                    continue
-                land = g.landing.get(i)
-                if land is None or land[0] is not grad or grad._version != land[1]:
-                    return True
-        return False
+                if grad is not None:
+                    yield p, grad, g.landing.get(i)
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
         """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).

@@ -204,6 +204,8 @@ def test_checkpoint_resumes_the_same_k_sequence():
     assert len(set(log_a)) > 1
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
+    opt_a.discard()  # both stopped mid-window on purpose
+    opt_b.discard()
 
 
 def test_with_the_wrappers_own_noise_scale_estimator():

@@ -178,6 +178,7 @@ def test_loaded_wrapper_keeps_param_groups_shared():
     assert o2.state is o2.optimizer.state is state
     assert o2.scheduler.optimizer.param_groups is groups
     assert o2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    o2.discard()  # the loaded window stays pending on purpose
 
 
 # ------------------------------------------------------------ refused inputs
@@ -208,7 +209,8 @@ def _observable(opt) -> dict:
 def victim():
     """An optimizer mid-window, with a good checkpoint of another run on disk."""
     _, opt = _trained()
-    return opt
+    yield opt
+    opt.discard()  # mid-window on purpose
 
 
 FOREIGN = {
@@ -397,6 +399,7 @@ def test_plain_torch_saved_state_dict_file_is_accepted(tmp_path):
     _, other = _fresh()
     other.load(tmp_path / "sd.pt")
     assert tree_equal(other.state_dict()["accumulation"]["sums"], opt.state_dict()["accumulation"]["sums"])
+    other.discard()  # the loaded window stays pending on purpose
 
 
 def test_seed_names_are_aliases(tmp_path):
@@ -405,6 +408,7 @@ def test_seed_names_are_aliases(tmp_path):
     _, other = _fresh()
     other.load_accumulation_state(tmp_path / "a.pt")
     assert other.pending == opt.pending == 1 and other.num_updates == 1
+    other.discard()  # the loaded window stays pending on purpose
 
 
 # -------------------------------------------------------------- crash during save
@@ -560,6 +564,7 @@ def test_extra_with_a_set_loads_in_another_process(tmp_path):
     opt.save(path, extra={"tags": tags})
     _, other = _fresh()
     assert other.load(path)["tags"] == tags
+    other.discard()  # the loaded window stays pending on purpose
     code = ("import torch, accumopt.checkpoint as c; "
             f"sd, extra = c.load_checkpoint({str(path)!r}); assert extra['tags'] == {tags!r}")
     for seed in ("1", "2", "3"):
@@ -633,6 +638,8 @@ def test_state_between_backward_and_step_inplace_includes_the_micro_batch(cut):
     for p, q in zip(got.parameters(), ref.parameters()):
         assert torch.equal(p, q)
     assert tree_equal(got_opt.stats()["effective_batch"], ref_opt.stats()["effective_batch"])
+    ref_opt.discard()  # 7 micro-batches, K=3: the last window stays pending on purpose
+    got_opt.discard()
 
 
 def test_state_between_backward_and_step_buffered_is_refused_and_loses_nothing():
@@ -640,7 +647,8 @@ def test_state_between_backward_and_step_buffered_is_refused_and_loses_nothing()
     exactly as if it had not been called."""
     data = make_data(7, torch.float64)
     weights = [5.0, 2.0, 3.0, 7.0, 5.0, 1.0, 4.0]
-    ref, _ = _weighted_run("buffered", None, data, weights)
+    ref, ref_opt = _weighted_run("buffered", None, data, weights)
+    ref_opt.discard()  # 7 micro-batches, K=3: the last window stays pending on purpose
     model, opt = build(dict(dtype=torch.float64, mode="buffered", scaler=False, k=3, optim="adamw"))
     for i, ((x, y), w) in enumerate(zip(data, weights)):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -670,3 +678,4 @@ def test_stepped_is_restored_by_a_load(last_applied):
     assert other.stepped is not last_applied
     other.load_state_dict(sd)
     assert other.stepped is last_applied
+    other.discard()  # the loaded window stays pending on purpose (last_applied=False)

@@ -246,38 +246,47 @@ def _noise_scenario(rank: int, mode: str) -> dict:
     return {"ks": ks, "noise": opt.noise_scale().clone()}
 
 
-def _ddp_worker(rank: int, init: str, out: str) -> None:
+def _ddp_worker(rank: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result: dict = {}
+    for name, spec in SCENARIOS.items():
+        counters = _Counters()
+        spec = dict(spec, counter=counters.reductions)
+        model = DDP(_make_model())
+        model.register_comm_hook(None, counters.hook)
+        opt, model, records = _train(rank, spec, model=model)
+        dist.all_reduce = counters._orig
+        result[name] = {"params": _params(model), "records": records,
+                        "scalar_all_reduces": counters.scalar_all_reduces}
+    for mode in ("inplace", "buffered"):
+        result[f"ckpt_{mode}"] = _checkpoint_scenario(rank, out, mode)
+    result["buckets"] = _bucket_scenario(rank)
+    for mode in ("inplace", "buffered"):
+        result[f"noise_{mode}"] = _noise_scenario(rank, mode)
+    return result
+
+
+def _rank_main(rank: int, init: str, out: str, prefix: str, worker) -> None:
+    """One rank: join the gloo group, run ``worker(rank, out)`` and save what it returned (or its traceback)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    out = Path(out)
-    result: dict = {}
     try:
-        for name, spec in SCENARIOS.items():
-            counters = _Counters()
-            spec = dict(spec, counter=counters.reductions)
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(_make_model())
-            model.register_comm_hook(None, counters.hook)
-            opt, model, records = _train(rank, spec, model=model)
-            dist.all_reduce = counters._orig
-            result[name] = {"params": _params(model), "records": records,
-                            "scalar_all_reduces": counters.scalar_all_reduces}
-        for mode in ("inplace", "buffered"):
-            result[f"ckpt_{mode}"] = _checkpoint_scenario(rank, out, mode)
-        result["buckets"] = _bucket_scenario(rank)
-        for mode in ("inplace", "buffered"):
-            result[f"noise_{mode}"] = _noise_scenario(rank, mode)
+        result = worker(rank, Path(out))
     except BaseException:
         result = {"error": traceback.format_exc()}
-    torch.save(result, out / f"ddp_{rank}.pt")
+    torch.save(result, Path(out) / f"{prefix}_{rank}.pt")
     dist.barrier()  # gloo aborts if a peer tears down while the other still talks
     dist.destroy_process_group()
 
 
 def _spawn(worker, tmp_path: Path, prefix: str) -> list[dict]:
+    """Run ``worker(rank, out_dir) -> dict`` (a module-level function) on WORLD gloo ranks; their results.
+
+    A rank that raised fails the calling test with its traceback.
+    """
     init = f"file://{tmp_path / (prefix + '_store')}"
-    mp.spawn(worker, args=(init, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(init, str(tmp_path), prefix, worker), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"{prefix}_{r}.pt", weights_only=False) for r in range(WORLD)]
     for r, res in enumerate(results):
         if "error" in res:
@@ -396,49 +405,42 @@ def _fsdp_available() -> str | None:
 FSDP_SPEC = dict(mode="inplace", ks=[3], sizes=[[3, 5, 2, 6, 1, 4], [4, 1, 6, 2, 7, 3]], flush=False)
 
 
-def _fsdp_worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def _fsdp_worker(rank: int, out: Path) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     result: dict = {}
-    try:
-        model = _make_model()
-        fully_shard(model[0])
-        fully_shard(model)
-        sharded = list(model.parameters())  # the DTensor parameters (model.parameters() changes while unsharded)
+    model = _make_model()
+    fully_shard(model[0])
+    fully_shard(model)
+    sharded = list(model.parameters())  # the DTensor parameters (model.parameters() changes while unsharded)
 
-        def counter() -> int:  # does any sharded .grad exist (FSDP2 sets it when it reduce-scatters)?
-            return int(any(p.grad is not None for p in sharded))
+    def counter() -> int:  # does any sharded .grad exist (FSDP2 sets it when it reduce-scatters)?
+        return int(any(p.grad is not None for p in sharded))
 
-        spec = dict(FSDP_SPEC, counter=counter)
-        opt, model, records = _train(rank, spec, model=model)
-        grads_seen = [r[0] for r in records]
-        result["params"] = _params(model)
-        result["grads_seen"] = grads_seen
-        # a partial window cannot be flushed (the window is kept), nor checkpointed mid-window
-        x, y = _data(rank, 99, 3)
-        opt.backward(_per_sample(model(x), y).mean(), weight=3)
-        opt.step()
-        errors = []
-        for call in (opt.flush, opt.state_dict):
-            try:
-                call()
-                errors.append(None)
-            except RuntimeError as e:
-                errors.append(str(e))
-        result["errors"] = errors
-        result["pending_after"] = opt.pending
+    spec = dict(FSDP_SPEC, counter=counter)
+    opt, model, records = _train(rank, spec, model=model)
+    grads_seen = [r[0] for r in records]
+    result["params"] = _params(model)
+    result["grads_seen"] = grads_seen
+    # a partial window cannot be flushed (the window is kept), nor checkpointed mid-window
+    x, y = _data(rank, 99, 3)
+    opt.backward(_per_sample(model(x), y).mean(), weight=3)
+    opt.step()
+    errors = []
+    for call in (opt.flush, opt.state_dict):
         try:
-            accumopt.AccumulatingOptimizer(_make_opt(model.parameters()), 2, mode="buffered", model=model)
-            result["buffered_error"] = None
-        except ValueError as e:
-            result["buffered_error"] = str(e)
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, Path(out) / f"fsdp_{rank}.pt")
-    dist.barrier()  # gloo aborts if a peer tears down while the other still talks
-    dist.destroy_process_group()
+            call()
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+    result["errors"] = errors
+    result["pending_after"] = opt.pending
+    try:
+        accumopt.AccumulatingOptimizer(_make_opt(model.parameters()), 2, mode="buffered", model=model)
+        result["buffered_error"] = None
+    except ValueError as e:
+        result["buffered_error"] = str(e)
+    return result
 
 
 @pytest.mark.skipif(_fsdp_available() is not None, reason=str(_fsdp_available()))

@@ -78,6 +78,23 @@ def step_loop(step, opt, data, weights):
 def assert_same(m1, o1, m2, o2):
     for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def lockstep(m1, o1, m2, o2, step, data, seed, before):
+    """The same micro-batches through the plain wrapper (m1, o1) and then the captured step on (m2, o2).
+
+    ``before(i, model, opt)`` runs before micro-batch ``i`` in both runs (what the loop changes there).
+    """
+    for m, o in ((m1, o1), (m2, o2)):
+        torch.manual_seed(seed)
+        for i, b in enumerate(data):
+            before(i, m, o)
+            if o is o2:
+                step(b)
+            else:
+                loss = loss_fn(m1, b)
+                o1.backward(loss)
+                o1.step(loss=loss)
     s1, s2 = o1.optimizer.state_dict()["state"], o2.optimizer.state_dict()["state"]
     assert s1.keys() == s2.keys()
     for i in s1:
@@ -245,6 +262,8 @@ def test_simulated_capture_with_scaler_and_dict_batches(simulated):
     assert len({id(t) for t in losses}) == len(losses)  # each call returns its own tensor
     assert_same(m1, o1, m2, o2)
     assert o1.scaler.get_scale() == o2.scaler.get_scale()
+    o1.discard()  # 9 micro-batches, K=4: the last window stays open on purpose
+    o2.discard()
 
 
 def test_simulated_train_eval_switch_and_mid_window_change(simulated):
@@ -266,6 +285,8 @@ def test_simulated_train_eval_switch_and_mid_window_change(simulated):
     assert step.captures == 3  # train, eval (window 2), train again (window 3)
     assert step.eager_steps == 1  # the eval micro-step mid-window 3; the train ones after it replay
     assert_same(m1, o1, m2, o2)
+    o1.discard()  # 13 micro-batches, K=4: the last window stays open on purpose
+    o2.discard()
 
 
 def test_simulated_replaced_parameter(simulated):
@@ -273,19 +294,14 @@ def test_simulated_replaced_parameter(simulated):
     m1, m2 = make_model(bn=False), make_model(bn=False)
     o1, o2 = build("inplace", m1), build("inplace", m2)
     step = CapturedMicroStep(o2, m2, loss_fn, data[0])
-    for m, o in ((m1, o1), (m2, o2)):
-        torch.manual_seed(6)
-        for i, b in enumerate(data):
-            if i == 4:  # a new head between windows, added to the optimizer
-                torch.manual_seed(8)
-                m[-1].weight = nn.Parameter(torch.randn(3, 16) * 0.1)
-                o.add_param_group({"params": [m[-1].weight]})
-            if o is o2:
-                step(b)
-            else:
-                loss = loss_fn(m1, b)
-                o1.backward(loss)
-                o1.step(loss=loss)
+
+    def new_head(i, m, o):
+        if i == 4:  # a new head between windows, added to the optimizer
+            torch.manual_seed(8)
+            m[-1].weight = nn.Parameter(torch.randn(3, 16) * 0.1)
+            o.add_param_group({"params": [m[-1].weight]})
+
+    lockstep(m1, o1, m2, o2, step, data, 6, new_head)
     assert step.captures == 2
     assert_same(m1, o1, m2, o2)
 
@@ -343,6 +359,8 @@ def test_capture_failure_falls_back_with_warning(simulated):
     assert_same(ref_model, ref, model, opt)  # warm-up and the failed capture left no trace
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(a.grad, b.grad)
+    ref.discard()  # the last window stays open on purpose (compared above)
+    opt.discard()
 
 
 # ------------------------------------------------------------------ CUDA backend, mocked
@@ -447,19 +465,14 @@ def test_middle_parameter_grad_replaced_mid_window(simulated):
     m1, m2 = make_model(bn=False), make_model(bn=False)
     o1, o2 = build("inplace", m1), build("inplace", m2)
     step = CapturedMicroStep(o2, m2, loss_fn, data[0])
-    middle = [list(m1.parameters())[2], list(m2.parameters())[2]]
     assert len(list(m1.parameters())) == 4
-    for i, (m, o) in enumerate(((m1, o1), (m2, o2))):
-        torch.manual_seed(6)
-        for j, b in enumerate(data):
-            if j in (5, 9):  # mid-window (K=4): the user rescales one parameter's pending sum
-                middle[i].grad = middle[i].grad * 0.5
-            if o is o2:
-                step(b)
-            else:
-                loss = loss_fn(m1, b)
-                o1.backward(loss)
-                o1.step(loss=loss)
+
+    def rescale_middle(i, m, o):
+        if i in (5, 9):  # mid-window (K=4): the user rescales one parameter's pending sum
+            middle = list(m.parameters())[2]
+            middle.grad = middle.grad * 0.5
+
+    lockstep(m1, o1, m2, o2, step, data, 6, rescale_middle)
     assert step.replays == len(data) and step.eager_steps == 0
     assert_same(m1, o1, m2, o2)
 
@@ -524,17 +537,12 @@ def test_buffer_replaced_in_the_model_recaptures(simulated):
     m1, m2 = make_model(), make_model()
     o1, o2 = build("inplace", m1), build("inplace", m2)
     step = CapturedMicroStep(o2, m2, loss_fn, data[0])
-    for m, o in ((m1, o1), (m2, o2)):
-        torch.manual_seed(5)
-        for i, b in enumerate(data):
-            if i == 6:  # mid-window: a BatchNorm buffer is replaced by a new tensor
-                m[1].running_var = torch.full((16,), 2.0)
-            if o is o2:
-                step(b)
-            else:
-                loss = loss_fn(m1, b)
-                o1.backward(loss)
-                o1.step(loss=loss)
+
+    def new_buffer(i, m, o):
+        if i == 6:  # mid-window: a BatchNorm buffer is replaced by a new tensor
+            m[1].running_var = torch.full((16,), 2.0)
+
+    lockstep(m1, o1, m2, o2, step, data, 5, new_buffer)
     assert step.captures == 2  # the model's own registration: eager for the rest of that window, then recaptured
     assert step.eager_steps == 2  # micro-steps 6 and 7
     assert_same(m1, o1, m2, o2)

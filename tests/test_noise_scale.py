@@ -101,6 +101,7 @@ def test_off_by_default_and_none_before_first_window():
     model(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
     on.step()
     assert on.noise_scale() is None  # window still open
+    on.discard()
 
 
 def test_k1_windows_carry_no_information():

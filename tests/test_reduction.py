@@ -126,6 +126,7 @@ def test_accumulated_gradients_names_without_model_and_low_precision_dtype() -> 
     assert list(sums) == ["param_groups[0]['params'][0]", "param_groups[1]['params'][0]"]
     assert sums["param_groups[0]['params'][0]"].dtype == torch.float32  # the fp32 accumulation buffer
     torch.testing.assert_close(sums["param_groups[1]['params'][0]"], 2 * b.detach())
+    opt.discard()  # the window stays open on purpose
 
 
 def _train(opt_kwargs: dict, steps: int = 8) -> list[torch.Tensor]:

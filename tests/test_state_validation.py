@@ -246,6 +246,8 @@ def test_valid_state_loads_and_resumes_bit_identically(good):
     train(model_b, b, K, seed=5)
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
+    a.discard()  # both stopped mid-window on purpose
+    b.discard()
 
 
 def test_names_known_on_one_side_only_still_load():

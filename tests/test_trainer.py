@@ -103,6 +103,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, strategy):
     t.criterion = crashing
     with pytest.raises(Crash):
         t.train(loader(), num_epochs=3)
+    t.optimizer.discard()  # the window the crash interrupted: the checkpoint is what resumes
     torch.manual_seed(12345)  # whatever the RNG state now, the checkpoint restores it
     t2, m2 = make(GradientAccumulationConfig(**cfg), sched=True)
     t2.train(loader(), num_epochs=3, resume_from=tmp_path / "ck.pt")
@@ -175,6 +176,8 @@ def test_a_file_that_is_not_this_trainers_checkpoint_changes_nothing(tmp_path, k
     assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
     st = fresh.accumulator.state
     assert st.accumulation_step == 1 and st.total_steps == 1  # the accumulator's window is its own still
+    t.optimizer.discard()  # both windows stay open on purpose
+    fresh.optimizer.discard()
 
 
 class FakeTqdm:

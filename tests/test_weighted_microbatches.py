@@ -314,6 +314,7 @@ def test_step_weight_in_inplace_mode_points_to_backward():
     assert calls == [] and opt.pending == 0  # rejected before the closure ran
     opt.step(closure, weight=1)  # weight 1 is the default and always fine
     assert opt.pending == 1
+    opt.discard()  # the window stays open on purpose
 
 
 def test_weight_given_to_backward_and_step_rejected():
@@ -405,3 +406,4 @@ def test_unweighted_backward_after_a_weighted_first_micro_batch_is_refused_in_pl
     model(x).sum().backward()
     with pytest.raises(ValueError, match=r"opt.backward\(loss, weight=n\)"):
         opt.step()
+    opt.discard()  # the refused micro-batch ends the test mid-window
