@@ -9,6 +9,7 @@ every rank's micro-batches of each window, in float64.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -275,9 +276,15 @@ def _rank_main(rank: int, init: str, out: str, prefix: str, worker) -> None:
         result = worker(rank, Path(out))
     except BaseException:
         result = {"error": traceback.format_exc()}
-    torch.save(result, Path(out) / f"{prefix}_{rank}.pt")
+    torch.save(result, Path(out) / f"{prefix}_{rank}.pt.tmp")
+    os.replace(Path(out) / f"{prefix}_{rank}.pt.tmp", Path(out) / f"{prefix}_{rank}.pt")  # whole or absent
     dist.barrier()  # gloo aborts if a peer tears down while the other still talks
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: on a loaded machine, gloo/DDP threads destroyed there
+    # occasionally end a finished rank with "terminate called without an active exception" (SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(worker, tmp_path: Path, prefix: str) -> list[dict]:
