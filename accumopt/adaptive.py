@@ -147,8 +147,8 @@ class AdaptiveK(Schedule):
         The decision at that boundary then uses the host value of the update's
         single read instead of reading on its own. No sync here.
         """
-        if not self.decides_at(updates) or self._source is None:
-            return
+        if not self.decides_at(updates) or self._source is None or self.noise_scale is not None:
+            return  # a user's callable is read at the window's close, after the update, as documented
         value = self._source()
         if isinstance(value, Tensor):
             read.add("adaptive_k", value.reshape(-1)[:1])

@@ -178,8 +178,11 @@ class MisuseDetector:
         self._counter = _Counter()
         self._pending = _Pending(window)
         self._lr_window: int | None = None  # the window in which the LR last changed mid-window
+        self._lr_changes = 0  # LR changes seen in that window
+        self._lr_run = 0  # consecutive windows with an LR change, up to that one
         self._plan()
         self._record()
+        self._offset: int | None = None  # a scheduler restored before the first micro-step is its own business
 
     # ------------------------------------------------------------------ layout
     def _plan(self) -> None:
@@ -205,7 +208,8 @@ class MisuseDetector:
         """Check what happened since the last micro-step (raise before the wrapper changes anything)."""
         if len(self.store.groups) != self._groups:  # add_param_group
             self._plan()
-        if self.scheduler is not None and self.scheduler.last_epoch - self.stats.updates > self._offset:
+        if self.scheduler is not None and self._offset is not None and \
+                self.scheduler.last_epoch - self.stats.updates > self._offset:
             self._report("scheduler", _SCHEDULER_GIVEN.format(name=type(self.scheduler).__name__))
         if self.window.count == 0:  # a new window: nothing of it can have been lost yet
             self._seen = None
@@ -241,6 +245,8 @@ class MisuseDetector:
         """The wrapper's own ``load_state_dict`` set ``.grad`` and the counters: they are the window's."""
         self._seen = [_ref(p.grad) for p in self._params] if self.window.count else None
         self._record()
+        self._offset = None  # the scheduler may be restored right after: baseline at the next micro-step
+        self._pending.saved = (self.window.closed, self.window.count)  # the window is in the file it came from
 
     def _record(self) -> None:
         grad = None if self._sentinel is None else self._sentinel.grad
@@ -278,11 +284,17 @@ class MisuseDetector:
                 "use accumopt.integrations.transformers.AccumulatingTrainer.")
 
     def _lr_changed(self, owner: Any) -> None:
-        """The LR changed inside a window: twice in one window, or in two windows in a row, is a scheduler
-        stepping per micro-batch (a per-epoch scheduler changes it once in a while)."""
+        """The LR changed inside a window: twice in one window (K >= 3), or in three windows in a row (K = 2,
+        one micro-step a window is checked), is a scheduler stepping per micro-batch; a per-epoch scheduler
+        changes it once in a while, also with epochs barely longer than a window."""
         closed = self.window.closed
-        again = self._lr_window is not None and closed - self._lr_window <= 1
+        if self._lr_window == closed:
+            self._lr_changes += 1
+        else:
+            self._lr_run = self._lr_run + 1 if self._lr_window is not None and closed - self._lr_window == 1 else 1
+            self._lr_changes = 1
         self._lr_window = closed
+        again = self._lr_changes >= 2 or (self.window.k <= 2 and self._lr_run >= 3)
         scheduled = any(hasattr(getattr(o, "step", None), "_wrapped_by_lr_sched") for o in (owner, self.optimizer))
         if again and scheduled:
             self._report("scheduler", _SCHEDULER_FOUND)
@@ -333,7 +345,9 @@ _SCHEDULER_FOUND = (
     "accumopt: the learning rate keeps changing inside accumulation windows: a scheduler built on the "
     "AccumulatingOptimizer (or on the optimizer it wraps) seems to be stepped on every micro-batch, so the "
     "schedule runs K times too fast. Step it only after real updates (if opt.stepped: scheduler.step()), or "
-    "give it to the wrapper as AccumulatingOptimizer(..., scheduler=...), which steps it once per update.")
+    "give it to the wrapper as AccumulatingOptimizer(..., scheduler=...), which steps it once per update. "
+    "(A time-based schedule stepped with an explicit epoch, such as CosineAnnealingWarmRestarts.step(epoch + "
+    "i / iters), is not sped up: only the LR at each real update is used; filter this warning then.)")
 _CLIPPED = (
     "accumopt: the pending window's .grad was changed in place between micro-steps (typically "
     "torch.nn.utils.clip_grad_norm_ on every micro-batch): that clips a partial sum, not the window's mean "

@@ -444,6 +444,13 @@ class AccumulatingOptimizer(Optimizer):
         if w is None and self._store.has_inplace() and ref is not None and not _is_one(ref):
             w = 1.0  # the window's sums are relative to ref: an unweighted loss counts 1 / ref of it
         ref = None if w is None else self._backward_reference(w)
+        if self._backward_weight is not None and not self._store.has_inplace():
+            raise ValueError(
+                "Invalid weight: a second opt.backward() in one micro-batch after a weighted one, with every "
+                "parameter in a buffer (mode='buffered', or bf16/fp16 parameters): step() applies the weight to "
+                "the micro-batch's whole gradient. Combine the losses into one backward, e.g. "
+                "opt.backward((w_a * loss_a + w_b * loss_b) / (w_a + w_b), weight=w_a + w_b), or call opt.step() "
+                "between them")
         scaled = loss if w is None or ref is None else loss * _ratio(w, ref)
         self._guard.scale_loss(scaled).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w, ref)

@@ -258,3 +258,27 @@ def test_adaptive_k_without_an_estimate_is_refused():
     net = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="AdaptiveK has no noise-scale estimate"):
         accumopt.AccumulatingOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), AdaptiveK(k_max=8))
+
+
+def test_a_users_estimate_is_read_after_the_update_it_follows():
+    """A callable noise_scale is sampled when the window closes, after the inner step (it may read state
+    the update changed), not ahead with the update's host read."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    seen: list[int] = []
+    opt: accumopt.AccumulatingOptimizer | None = None
+
+    def estimate() -> torch.Tensor:
+        assert opt is not None
+        seen.append(opt.num_updates)
+        return torch.tensor(4.0, dtype=torch.float64)
+
+    ak = AdaptiveK(noise_scale=estimate, k_min=1, k_max=8, micro_batch_size=1, patience=1, warmup=0)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), ak)
+    x = torch.randn(40, 4, dtype=torch.float64)
+    for i in range(20):
+        model(x[2 * i:2 * i + 2]).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.discard()
+    assert seen and seen == list(range(1, len(seen) + 1))  # read once per closed window, after its update

@@ -331,3 +331,57 @@ def test_the_checks_keep_no_gradient_alive():
     opt.flush()
     opt.zero_grad()
     assert all(r() is None for r in refs)
+
+
+# ------------------------------------------------------------ correct loops that once looked like misuse
+@pytest.mark.parametrize("k,epoch", [(8, 10), (3, 4)])
+def test_per_epoch_scheduler_with_windows_spanning_epochs_is_silent(k, epoch):
+    """A per-epoch StepLR changes the LR once per epoch, inside some window: not a per-micro-batch scheduler."""
+    model = make_model()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)
+    data = make_data(6 * epoch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for e in range(6):
+            for b in data[e * epoch:(e + 1) * epoch]:
+                loss_fn(model, b).backward()
+                opt.step()
+                opt.zero_grad()
+            sched.step()
+        opt.flush()
+
+
+def test_scheduler_restored_before_training_is_silent():
+    """scheduler= restored (resumed at update 10) after the wrapper is built is not 'stepped in the loop'."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(inner, 2, 0.5)
+    opt = AccumulatingOptimizer(inner, 3, scheduler=sched)
+    sched.load_state_dict({**sched.state_dict(), "last_epoch": 10, "_step_count": 11})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for b in make_data(7):
+            loss_fn(model, b).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.flush()
+
+
+def test_a_wrapper_that_only_loaded_a_pending_window_goes_silently():
+    """Loading a mid-window state to inspect it, then dropping the wrapper: the window is in its file."""
+    model = make_model()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), K, mode="buffered")
+    for b in make_data(2):
+        loss_fn(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+    state = copy.deepcopy(opt.state_dict())
+    opt.discard()
+    other = AccumulatingOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), K, mode="buffered")
+    other.load_state_dict(state)
+    assert other.pending == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del other
+        gc.collect()

@@ -407,3 +407,19 @@ def test_unweighted_backward_after_a_weighted_first_micro_batch_is_refused_in_pl
     with pytest.raises(ValueError, match=r"opt.backward\(loss, weight=n\)"):
         opt.step()
     opt.discard()  # the refused micro-batch ends the test mid-window
+
+
+def test_second_weighted_backward_in_one_micro_batch_with_buffers_is_refused():
+    """With buffers, step() applies the weight to the micro-batch's whole gradient: a second weighted
+    backward in the same micro-batch cannot be told apart, so it is refused before it runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered")
+    x = torch.randn(4, 4, dtype=torch.float64)
+    opt.backward(model(x[:1]).pow(2).mean(), weight=1.0)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="second opt.backward"):
+        opt.backward(model(x[1:]).pow(2).mean(), weight=3.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))  # nothing ran
+    opt.step()
+    opt.discard()
