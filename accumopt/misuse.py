@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from operator import attrgetter, is_
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from .schedule import Window
 from .stats import Statistics
 from .sync import GradSync
 
-__all__ = ["MisuseDetector", "MisuseWarning", "WeakMethod"]
+__all__ = ["MisuseDetector", "MisuseWarning"]
 
 _grad_of = attrgetter("grad")
 _deref = weakref.ref.__call__  # what a recorded reference points to now (None: gone)
@@ -91,27 +91,6 @@ def _count_accumulations(param: Tensor, counter: _Counter) -> list[RemovableHand
     before: RemovableHandle = param.register_hook(counter.before)  # type: ignore[no-untyped-call]
     after: RemovableHandle = param.register_post_accumulate_grad_hook(counter)  # type: ignore[no-untyped-call]
     return [before, after]
-
-
-class WeakMethod:
-    """A bound method called through a weak reference to its object (``{}`` once the object is gone).
-
-    What a component calls back into the wrapper with, so that the wrapper is in no
-    reference cycle and goes (with its pending-window warning) when its last reference
-    does. Picklable and deep-copyable: a copy calls the copy of the object.
-    """
-
-    __slots__ = ("_ref",)
-
-    def __init__(self, method: Callable[[], dict[str, Any]]) -> None:
-        self._ref = weakref.WeakMethod(method)
-
-    def __call__(self) -> dict[str, Any]:
-        method = self._ref()
-        return {} if method is None else method()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (WeakMethod, (self._ref(),))
 
 
 class _Pending:

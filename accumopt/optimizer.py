@@ -40,7 +40,7 @@ from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
 from .hostread import HostRead
-from .misuse import MisuseDetector, WeakMethod
+from .misuse import MisuseDetector
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
@@ -217,7 +217,7 @@ class AccumulatingOptimizer(Optimizer):
         schedule = KSchedule(accumulation_steps, schedule_by)
         schedule.attach(None if noise is None else noise.value)  # AdaptiveK: no estimate, no wrapper
         window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
-        stats = Statistics(log_every=log_every, report=WeakMethod(self.stats))  # no cycle: dies when dropped
+        stats = Statistics(log_every=log_every)
         names = None if model is None else parameter_names(model)
         weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
         store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,14 +111,12 @@ class Statistics:
     """Counts and sums for :meth:`AccumulatingOptimizer.stats`.
 
     Args:
-        log_every: log a summary every this many real updates (None: never).
-        report: callable returning the full statistics dict (the wrapper's ``stats``);
-            the periodic record does not call it (it is built from the update's read).
+        log_every: log a summary every this many real updates (None: never), built from
+            the values of the update's single host read.
     """
 
-    def __init__(self, log_every: int | None = None, report: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, log_every: int | None = None) -> None:
         self.log_every = None if log_every is None else check_int("log_every", log_every)
-        self.report = report
         self.micro_steps = 0
         self.updates = 0
         self.skipped = 0
