@@ -46,11 +46,8 @@ def check_real(
     *,
     positive: bool = False,
     nonnegative: bool = False,
-    allow_none: bool = False,
 ) -> float:
-    """Return ``value`` as a float if it is a finite real number in range (None: 0.0 if ``allow_none``)."""
-    if value is None and allow_none:
-        return 0.0
+    """Return ``value`` as a float if it is a finite real number in range."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):

@@ -459,9 +459,9 @@ class GradientStore:
                 t.requires_grad_(False)
         if stale:
             torch._foreach_zero_(stale)
-        for g in self.groups:  # the landing tensors zeroed just now are clean again
-            for i, (t, _) in list(g.landing.items()):
-                g.landing[i] = (t, t._version)
+            for g in self.groups:  # the landing tensors zeroed just now are clean again
+                for i, (t, _) in list(g.landing.items()):
+                    g.landing[i] = (t, t._version)
 
     def zero_grads(self, set_to_none: bool) -> None:
         """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.

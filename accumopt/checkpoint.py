@@ -93,9 +93,10 @@ def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any],
 
 
 def check_header(acc: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` unless the accumulation entry carries this version's format, version and signature.
+    """Raise ``ValueError`` unless the accumulation entry carries this version's format and version.
 
-    Older (legacy) or unsigned entries cannot be checked against the optimizer, so they are refused.
+    Older (legacy) entries cannot be checked against the optimizer, so they are refused; a missing
+    signature is refused by :func:`compare_signatures`.
     """
     if acc.get("format") != STATE_FORMAT or acc.get("version") != STATE_VERSION:
         raise ValueError(
@@ -103,9 +104,6 @@ def check_header(acc: Mapping[str, Any]) -> None:
             f"(expected format {STATE_FORMAT!r} version {STATE_VERSION}: a legacy or foreign entry cannot be "
             "checked against this optimizer)"
         )
-    if "signature" not in acc:
-        raise ValueError("Invalid state dict: the accumulation entry has no 'signature' (expected one from "
-                         "AccumulatingOptimizer.state_dict())")
 
 
 def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:

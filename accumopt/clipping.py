@@ -57,7 +57,7 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
 
 def _threshold(name: str, value: Any) -> float | None:
     """A clipping threshold >= 0; 0 and None mean no clipping (None)."""
-    return check_real(name, value, nonnegative=True, allow_none=True) or None
+    return None if value is None else (check_real(name, value, nonnegative=True) or None)
 
 
 class Clipper:

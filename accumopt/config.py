@@ -258,7 +258,7 @@ class GradientAccumulationConfig:
         memory_aware = self.strategy is AccumulationStrategy.MEMORY_AWARE
         if self.memory_threshold is not None:
             t = check_real("memory_threshold", self.memory_threshold)
-            if t is None or not 0.0 < t <= 1.0:
+            if not 0.0 < t <= 1.0:
                 raise ValueError(f"Invalid memory_threshold: {t} (expected a fraction of device memory in (0, 1])")
         self._option("memory_threshold", memory_aware or self.memory_monitoring, 0.9,
                      "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")

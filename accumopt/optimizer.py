@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -259,6 +260,7 @@ class AccumulatingOptimizer(Optimizer):
         self._sync.set(self._window.next_is_last)
         self._misuse = MisuseDetector(optimizer, store, window, sync, stats, scheduler)
         self._misuse.attach(self)  # a window still pending when the wrapper goes: a warning naming flush()
+        weakref.finalize(self, sync.close)  # DDP's forward hook must not keep the storage alive after us
         self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
         self.register_state_dict_post_hook(self._misuse.on_save)  # a saved window is not lost at exit
 

@@ -95,6 +95,12 @@ class GradSync:
         self._reduced_window = -1  # index of the window already reduced
         self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
 
+    def close(self) -> None:
+        """Remove the DDP forward pre-hook (when the wrapper goes: the model must not keep this object alive)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
     @staticmethod
     def kind_of(model: Any) -> str:
         """``"ddp"``, ``"fsdp"`` (FSDP2) or ``"none"``: how ``model`` synchronises gradients."""

@@ -44,24 +44,14 @@ import torch
 from lightning.pytorch import Callback
 
 from ..optimizer import AccumulatingOptimizer
+from ._common import unwrap_optimizer
 
 __all__ = ["AccumulationCallback", "WeightedBackwardMixin", "accumulating_optimizers"]
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The optimizer under Lightning's ``LightningOptimizer`` (and similar single wrappers)."""
-    seen = 0
-    while not isinstance(optimizer, AccumulatingOptimizer) and seen < 4:
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer
-
-
 def accumulating_optimizers(trainer: Any) -> list[AccumulatingOptimizer]:
     """The :class:`~accumopt.AccumulatingOptimizer` objects among ``trainer.optimizers``."""
-    found = [_unwrap(o) for o in trainer.optimizers]
+    found = [unwrap_optimizer(o) for o in trainer.optimizers]
     return [o for o in found if isinstance(o, AccumulatingOptimizer)]
 
 
@@ -119,7 +109,7 @@ class AccumulationCallback(Callback):
         if not optimizers:
             raise ValueError("AccumulationCallback: configure_optimizers returned no AccumulatingOptimizer")
         for config in trainer.lr_scheduler_configs:
-            target = _unwrap(config.scheduler.optimizer)
+            target = unwrap_optimizer(config.scheduler.optimizer)
             if config.interval == "step" and any(target is o for o in optimizers):
                 raise ValueError(
                     f"Invalid lr scheduler {type(config.scheduler).__name__} with interval='step' on an "
@@ -166,10 +156,16 @@ class AccumulationCallback(Callback):
 
     def _flush_if_last_batch(self, trainer: Any, batch_idx: int) -> None:
         """Apply the partial windows after the epoch's last micro-batch (``flush_on_epoch_end``)."""
-        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        if self.flush_on_epoch_end and last:
+        if trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            self._flush(trainer)
+
+    def _flush(self, trainer: Any) -> None:
+        """Apply the pending partial windows (``flush_on_epoch_end``); an empty window is left alone, so that
+        ``opt.stepped`` still tells whether the epoch's last micro-batch applied an update."""
+        if self.flush_on_epoch_end:
             for opt in accumulating_optimizers(trainer):
-                opt.flush()
+                if opt.pending:
+                    opt.flush()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore_module_hooks()
@@ -188,7 +184,7 @@ class AccumulationCallback(Callback):
         if not states:
             return
         for optimizer, state in zip(trainer.optimizers, states):
-            opt = _unwrap(optimizer)
+            opt = unwrap_optimizer(optimizer)
             if isinstance(opt, AccumulatingOptimizer) and opt.pending:
                 opt.load_state_dict(state)
 
@@ -198,9 +194,7 @@ class AccumulationCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         # An epoch that ended some other way (a batch returned -1, the Trainer stopped): nothing pending otherwise.
-        if self.flush_on_epoch_end:
-            for opt in accumulating_optimizers(trainer):
-                opt.flush()
+        self._flush(trainer)
 
 
 class WeightedBackwardMixin:

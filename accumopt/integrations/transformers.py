@@ -44,6 +44,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
 from ..optimizer import AccumulatingOptimizer
+from ._common import unwrap_optimizer
 
 __all__ = ["AccumulatingTrainer"]
 
@@ -202,11 +203,7 @@ class AccumulatingTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the Trainer's optimizer (or take ``optimizers[0]``) and wrap it in accumopt."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        inner: Any = optimizer
-        while not isinstance(inner, AccumulatingOptimizer) and isinstance(getattr(inner, "optimizer", None),
-                                                                           torch.optim.Optimizer):
-            inner = inner.optimizer  # Accelerate's AcceleratedOptimizer from an earlier train() call
-        if isinstance(inner, AccumulatingOptimizer):
+        if isinstance(unwrap_optimizer(optimizer), AccumulatingOptimizer):  # Accelerate's wrapper, earlier train()
             return optimizer
         self.accumulating_optimizer = AccumulatingOptimizer(
             optimizer, self._k, mode="buffered", max_grad_norm=self._max_grad_norm, model=self.model,
