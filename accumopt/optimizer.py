@@ -36,7 +36,6 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from ._checks import check_state_scalar, weight_dtype
-from .adaptive import AdaptiveK
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
@@ -168,7 +167,7 @@ class AccumulatingOptimizer(Optimizer):
         noise_scale: estimate the gradient noise scale (``True``, an EMA beta, or a
             :class:`~accumopt.noise.NoiseScaleEstimator`); see :meth:`noise_scale`.
         log_every: log :meth:`stats` through the ``accumopt`` logger every this many
-            real updates (one sync at that update, only while INFO is enabled).
+            real updates (from the update's single host read, only while INFO is enabled).
         reduction: ``"mean"`` (default): apply the window's weighted mean,
             ``sum(w_i g_i) / sum(w_i)``; ``"sum"``: apply ``sum(w_i g_i)`` undivided
             (optax ``MultiSteps(use_grad_mean=False)``).
@@ -373,12 +372,10 @@ class AccumulatingOptimizer(Optimizer):
             metric = self._stats.window_mean_loss()
             if metric is not None:
                 read.add("plateau_metric", metric)
-        noise = self._noise.value() if self._noise is not None else None
+        noise = self._noise.value() if self._noise is not None and self._stats.logs_next_update() else None
         self._stats.request(read, norm, self._window.total, k=self._window.k, noise_scale=noise,
                             world_size=world, local_total=local_total)
-        spec = self._window.schedule.spec
-        if isinstance(spec, AdaptiveK):
-            spec.request(read, self._window.closed + 1)
+        self._window.schedule.request(read, self._window.closed + 1)  # AdaptiveK: its estimate
 
     def _check_total(self) -> None:
         """Refuse (and discard) a window whose weights sum to 0, where the host knows the total for free."""

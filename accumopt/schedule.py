@@ -39,6 +39,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from torch import Tensor
 
 from ._checks import check_choice, check_int, check_state_number, check_state_scalar
+from .hostread import HostRead
 
 __all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "NoiseSource", "REDUCTIONS", "Schedule", "Window"]
 
@@ -73,6 +74,10 @@ class Schedule:
     def attach(self, estimate: NoiseSource | None) -> None:
         """Called once before the wrapper is built, with the wrapper's noise-scale estimate
         (``opt.noise_scale``; None when the wrapper estimates nothing)."""
+
+    def request(self, read: HostRead, updates: int) -> None:
+        """Before the ``updates``-th window closes: ask the update's single host ``read`` for what the
+        decision at that boundary needs (nothing by default; no sync here)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for checkpoints."""
@@ -152,6 +157,11 @@ class KSchedule:
         """Give a schedule object the wrapper's noise-scale estimate (it may refuse to run without one)."""
         if self.kind == "object":
             self.spec.attach(estimate)
+
+    def request(self, read: HostRead, updates: int) -> None:
+        """Let a schedule object ask the update's host read for its decision's inputs (see :class:`Schedule`)."""
+        if self.kind == "object":
+            self.spec.request(read, updates)
 
     def describe(self) -> dict[str, Any]:
         """The specification as plain data (what a checkpoint must match)."""
@@ -377,9 +387,7 @@ class Window:
         ref = self.ref
         if ref is None or (not isinstance(ref, Tensor) and ref == 1.0):
             return factor
-        if isinstance(ref, Tensor):
-            return ref * factor if isinstance(factor, Tensor) else ref * float(factor)
-        return factor * ref
+        return ref * factor
 
     def inv_total(self) -> "float | Tensor":
         if isinstance(self.total, Tensor):
