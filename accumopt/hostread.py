@@ -27,11 +27,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["HostRead"]
+__all__ = ["HostRead", "host_read"]
 
 
-def _to_host(t: Tensor) -> list[Any]:
-    """``t``'s values on the host (a device-to-host copy: the host waits for the device)."""
+def host_read(t: Tensor) -> list[Any]:
+    """``t``'s values on the host: the one device-to-host copy of a real update (the host waits for the device)."""
     return t.cpu().tolist()
 
 
@@ -39,7 +39,7 @@ class HostRead:
     """Device values requested for one update, read on the host with a single synchronisation."""
 
     def __init__(self, copy: "Callable[[Tensor], list[Any]] | None" = None) -> None:
-        self._copy = copy if copy is not None else _to_host
+        self._copy = copy  # None: this module's host_read, looked up when the read runs
         self._parts: dict[str, "Tensor | float"] = {}
         self._values: dict[str, list[float]] | None = None
         self.syncs = 0  # device-to-host copies made by run() (0 or 1)
@@ -72,7 +72,7 @@ class HostRead:
             device = tensors[copied[0]].device
             dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
             flat = [tensors[k].reshape(-1).to(device, dtype, non_blocking=True) for k in copied]
-            host = self._copy(torch.cat(flat))  # the one sync of this update
+            host = (self._copy or host_read)(torch.cat(flat))  # the one sync of this update
             self.syncs += 1
             start = 0
             for key, t in zip(copied, flat):

@@ -333,7 +333,7 @@ class AccumulatingOptimizer(Optimizer):
             self._stats.make_global(self._store.device, self._sync.group, world)
         self._check_total()
         norm = found = None
-        read = self._guard.new_read()
+        read = HostRead()
         try:
             self._store.finalize(self._window.grad_factor())
             found = self._guard.unscale_and_check(self.optimizer, self._store.grads, self._window.total)

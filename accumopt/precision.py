@@ -40,11 +40,6 @@ NONFINITE_POLICIES = ("ignore", "skip", "drop", "raise")
 _CHECKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def host_read(t: Tensor) -> list[float]:
-    """The values of ``t`` on the host: the one device-to-host read of a real update."""
-    return t.cpu().tolist()
-
-
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``nonfinite="raise"`` when an accumulated gradient is NaN or inf."""
 
@@ -192,10 +187,6 @@ class NonFiniteGuard:
             return found_nonfinite(grads())
         return None
 
-    @staticmethod
-    def new_read() -> HostRead:
-        """An empty :class:`HostRead` for one update, copying through :func:`host_read`."""
-        return HostRead(lambda t: host_read(t))
 
     def request(
         self,

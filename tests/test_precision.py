@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from accumopt import AccumulatingOptimizer
-from accumopt import precision as precision_module
+from accumopt import hostread as hostread_module
 
 IN, HID, OUT = 6, 5, 3
 
@@ -383,14 +383,14 @@ def test_accumulate_dtype_float64_for_bf16() -> None:
 
 class _CountSyncs(TorchDispatchMode):
     """Counts device-to-host reads: ``.item()``, ``bool()``, ``float()`` (all dispatch to _local_scalar_dense)
-    and the wrapper's own batched read ``accumopt.precision.host_read`` (a copy to the host: free on CPU)."""
+    and the wrapper's own batched read ``accumopt.hostread.host_read`` (a copy to the host: free on CPU)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def __enter__(self):  # noqa: ANN204
-        self._patch = mock.patch.object(precision_module, "host_read", side_effect=self._read)
+        self._patch = mock.patch.object(hostread_module, "host_read", side_effect=self._read)
         self._patch.start()
         return super().__enter__()
 

@@ -163,13 +163,13 @@ def test_log_every(caplog):
 @pytest.mark.parametrize("info", [False, True])
 def test_log_every_reads_only_while_info_is_on(monkeypatch, caplog, info):
     """The record's values come with the update's one host read; INFO off: no read at all."""
-    from accumopt import precision
+    from accumopt import hostread
 
     model = make_model()
     opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1, log_every=1)
     reads = []
-    real = precision.host_read
-    monkeypatch.setattr(precision, "host_read", lambda t: reads.append(t.numel()) or real(t))
+    real = hostread.host_read
+    monkeypatch.setattr(hostread, "host_read", lambda t: reads.append(t.numel()) or real(t))
     with caplog.at_level(logging.INFO if info else logging.WARNING, logger="accumopt"):
         for x, y in batches(3):
             loss = loss_fn(model, x, y)
