@@ -28,6 +28,16 @@ def weight_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def scalar_tensor(value: "torch.Tensor | float", device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (a number or a one-element tensor) as a 0-dim ``dtype`` tensor on ``device``.
+
+    No sync: a number is a fill, not a host-to-device copy.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, dtype, non_blocking=True).reshape(())
+    return torch.full((), float(value), device=device, dtype=dtype)
+
+
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum`` (numpy ints too; bools are rejected)."""
     if isinstance(value, _BOOLS) or not isinstance(value, Integral):

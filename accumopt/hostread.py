@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._checks import weight_dtype
+
 __all__ = ["HostRead", "host_read"]
 
 
@@ -70,7 +72,7 @@ class HostRead:
                 values[key] = [float(x) for x in v.reshape(-1).tolist()]
         if copied:
             device = tensors[copied[0]].device
-            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            dtype = weight_dtype(device)  # float64 where the device has it
             flat = [tensors[k].reshape(-1).to(device, dtype, non_blocking=True) for k in copied]
             host = (self._copy or host_read)(torch.cat(flat))  # the one sync of this update
             self.syncs += 1

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_real, check_state_number
+from ._checks import check_real, check_state_number, scalar_tensor
 from .checkpoint import clone_tree
 from .buffers import GradientStore
 from .sync import GradSync
@@ -74,13 +74,6 @@ def simple_noise_scale_terms(
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     return trace, grad_sq
-
-
-def _scalar(x: "Tensor | float", device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``x`` (a number or a 0-dim tensor) as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
-    if isinstance(x, Tensor):
-        return x.to(device, dtype, non_blocking=True)
-    return torch.full((), float(x), device=device, dtype=dtype)
 
 
 def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -160,7 +153,7 @@ class NoiseScaleEstimator:
         elif f != 1.0:
             sq = sq * (f * f)
         keep = 1.0 if found is None else (1.0 - found.to(device, dtype, non_blocking=True))
-        w = _scalar(weight, device, dtype)
+        w = scalar_tensor(weight, device, dtype)
         inv_w = torch.where(w > 0, keep / w.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
         keep_t = keep if isinstance(keep, Tensor) else torch.ones((), device=device, dtype=dtype)
         keep_t = torch.where(w > 0, keep_t, torch.zeros_like(keep_t))
@@ -185,9 +178,9 @@ class NoiseScaleEstimator:
                 return  # nothing measured in this window
             big_sq = _sq_norm(store.grads(), device, dtype)
             if isinstance(mean_factor, Tensor) or mean_factor != 1.0:
-                big_sq = big_sq * _scalar(mean_factor, device, dtype).square()
+                big_sq = big_sq * scalar_tensor(mean_factor, device, dtype).square()
             world = sync.world_size if sync.distributed else 1
-            b_big = _scalar(total, device, dtype) * world
+            b_big = scalar_tensor(total, device, dtype) * world
             small_sq = self.small_sq / n.clamp_min(1.0)
             b_small = n / inv_w.clamp_min(torch.finfo(dtype).tiny)
             ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))
@@ -211,7 +204,7 @@ class NoiseScaleEstimator:
 
     def _pool(self, device: torch.device, dtype: torch.dtype, group: Any) -> None:
         """Sum the small-batch terms over the ranks (one ``all_reduce`` of 3 numbers, on every rank)."""
-        flat = torch.stack([_scalar(x, device, dtype) for x in (self.small_sq, self.small_n, self.small_inv_w)])
+        flat = torch.stack([scalar_tensor(x, device, dtype) for x in (self.small_sq, self.small_n, self.small_inv_w)])
         torch.distributed.all_reduce(flat, group=group)
         self.small_sq, self.small_n, self.small_inv_w = flat[0], flat[1], flat[2]
 

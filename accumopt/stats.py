@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_int, scalar_tensor, weight_dtype
 from .checkpoint import clone_tree
 from .hostread import HostRead
 
@@ -44,13 +44,6 @@ def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
     if isinstance(value, Tensor):
         value = value.detach()
     return acc + value
-
-
-def _scalar_on(value: Tensor | float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``value`` as a 0-dim tensor on ``device`` (a fill for a number: no host-to-device copy)."""
-    if isinstance(value, Tensor):
-        return value.detach().to(device, dtype).reshape(())
-    return torch.full((), float(value), device=device, dtype=dtype)
 
 
 def _rss_bytes() -> tuple[int | None, int | None]:
@@ -171,8 +164,8 @@ class Statistics:
         weight = self.window_loss_weight
         if world_size <= 1 or (isinstance(weight, float) and weight == 0.0):
             return
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        sums = torch.stack([_scalar_on(self.window_loss, device, dtype), _scalar_on(weight, device, dtype)])
+        dtype = weight_dtype(device)
+        sums = torch.stack([scalar_tensor(self.window_loss, device, dtype), scalar_tensor(weight, device, dtype)])
         torch.distributed.all_reduce(sums, group=group)
         self.window_loss, self.window_loss_weight = sums[0], sums[1]
 
