@@ -8,11 +8,13 @@ Two modes, chosen per wrapper:
   parameters) still get an fp32 buffer, because summing in bf16 loses bits.
 * ``"buffered"``: every parameter has a buffer, allocated once. At each micro-step
   the micro-batch's ``.grad`` is added into it (scaled by the micro-batch weight)
-  and zeroed, so a micro-batch that fails half-way never touches the window, a bad
+  and released, so a micro-batch that fails half-way never touches the window, a bad
   micro-batch can be dropped, and weights may be given after the backward pass.
-  The zeroed ``.grad`` stays as where the next backward lands (autograd adds into
-  it instead of allocating a gradient per micro-batch); the window's last gradient
-  stays in ``.grad`` and receives the buffers' sum at the boundary.
+  The window's last gradient stays in ``.grad`` and receives the buffers' sum at
+  the boundary. On CPU, where a freed gradient goes back to the system and a fresh
+  one costs page faults, each fresh gradient is copied during the backward pass
+  into a tensor kept from the last micro-step (see :class:`_Landing`); other
+  devices have caching allocators, which make a fresh gradient free.
 
 All arithmetic is ``torch._foreach_*`` over parameters grouped once by
 (device, gradient dtype, buffer dtype, parameter weight).
@@ -20,12 +22,14 @@ All arithmetic is ``torch._foreach_*`` over parameters grouped once by
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from ._checks import check_choice
 from .weights import WeightResolver
@@ -54,10 +58,13 @@ class _Group:
     # Presence in micro-batches that may have been dropped (their keep flag is on the
     # device): (micro-step number, indices or None for all), resolved at the boundary.
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
-    # Zeroed ``.grad`` kept for the next backward: {index: (tensor, its version once zeroed)}.
-    landing: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    # Where fresh gradients land during backward (CPU buffered groups; None: ``.grad`` is released).
+    landing: "_Landing | None" = None
     # The window's last gradient was left in ``.grad`` (all parameters): :meth:`finalize` adds the sums into it.
     last_in_grad: bool = False
+    # The buffers still hold an earlier window: read as zeros. The window's first micro-step writes them
+    # (instead of zeroing them at every reset and adding into the zeros).
+    stale: bool = False
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
@@ -85,8 +92,24 @@ class _Group:
         self.seen.clear()
         self.sparse.clear()
         self.seen_if_kept.clear()
-        self.landing = {}
         self.last_in_grad = False
+
+    def zero_buffers(self) -> None:
+        """Make stale buffers hold the zeros they stand for."""
+        if self.stale and self.buffers is not None:
+            torch._foreach_zero_(self.buffers)
+        self.stale = False
+
+    def start(self, grads: list[Tensor], scale: "float | Tensor") -> None:
+        """Make every buffer ``scale`` times this (first) micro-batch's gradient: the same numbers as
+        adding it into zeros, in the buffer's precision, for one pass less."""
+        self.stale = False
+        bufs = cast(list[Tensor], self.buffers)
+        torch._foreach_copy_(bufs, grads)
+        if isinstance(scale, Tensor):
+            torch._foreach_mul_(bufs, self.to_device(scale).to(bufs[0].dtype))
+        elif scale != 1.0:
+            torch._foreach_mul_(bufs, float(scale))
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
@@ -109,6 +132,70 @@ def _present(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int
         return params, grads, None  # type: ignore[return-value]
     idx = [i for i, g in enumerate(grads) if g is not None]
     return [params[i] for i in idx], [grads[i] for i in idx], idx  # type: ignore[misc]
+
+
+class _LandingHook:
+    """Post-accumulate-grad hook of one parameter: moves a fresh gradient into its kept tensor."""
+
+    __slots__ = ("tensors", "i")
+
+    def __init__(self, tensors: list[Tensor | None], i: int) -> None:
+        self.tensors = tensors  # never the store: a hook on a parameter must not keep the wrapper alive
+        self.i = i
+
+    def __call__(self, param: Tensor) -> None:
+        grad, kept = param.grad, self.tensors[self.i]
+        if grad is kept or grad is None or grad.requires_grad or grad.is_sparse:
+            return  # added into in place (a second backward), or a gradient with a graph / sparse: left as is
+        if kept is None or kept.shape != grad.shape or kept.dtype != grad.dtype or kept.stride() != grad.stride():
+            kept = self.tensors[self.i] = torch.empty_like(grad, memory_format=torch.preserve_format)
+        kept.copy_(grad)  # while the fresh gradient is still in cache; it is freed right after
+        param.grad = kept
+
+
+def _remove(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class _Landing:
+    """Tensors that receive a CPU buffered group's fresh gradients during the backward pass.
+
+    Autograd allocates every gradient anew. A hand-written loop frees each one as soon
+    as it is added into ``.grad``, so the next one reuses warm memory; a buffered
+    micro-step holds the whole set until ``step()``, and on CPU freeing that much at
+    once hands it back to the system, so the next backward pays page faults on every
+    gradient. A post-accumulate-grad hook per parameter copies the fresh gradient into
+    a tensor kept from the last micro-step (allocated once, on first use) and points
+    ``.grad`` at it, so the fresh one is freed at once, as in the plain loop. ``.grad``
+    between micro-steps is still None; the kept tensors are reused the way
+    ``zero_grad(set_to_none=False)`` reuses ``.grad`` in torch. The hooks are removed
+    with the store (or a new plan), and installed again in a copy.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.tensors: list[Tensor | None] = [None] * len(params)
+        self.handles: list[RemovableHandle] = []
+        self.install()
+
+    def install(self) -> None:
+        self.handles.extend(p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
+                            for i, p in enumerate(self.params))
+        weakref.finalize(self, _remove, self.handles)
+
+    def remove(self) -> None:
+        _remove(self.handles)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"params": self.params}  # hooks stay on the original parameters; kept tensors are not state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.params = state["params"]
+        self.tensors = [None] * len(self.params)
+        self.handles = []
+        self.install()
 
 
 def _mul_(tensors: list[Tensor], factor: "float | Tensor") -> None:
@@ -188,8 +275,9 @@ class GradientStore:
             buffers = None
             if buf_dtype is not None:
                 buffers = [torch.zeros_like(p, dtype=buf_dtype, memory_format=torch.preserve_format) for p in params]
+            landing = _Landing(params) if buffers is not None and device.type == "cpu" else None
             self.groups.append(_Group(params, weight, buffers, same_dtype=buf_dtype in (None, dtype),
-                                      dtype=dtype, device=device))
+                                      landing=landing, dtype=dtype, device=device))
 
     def layout_changed(self) -> bool:
         """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``).
@@ -209,6 +297,9 @@ class GradientStore:
         bf16/fp16 parameters get ``accumulate_dtype`` buffers again, buffers move to their
         parameter's device. Call it only with no window pending (the sums are dropped).
         """
+        for g in self.groups:
+            if g.landing is not None:
+                g.landing.remove()
         self.groups = []
         self.excluded = []
         self._drops.clear()
@@ -263,7 +354,10 @@ class GradientStore:
             if not grads:
                 continue
             if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True)
+                g.zero_buffers()
                 idx, grads = self._accumulate_sparse(g, idx, grads, scale)
+            if idx is not None or step is not None:  # not a plain micro-step with every gradient: add into zeros
+                g.zero_buffers()
             if step is None:
                 g.mark(idx)
             else:
@@ -274,11 +368,14 @@ class GradientStore:
                 # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
                 if isinstance(scale, Tensor):
                     torch._foreach_mul_(grads, g.to_device(scale).to(grads[0].dtype))
-                g.landing = {}
                 g.last_in_grad = True
                 continue
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
-            if grads and isinstance(scale, Tensor):
+            if not grads:
+                pass  # only sparse gradients
+            elif g.stale:  # the window's first gradients: they become the sums
+                g.start(grads, scale)
+            elif isinstance(scale, Tensor):
                 s = g.to_device(scale)
                 if g.same_dtype:
                     torch._foreach_mul_(grads, s.to(grads[0].dtype))
@@ -286,18 +383,10 @@ class GradientStore:
                 else:  # bf16/fp16 grads: multiply in the buffer's precision, not in theirs
                     s = s.to(bufs[0].dtype)
                     torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
-            elif grads:
-                torch._foreach_add_(bufs, grads, alpha=float(scale))
-            if step is None and not closing and len(grads) == len(params):  # dense, surely in the window
-                # Keep ``.grad``, zeroed, as where the next backward lands: autograd then adds into it
-                # in place instead of allocating a fresh gradient for every micro-batch.
-                torch._foreach_zero_(grads)
-                positions = range(len(g.params)) if idx is None else idx
-                g.landing = {i: (t, t._version) for i, t in zip(positions, grads)}
             else:
-                g.landing = {}
-                for p in params:
-                    p.grad = None
+                torch._foreach_add_(bufs, grads, alpha=float(scale))
+            for p in params:
+                p.grad = None
 
     @staticmethod
     def _accumulate_sparse(g: _Group, idx: list[int] | None, grads: list[Tensor],
@@ -375,7 +464,8 @@ class GradientStore:
                 if grads:
                     _mul_(grads, factor)
             else:
-                g.landing = {}  # .grad becomes the sum: the landing tensors go
+                if not g.last_in_grad:
+                    g.zero_buffers()  # (never stale here: a micro-step wrote them)
                 idx = g.seen_indices()
                 params = g.params if idx is None else [g.params[i] for i in idx]
                 bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
@@ -384,7 +474,8 @@ class GradientStore:
                 scaled: Sequence[Tensor] = []
                 if params and g.last_in_grad:
                     scaled = [p.grad for p in params if p.grad is not None]
-                    torch._foreach_add_(scaled, bufs)
+                    if not g.stale:  # stale: the window's only micro-batch is in .grad
+                        torch._foreach_add_(scaled, bufs)
                     _mul_(scaled, factor)
                 elif params and g.same_dtype:
                     _mul_(bufs, factor)
@@ -405,13 +496,13 @@ class GradientStore:
         return [p.grad for p in self.params if p.grad is not None]
 
     def reset(self) -> None:
-        """Empty the window: zero the buffers and release ``.grad``.
+        """Empty the window: release ``.grad``; the buffers count as zeros (``stale``) from now on.
 
         Which parameters had a dense gradient is remembered, for :meth:`zero_grads`.
         """
         for g in self.groups:
             if g.buffers is not None:
-                torch._foreach_zero_(g.buffers)
+                g.stale = True
                 if not g.had_grad_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
                     seen = g.seen_indices()
                     if seen is None:
@@ -433,25 +524,15 @@ class GradientStore:
         self._drops.clear()
 
     def clear_micro_grads(self, set_to_none: bool) -> None:
-        """``zero_grad`` between micro-steps of a pending window in buffered groups.
-
-        ``.grad`` holds no part of the window there; a zeroed landing ``.grad`` that no
-        backward has touched since is left alone, any other one is cleared as torch does.
-        """
-        stale: list[Tensor] = []
-        for p, grad, land in self._buffered_grads():
-            if land is not None and land[0] is grad:
-                if grad._version != land[1]:
-                    stale.append(grad)
-            elif set_to_none:
+        """``zero_grad`` between micro-steps of a pending window: buffered ``.grad`` (a gradient
+        not yet moved into the window) and excluded parameters are cleared as torch does."""
+        params = [p for p in self._buffered_params() if p.grad is not None]
+        params += [p for p in self.excluded if p.grad is not None]
+        if set_to_none:
+            for p in params:
                 p.grad = None
-            else:
-                stale.append(grad)
-        for p in self.excluded:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                stale.append(p.grad)
+            return
+        stale = [cast(Tensor, p.grad) for p in params]
         for t in stale:
             if t.grad_fn is not None:
                 t.detach_()
@@ -459,9 +540,6 @@ class GradientStore:
                 t.requires_grad_(False)
         if stale:
             torch._foreach_zero_(stale)
-            for g in self.groups:  # the landing tensors zeroed just now are clean again
-                for i, (t, _) in list(g.landing.items()):
-                    g.landing[i] = (t, t._version)
 
     def zero_grads(self, set_to_none: bool) -> None:
         """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.
@@ -477,6 +555,7 @@ class GradientStore:
                 continue
             idx = range(len(g.params)) if g.had_grad_all else g.had_grad
             if g.buffers is not None:
+                g.zero_buffers()
                 g.mark(None if g.had_grad_all else list(idx))
             else:
                 for i in idx:
@@ -497,20 +576,13 @@ class GradientStore:
         """Whether a buffered parameter's ``.grad`` holds a gradient not yet moved into its buffer.
 
         That is a backward pass since the last ``step()``: :meth:`state_dict` cannot hold it.
-        Host bookkeeping only (tensor versions), no device read.
         """
-        return any(land is None or land[0] is not grad or grad._version != land[1]
-                   for _, grad, land in self._buffered_grads())
+        return any(p.grad is not None for p in self._buffered_params())
 
-    def _buffered_grads(self) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, int] | None]]:
-        """``(param, .grad, landing record or None)`` for each buffered parameter holding a ``.grad``."""
+    def _buffered_params(self) -> Iterator[Tensor]:
         for g in self.groups:
-            if g.buffers is None:
-                continue
-            for i, p in enumerate(g.params):
-                grad = p.grad
-                if grad is not None:
-                    yield p, grad, g.landing.get(i)
+            if g.buffers is not None:
+                yield from g.params
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
         """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
@@ -525,6 +597,8 @@ class GradientStore:
             if g.buffers is None:
                 out.extend((p, p.grad.detach()) for p in g.params if p.grad is not None)
                 continue
+            if g.stale:
+                continue  # no micro-batch in this window yet
             idx = g.seen_indices()
             seen = set(range(len(g.params))) if idx is None else set(idx)
             for i, (p, b) in enumerate(zip(g.params, g.buffers)):
@@ -577,6 +651,7 @@ class GradientStore:
                     p.grad = None if e is None else e.detach().to(p.device, p.dtype).clone()
             else:
                 g.clear()
+                g.stale = False
                 for i, (p, b) in enumerate(zip(g.params, g.buffers)):
                     e = next(it)
                     b.zero_()

@@ -1,13 +1,17 @@
-"""Buffered mode keeps a zeroed ``.grad`` between micro-steps as the next backward's landing area.
+"""Buffered mode's gradient hand-over, checked against plain torch.
 
-It must behave exactly as releasing ``.grad`` did: a gradient discarded with ``zero_grad()``
-never reaches the window, a parameter without a gradient in the window gets none, and
-every update equals the plain large-batch step (float64 reference).
+On CPU each fresh gradient is copied, during the backward pass, into a tensor kept from
+the last micro-step, and ``.grad`` is released at every ``step()``; a window's first
+micro-batch writes the buffers instead of adding into zeros. None of it may change a
+number: a gradient discarded with ``zero_grad()`` never reaches the window, a parameter
+without a gradient in the window gets none, and every update equals the plain
+large-batch step (float64 reference).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -26,7 +30,8 @@ class TwoHeads(torch.nn.Module):
         self.b = torch.nn.Linear(4, 1)
 
     def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
-        return getattr(self, head)(torch.tanh(self.body(x)))
+        h = torch.tanh(self.body(x))
+        return sum(getattr(self, name)(h) for name in head)  # "a", "b" or both
 
 
 def _data(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -34,19 +39,133 @@ def _data(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(2, 3, generator=g, dtype=DT), torch.randn(2, 1, generator=g, dtype=DT)) for _ in range(n)]
 
 
-def test_grad_tensor_is_reused_across_micro_steps() -> None:
+def _release_instead(opt: AccumulatingOptimizer) -> None:
+    """Hand gradients over as on a device with a caching allocator (no kept tensors, no hooks)."""
+    for g in opt._store.groups:
+        if g.landing is not None:
+            g.landing.remove()
+            g.landing = None
+
+
+def _windows(ks: list[int], data: list) -> list[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Split ``data`` into windows of the sizes ``ks``, with the head each micro-batch trains.
+
+    A window's first micro-batch trains head "b" alone and the others head "a" (so "a"'s buffers
+    still hold the last window when a window starts); a one-micro-batch window trains both.
+    """
+    out, i = [], 0
+    for k in ks:
+        out.append([("ab" if k == 1 else "b" if j == 0 else "a", *data[i + j]) for j in range(k)])
+        i += k
+    return out
+
+
+def _train(opt: AccumulatingOptimizer, model: TwoHeads, windows: list) -> None:
+    for window in windows:
+        for head, x, y in window:
+            F.mse_loss(model(x, head), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _reference(model: TwoHeads, windows: list) -> TwoHeads:
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for window in windows:
+        ref_opt.zero_grad()
+        sum(F.mse_loss(ref(x, head), y) for head, x, y in window).div(len(window)).backward()
+        ref_opt.step()
+    return ref
+
+
+def test_fresh_gradient_lands_in_a_kept_tensor_and_grad_is_released() -> None:
     torch.manual_seed(0)
     model = TwoHeads().to(DT)
-    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4, mode="buffered")
-    ptrs = []
-    for x, y in _data(3):
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered")
+    kept = []
+    for x, y in _data(6):
+        expected = torch.autograd.grad(F.mse_loss(model(x, "a"), y), model.body.weight)[0]
         F.mse_loss(model(x, "a"), y).backward()
-        ptrs.append(model.body.weight.grad.data_ptr())
+        assert torch.equal(model.body.weight.grad, expected)  # this micro-batch's gradient, nothing else
+        kept.append(model.body.weight.grad)
         opt.step()
         opt.zero_grad()
-        assert not model.body.weight.grad.any()  # a zeroed landing area, not part of the window
-    assert ptrs[1] == ptrs[2]  # no fresh gradient allocated per micro-batch
-    opt.discard()  # 3 of 4 micro-batches: the window stays open on purpose
+        assert model.body.weight.grad is None  # released: no part of the window lives in .grad
+    assert opt.num_updates == 3
+    assert all(t is kept[0] for t in kept)  # one tensor receives every micro-batch: no page faults per step
+
+
+@pytest.mark.parametrize("schedule", ["1", "4", "2, 1, 2, 1, ..."])
+def test_stale_buffers_and_both_hand_overs_match_the_large_batch(schedule: str) -> None:
+    """Windows that start without a gradient for head "a", or close on their first micro-batch: the
+    buffers still hold the last window's sums and must count as zeros. Releasing ``.grad`` (other
+    devices) gives the same bits as the kept CPU tensors."""
+    torch.manual_seed(0)
+    model = TwoHeads().to(DT)
+    k = {"1": 1, "4": 4, "2, 1, 2, 1, ...": lambda n: 2 if n % 2 == 0 else 1}[schedule]
+    ks = {"1": [1] * 12, "4": [4] * 3, "2, 1, 2, 1, ...": [2, 1] * 4}[schedule]
+    windows = _windows(ks, _data(12, seed=3))
+    ref = _reference(model, windows)
+    models = []
+    for release in (False, True):
+        m = copy.deepcopy(model)
+        opt = AccumulatingOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), k, mode="buffered")
+        if release:
+            _release_instead(opt)
+        _train(opt, m, windows)
+        assert opt.num_updates == len(ks) and opt.pending == 0
+        models.append(m)
+    for p, q, r in zip(models[0].parameters(), models[1].parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+        assert torch.equal(p, q)
+
+
+def test_two_backward_passes_in_one_micro_batch_are_summed() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().to(DT)
+    ref = copy.deepcopy(model)
+    data = _data(4, seed=5)
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, mode="buffered")
+    for x, y in data:
+        F.mse_loss(model(x, "a"), y).backward()  # lands in the kept tensor
+        F.mse_loss(model(x, "b"), y).backward()  # adds into it in place
+        opt.step()
+        opt.zero_grad()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for w in (0, 2):
+        ref_opt.zero_grad()
+        sum(F.mse_loss(ref(x, "a"), y) + F.mse_loss(ref(x, "b"), y) for x, y in data[w:w + 2]).div(2).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_hooks_go_with_the_wrapper_and_come_with_a_copy() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().to(DT)
+    data = _data(8, seed=7)
+    windows = _windows([4, 4], data)
+    ref = _reference(model, windows)
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 4, mode="buffered")
+    _train(opt, model, [windows[0][:2]])  # mid-window
+    both = copy.deepcopy({"model": model, "opt": opt})
+    twin, twin_opt = both["model"], both["opt"]
+    for p in twin.parameters():
+        assert p._post_accumulate_grad_hooks  # the copy's parameters hand over too
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _train(o, m, [windows[0][2:], windows[1]])
+    for p, q, r in zip(model.parameters(), twin.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+    del opt, both, twin_opt
+    gc.collect()
+    for p in model.parameters():
+        assert not p._post_accumulate_grad_hooks  # nothing of the wrapper stays on the model
+    F.mse_loss(model(data[0][0], "a"), data[0][1]).backward()
+    first = model.body.weight.grad
+    model.zero_grad()
+    F.mse_loss(model(data[0][0], "a"), data[0][1]).backward()
+    assert model.body.weight.grad is not first  # plain torch again: a fresh gradient
 
 
 def test_discarded_gradient_and_unused_head_match_the_large_batch() -> None:
