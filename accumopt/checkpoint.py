@@ -1,29 +1,14 @@
-"""State-dict helpers and checkpoint files of :class:`~accumopt.AccumulatingOptimizer`.
+"""State-dict helpers and checkpoint files of :class:`~accumopt.AccumulatingOptimizer` (see docs/state.md).
 
-``opt.state_dict()`` is the wrapped optimizer's state dict plus an
-``"accumulation"`` entry holding everything a mid-window resume needs, one entry
-per component (pending sums, window count and weight total, K-schedule position,
-owned GradScaler and scheduler, statistics, noise-scale estimator), and a small
-``"signature"`` of the setup it was taken from. All of it is tensors, numbers,
-strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
-
-``opt.load_state_dict(sd)`` validates everything first (signature: parameter
-count, shapes, dtypes, optimizer class, mode, K, owned scaler and scheduler; then
-each component validates its own entry), copies what it keeps (the argument is
-never aliased or mutated), and only then changes the optimizer. A refused state
-dict raises ``ValueError`` and leaves the optimizer exactly as it was.
-
-:func:`save_checkpoint` writes atomically: a temporary file in the destination's
-folder, flush, ``fsync``, ``os.replace``, ``fsync`` of the folder. A crash (even
-SIGKILL) at any point before the rename leaves the previous file untouched (and
-at most a stray ``.accumopt-*.tmp`` file next to it); after it, the new file is
-complete. :func:`load_checkpoint` reads with ``weights_only=True`` and turns
-every failure to read (truncated, corrupted, not a torch file, pickled code) into
-a ``ValueError`` naming the file.
+The ``"accumulation"`` entry of ``opt.state_dict()`` (one sub-entry per component, plus a ``"signature"`` of the
+setup) is plain data that ``weights_only=True`` reads. Loading validates everything before anything changes.
+:func:`save_checkpoint` writes atomically (temp file, fsync, ``os.replace``, fsync of the folder): a crash, even
+SIGKILL, leaves the previous file intact; :func:`load_checkpoint` turns every failure to read into a ``ValueError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -36,17 +21,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "FILE_FORMAT",
-    "atomic_save",
-    "check_header",
-    "clone_tree",
-    "compare_signatures",
-    "load_checkpoint",
-    "load_inner_keeping_identity",
-    "save_checkpoint",
-    "signature",
-    "validate_optimizer_state",
-    "validate_state_shapes",
+    "FILE_FORMAT", "atomic_save", "check_header", "clone_tree", "compare_signatures", "load_checkpoint",
+    "load_inner_keeping_identity", "save_checkpoint", "signature", "validate_optimizer_state", "validate_state_shapes",
 ]
 
 FILE_FORMAT = "accumopt.checkpoint"
@@ -68,24 +44,17 @@ def clone_tree(x: Any, device: torch.device | None = None) -> Any:
     return x
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any], scaler: bool,
               scheduler: Any, lr_scaling: str | None, names: list[str] | None = None) -> dict[str, Any]:
-    """What a state dict must match to be loaded (plain data).
-
-    ``names``: the parameters' model names in optimizer order (known with ``model=``), else None.
-    """
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    """What a state dict must match to be loaded (plain data); ``names``: model names in optimizer order, or None."""
     return {
         "names": names,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
         "mode": mode,
         "k": k,
         "groups": [len(g["params"]) for g in optimizer.param_groups],
-        "params": [[list(p.shape), _dtype_name(p.dtype)] for p in params],
+        "params": [[list(p.shape), str(p.dtype).replace("torch.", "")]
+                   for g in optimizer.param_groups for p in g["params"]],
         "scaler": scaler,
         "scheduler": None if scheduler is None else type(scheduler).__name__,
         "lr_scaling": lr_scaling,
@@ -93,11 +62,7 @@ def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any],
 
 
 def check_header(acc: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` unless the accumulation entry carries this version's format and version.
-
-    Older (legacy) entries cannot be checked against the optimizer, so they are refused; a missing
-    signature is refused by :func:`compare_signatures`.
-    """
+    """Raise ``ValueError`` unless the entry has this format and version (legacy ones cannot be checked)."""
     if acc.get("format") != STATE_FORMAT or acc.get("version") != STATE_VERSION:
         raise ValueError(
             f"Invalid state dict: accumulation entry of format {acc.get('format')!r} version {acc.get('version')!r} "
@@ -107,10 +72,7 @@ def check_header(acc: Mapping[str, Any]) -> None:
 
 
 def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first difference between a saved signature and ``ours``.
-
-    Parameter names are compared when both sides know them (wrappers built with ``model=``).
-    """
+    """Raise ``ValueError`` naming the first difference between a saved signature and ``ours``."""
     if not isinstance(saved, dict):
         raise ValueError("Invalid state dict: the accumulation entry has no 'signature' (expected one from "
                          "AccumulatingOptimizer.state_dict())")
@@ -176,9 +138,8 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
                           label: Callable[[int, int], str]) -> None:
     """Raise ``ValueError`` unless each per-parameter state tensor of ``sd`` fits its parameter.
 
-    Same shape, or one that broadcasts to it (Adafactor's row and column factors): a state
-    dict of another model is refused here, not at the first step. ``label(i, j)`` names
-    parameter ``j`` of group ``i``. Call after :func:`validate_optimizer_state`.
+    Same shape, or one broadcasting to it (Adafactor's factors): another model's state is refused here, not at the
+    first step. ``label(i, j)`` names parameter ``j`` of group ``i``. Call after :func:`validate_optimizer_state`.
     """
     state = sd["state"]
     for gi, (theirs, ours) in enumerate(zip(sd["param_groups"], param_groups)):
@@ -201,8 +162,7 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
 def load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """``inner.load_state_dict(sd)``, keeping the ``param_groups`` list, its dicts and the ``state`` dict.
 
-    torch's ``Optimizer.load_state_dict`` replaces them; the wrapper, LR schedulers
-    built on it, ``lr_scaling`` and captured graphs hold the originals.
+    torch replaces them; the wrapper, LR schedulers built on it, ``lr_scaling`` and captured graphs hold the originals.
     """
     groups, state = inner.param_groups, inner.state
     inner.load_state_dict(sd)
@@ -233,16 +193,13 @@ def _open_temp(folder: str, name: str) -> tuple[IO[bytes], str]:
 
 
 def _fsync_dir(folder: str) -> None:
-    try:
+    # Platforms without directory handles, and some filesystems, refuse this: the rename stands anyway.
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -264,10 +221,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the file torch.save's usual mode
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     _fsync_dir(folder)
 
@@ -275,9 +230,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
 def _digest(obj: Any) -> int:
     """CRC-32 of ``obj``'s content (tensor bytes, dtypes, shapes, keys, plain values), in traversal order.
 
-    torch's zip reader does not verify the checksums of tensor records, so a
-    flipped byte in tensor data would load silently; this catches it. Tensors on
-    an accelerator are copied to the host to be hashed.
+    torch's zip reader does not check tensor records' checksums: a flipped byte would load silently.
     """
     crc = 0
 
@@ -330,8 +283,7 @@ def save_checkpoint(path: str | os.PathLike[str], obj_state: dict[str, Any], ext
     """Write an optimizer state dict (and optional plain ``extra`` data) to ``path`` atomically.
 
     Args:
-        path: destination; missing parent folders are created. An existing file is replaced only
-            once the new one is complete and on disk.
+        path: destination (missing folders are created; an existing file is replaced once the new one is on disk).
         obj_state: ``opt.state_dict()``.
         extra: anything ``weights_only`` can read back (e.g. ``{"model": model.state_dict()}``).
     """
@@ -359,16 +311,13 @@ def _read(path: str | os.PathLike[str], map_location: Any) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> tuple[dict[str, Any], Any]:
-    """Read a file written by :func:`save_checkpoint` with ``weights_only=True``.
-
-    Also accepts a file holding just ``opt.state_dict()`` (``torch.save(opt.state_dict(), path)``).
+    """Read a file of :func:`save_checkpoint` (or a plain ``torch.save(opt.state_dict())``) with ``weights_only=True``.
 
     Returns:
         ``(optimizer_state_dict, extra)``.
 
     Raises:
-        ValueError: the file is truncated, corrupted, not a torch file, contains
-            pickled code, or is not an accumopt checkpoint.
+        ValueError: truncated, corrupted, not a torch file, pickled code, or not an accumopt checkpoint.
         FileNotFoundError: no such file.
     """
     name = os.fspath(path)

@@ -1,23 +1,10 @@
-"""The one host read of a real update.
+"""The one host read of a real update (see docs/state.md).
 
-Several pieces of a real update need device values on the host: the non-finite
-or overflow flag (and the drop flags) that decide whether the step is applied,
-``ReduceLROnPlateau``'s metric, the ``log_every`` record and ``AdaptiveK``'s
-noise-scale estimate. Each would cost a host-device synchronisation on its own.
-:class:`HostRead` collects them while the update is prepared, then copies them
-to the host together: one synchronisation per update whatever the combination,
-none when nothing asked::
-
-    read = HostRead()
-    read.add("flag", found)          # device tensors (any shape) or Python numbers
-    read.add("metric", mean_loss)
-    read.run()                       # the one device-to-host copy
-    read.get("flag")                 # [0.0]: a list of floats per key
-
-Values travel as float64 (exact for the flags, counts and float32 values they
-carry). Tensors on several devices are gathered on the first device (a
-device-to-device copy, no host wait); numbers, and CPU tensors next to device
-ones, are read without a copy.
+The non-finite and drop flags, ``ReduceLROnPlateau``'s metric, the ``log_every`` record and ``AdaptiveK``'s
+estimate are collected by :class:`HostRead` while the update is prepared, then copied to the host together:
+one synchronisation per update, none when nothing asked. Values travel as float64 (exact for the flags, counts
+and float32 values); tensors on several devices are gathered on the first one (no host wait), and numbers, or
+CPU tensors beside device ones, are read without a copy.
 """
 
 from __future__ import annotations
