@@ -64,11 +64,9 @@ def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any],
 def check_header(acc: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless the entry has this format and version (legacy ones cannot be checked)."""
     if acc.get("format") != STATE_FORMAT or acc.get("version") != STATE_VERSION:
-        raise ValueError(
-            f"Invalid state dict: accumulation entry of format {acc.get('format')!r} version {acc.get('version')!r} "
-            f"(expected format {STATE_FORMAT!r} version {STATE_VERSION}: a legacy or foreign entry cannot be "
-            "checked against this optimizer)"
-        )
+        raise ValueError(f"Invalid state dict: accumulation entry of format {acc.get('format')!r} version "
+                         f"{acc.get('version')!r} (expected format {STATE_FORMAT!r} version {STATE_VERSION}: a legacy "
+                         "or foreign entry cannot be checked against this optimizer)")
 
 
 def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
@@ -85,11 +83,9 @@ def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
                              "it belongs to another model")
         for i, (a, b) in enumerate(zip(theirs, mine)):
             if a != b:
-                raise ValueError(
-                    f"Invalid state dict: parameter {i} is {a!r} in the state dict but {b!r} in this optimizer "
-                    "(other parameter names, or the same names in another order: its state would land on the "
-                    "wrong parameters)"
-                )
+                raise ValueError(f"Invalid state dict: parameter {i} is {a!r} in the state dict but {b!r} in this "
+                                 "optimizer (other parameter names, or the same names in another order: its state "
+                                 "would land on the wrong parameters)")
     params = saved.get("params")
     if not isinstance(params, list) or len(params) != len(ours["params"]):
         n = len(params) if isinstance(params, list) else params
@@ -122,10 +118,9 @@ def validate_optimizer_state(sd: Any, param_groups: list[dict[str, Any]]) -> Non
                          "(expected an optimizer state dict)")
     if len(groups) != len(param_groups) or any(len(a["params"]) != len(b["params"])
                                                for a, b in zip(groups, param_groups)):
-        raise ValueError(
-            f"Invalid state dict: {len(groups)} param groups of sizes {[len(g['params']) for g in groups]} "
-            f"(expected {len(param_groups)} of sizes {[len(g['params']) for g in param_groups]})"
-        )
+        raise ValueError(f"Invalid state dict: {len(groups)} param groups of sizes "
+                         f"{[len(g['params']) for g in groups]} (expected {len(param_groups)} of sizes "
+                         f"{[len(g['params']) for g in param_groups]})")
     ids = [i for g in groups for i in g["params"]]
     if len(set(map(repr, ids))) != len(ids):
         raise ValueError("Invalid state dict: a parameter id appears twice in 'param_groups'")
@@ -152,11 +147,9 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
                 except RuntimeError:
                     fits = False
                 if not fits:
-                    raise ValueError(
-                        f"Invalid state dict: state {name!r} of parameter {label(gi, pi)} has shape "
-                        f"{tuple(t.shape)}, which does not fit the parameter's shape {tuple(p.shape)} (expected "
-                        "the state dict of this model's optimizer)"
-                    )
+                    raise ValueError(f"Invalid state dict: state {name!r} of parameter {label(gi, pi)} has shape "
+                                     f"{tuple(t.shape)}, which does not fit the parameter's shape {tuple(p.shape)} "
+                                     "(expected the state dict of this model's optimizer)")
 
 
 def load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]) -> None:

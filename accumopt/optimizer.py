@@ -1,21 +1,8 @@
-"""``AccumulatingOptimizer``: gradient accumulation around any ``torch.optim.Optimizer``.
+"""``AccumulatingOptimizer``: gradient accumulation around any ``torch.optim.Optimizer`` (see docs/core.md).
 
-The wrapper is an orchestrator. Each ``step()`` ends one micro-batch and runs
-the same short sequence (see :meth:`AccumulatingOptimizer.step`); each concern
-lives in its own module:
-
-=================  =====================================================
-``buffers``        where the window's gradient sum lives
-``precision``      loss scale (GradScaler) and the non-finite policy
-``clipping``       norm / value / adaptive clipping of the final gradient
-``weights``        layer, group and exclusion weights
-``schedule``       the window and its size K
-``sync``           DDP/FSDP gradient synchronisation
-``stats``          statistics, on the device until asked for
-``amp``            the owned GradScaler, behind one adapter
-``hostread``       the update's one host read (flags, metrics, logs)
-``checkpoint``     state-dict helpers and checkpoint files
-=================  =====================================================
+An orchestrator: each ``step()`` runs the short sequence of :meth:`AccumulatingOptimizer.step`. Storage
+(``buffers``), loss scale and non-finite policy (``precision``, ``amp``), clipping, weights, the K schedule, DDP/FSDP
+sync, statistics, the update's one host read (``hostread``) and files (``checkpoint``) each live in their own module.
 """
 
 from __future__ import annotations
@@ -53,18 +40,16 @@ __all__ = ["AccumulatingOptimizer"]
 _PLATEAU_NEEDS_LOSS = "ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)"
 
 
-def _validate_optimizer(optimizer: Any) -> None:
+def _validate(optimizer: Any, scheduler: Any, model: Any) -> None:
     if isinstance(optimizer, AccumulatingOptimizer):
-        raise TypeError(
-            "Invalid optimizer: an AccumulatingOptimizer (expected the optimizer it should wrap; "
-            "wrapping twice would accumulate twice)"
-        )
+        raise TypeError("Invalid optimizer: an AccumulatingOptimizer (expected the optimizer it should wrap; wrapping "
+                        "twice would accumulate twice)")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a torch.optim.Optimizer instance)")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
-    first: dict[int, int] = {}
+    first: dict[int, int] = {}  # id(param): its group
     for gi, g in enumerate(optimizer.param_groups):
         for pi, p in enumerate(g["params"]):
             if id(p) in first:
@@ -78,11 +63,18 @@ def _validate_optimizer(optimizer: Any) -> None:
         raise ValueError("Invalid optimizer: every parameter has requires_grad=False (nothing to accumulate)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
-        raise ValueError(
-            f"Invalid optimizer: {type(optimizer).__name__}.step requires a closure, i.e. it re-evaluates the "
-            "loss several times per step (as LBFGS does); an accumulated gradient cannot serve those "
-            "re-evaluations. Use the large batch directly with such optimizers."
-        )
+        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}.step requires a closure, i.e. it re-evaluates "
+                         "the loss several times per step (as LBFGS does); an accumulated gradient cannot serve those "
+                         "re-evaluations. Use the large batch directly with such optimizers.")
+    if scheduler is not None:
+        if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
+            raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler "
+                            "scheduler)")
+        if scheduler.optimizer is not optimizer:
+            raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
+                             "(expected one built on the optimizer being wrapped)")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
 
 
 # Optimizers whose update does not scale with the gradient (it is divided by a running
@@ -90,17 +82,6 @@ def _validate_optimizer(optimizer: Any) -> None:
 _SCALE_INVARIANT = tuple(getattr(torch.optim, n) for n in (
     "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta", "Rprop", "SparseAdam", "Adafactor",
 ) if hasattr(torch.optim, n))
-
-
-def _warn_scale_invariant(optimizer: Optimizer, weights: set[float]) -> None:
-    """Warn when layer/group weights other than 0 and 1 meet an optimizer that ignores the gradient's scale."""
-    odd = sorted(w for w in weights if w != 1.0)
-    if odd and isinstance(optimizer, _SCALE_INVARIANT):
-        warnings.warn(
-            f"accumulation weights {odd} with {type(optimizer).__name__}: it divides each update by the "
-            "gradient's own running scale, so a constant per-parameter weight barely changes the update "
-            "(weight 0 and exclude still freeze). To scale a layer's step, give it a param group with its "
-            "own lr.", UserWarning, stacklevel=3)
 
 
 def _is_one(w: "float | Tensor") -> bool:
@@ -116,66 +97,37 @@ def _note(error: BaseException, text: str) -> None:
         error.add_note(text)
 
 
-def _validate_scheduler(scheduler: Any, optimizer: Optimizer) -> None:
-    if scheduler is None:
-        return
-    if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
-        raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler scheduler)")
-    if scheduler.optimizer is not optimizer:
-        raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
-                         "(expected one built on the optimizer being wrapped)")
-
-
 class AccumulatingOptimizer(Optimizer):
     """Accumulate gradients over ``accumulation_steps`` micro-batches, then step once.
 
-    Drop-in: ``opt = AccumulatingOptimizer(torch.optim.AdamW(...), 8)``, then the
-    plain loop ``loss.backward(); opt.step(); opt.zero_grad()`` with the plain
-    mean loss. Every K-th ``step()`` applies the mean of the K micro-batch
-    gradients with the wrapped optimizer; the others only accumulate. It shares
-    ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer, so
-    LR schedulers, ``GradScaler`` and ``clip_grad_norm_`` accept it.
+    Drop-in: ``opt = AccumulatingOptimizer(torch.optim.AdamW(...), 8)`` and the plain loop
+    ``loss.backward(); opt.step(); opt.zero_grad()`` with the plain mean loss: every K-th ``step()`` applies the
+    mean of the K micro-batch gradients, the others only accumulate. ``param_groups``, ``state`` and ``defaults``
+    are the wrapped optimizer's, so LR schedulers, ``GradScaler`` and ``clip_grad_norm_`` accept it.
 
     Args:
-        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` whose
-            ``step`` does not require a closure).
-        accumulation_steps: K: an int, a list by epoch, a mapping ``{start: K}``
-            or a callable of the number of updates (see :mod:`accumopt.schedule`).
-        mode: ``"inplace"`` (default, no extra memory: the sum lives in ``.grad``)
-            or ``"buffered"`` (a buffer per parameter; needed to drop a bad
-            micro-batch, to weight micro-batches after backward, and for
-            out-of-memory recovery).
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` whose ``step`` needs no closure).
+        accumulation_steps: K: an int, a list by epoch, a mapping ``{start: K}`` or a callable of the update count.
+        mode: ``"inplace"`` (default, no extra memory: the sum lives in ``.grad``) or ``"buffered"`` (a buffer
+            per parameter; needed to drop or weight a micro-batch after backward, and for out-of-memory recovery).
         accumulate_dtype: dtype of the sum for fp16/bf16 parameters (fp32).
-        scheduler: an LR scheduler stepped once after each applied update.
-            ``ReduceLROnPlateau`` receives the window's mean ``loss=``.
-        scaler: a ``torch.amp.GradScaler`` the wrapper owns: scale constant
-            within a window, unscale/step/update once per window.
+        scheduler: an LR scheduler stepped after each applied update (``ReduceLROnPlateau``: the window's mean loss).
+        scaler: a ``torch.amp.GradScaler`` the wrapper owns: scale constant within a window (disabled: as None).
         max_grad_norm: clip the accumulated gradient to this global norm.
         norm_type: norm for ``max_grad_norm``.
         clip_value: clip the accumulated gradient elementwise to ``[-v, v]``.
-        agc_clip_factor: unit-wise adaptive gradient clipping factor (AGC).
-        nonfinite: ``"ignore"``, ``"skip"`` (the window), ``"drop"`` (the bad
-            micro-batch; buffered mode) or ``"raise"``.
+        agc_clip_factor: unit-wise adaptive gradient clipping factor (AGC). For all three clippings, 0 or None: off.
+        nonfinite: ``"ignore"``, ``"skip"`` (the window), ``"drop"`` (the micro-batch; buffered) or ``"raise"``.
         model: the model (names for weights and errors; DDP/FSDP sync control).
         layer_weights: ``{name or glob pattern: weight}`` (needs ``model``).
         group_weights: a weight per param group (sequence or mapping by index).
-        exclude: names, patterns or parameters frozen for the run (see :mod:`accumopt.weights`).
+        exclude: names, patterns or parameters frozen for the run (see docs/weights.md).
         schedule_by: what a K schedule counts, ``"epoch"`` (``set_epoch``) or ``"update"``.
-        lr_scaling: ``None``, ``"linear"`` or ``"sqrt"``: scale the LR with K relative to
-            the first window's K, on top of ``scheduler`` (see :mod:`accumopt.schedule`).
+        lr_scaling: ``None``, ``"linear"`` or ``"sqrt"``: scale the LR with K relative to the first window's K.
         track_grad_norm: record the pre-clip gradient norm in :meth:`stats`.
-        noise_scale: estimate the gradient noise scale (``True``, an EMA beta, or a
-            :class:`~accumopt.noise.NoiseScaleEstimator`); see :meth:`noise_scale`.
-        log_every: log :meth:`stats` through the ``accumopt`` logger every this many
-            real updates (from the update's single host read, only while INFO is enabled).
-        reduction: ``"mean"`` (default): apply the window's weighted mean,
-            ``sum(w_i g_i) / sum(w_i)``; ``"sum"``: apply ``sum(w_i g_i)`` undivided
-            (optax ``MultiSteps(use_grad_mean=False)``).
-
-    A disabled ``GradScaler`` (``GradScaler(enabled=False)``) means no loss scaling,
-    exactly as ``scaler=None``; torch warns when it disables one itself (device
-    ``"cuda"`` without CUDA). ``max_grad_norm``, ``clip_value`` or ``agc_clip_factor``
-    of 0 (or None) means no clipping, as in the Hugging Face Trainer.
+        noise_scale: estimate the gradient noise scale (``True``, an EMA beta, or a ``NoiseScaleEstimator``).
+        log_every: log :meth:`stats` to the ``accumopt`` logger every this many updates (while INFO is enabled).
+        reduction: ``"mean"`` (default): apply ``sum(w_i g_i) / sum(w_i)``; ``"sum"``: ``sum(w_i g_i)`` undivided.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf: no sync per micro-step
@@ -205,33 +157,34 @@ class AccumulatingOptimizer(Optimizer):
         log_every: int | None = None,
         reduction: str = "mean",
     ) -> None:
-        # Each component validates its own arguments; all are built before the wrapper changes anything.
-        _validate_optimizer(optimizer)
-        _validate_scheduler(scheduler, optimizer)
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
-        clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
-                          agc_factor=agc_clip_factor, track_norm=track_grad_norm)
-        guard = NonFiniteGuard(scaler=scaler, policy=nonfinite)
-        noise = as_estimator(noise_scale)
+        # Each component validates its own arguments; all are built before the wrapped optimizer is touched.
+        _validate(optimizer, scheduler, model)
+        self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
+                                agc_factor=agc_clip_factor, track_norm=track_grad_norm)
+        self._guard = NonFiniteGuard(scaler=scaler, policy=nonfinite)
+        self._noise = as_estimator(noise_scale)
         schedule = KSchedule(accumulation_steps, schedule_by)
-        schedule.attach(None if noise is None else noise.value)  # AdaptiveK: no estimate, no wrapper
-        window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
-        stats = Statistics(log_every=log_every)
-        names = None if model is None else parameter_names(model)
-        weight_of = resolve_weights(optimizer.param_groups, names, layer_weights, group_weights, exclude)
-        store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,
-                              weight_of=weight_of)
+        schedule.attach(None if self._noise is None else self._noise.value)  # AdaptiveK: no estimate, no wrapper
+        self._window = Window(schedule, lr_scaling, optimizer.param_groups, reduction=reduction)
+        self._stats = Statistics(log_every=log_every)
+        self._names = None if model is None else parameter_names(model)
+        weight_of = resolve_weights(optimizer.param_groups, self._names, layer_weights, group_weights, exclude)
+        self._store = GradientStore(optimizer.param_groups, mode=mode, accumulate_dtype=accumulate_dtype,
+                                    weight_of=weight_of)
         if nonfinite == "drop" and mode != "buffered":
-            raise ValueError(
-                "Invalid nonfinite: 'drop' with mode='inplace' (dropping one micro-batch needs its gradient "
-                "apart from the window's: use mode='buffered')"
-            )
-        sync = GradSync(model, store)
-        if noise is not None and sync.kind == "fsdp":
+            raise ValueError("Invalid nonfinite: 'drop' with mode='inplace' (dropping one micro-batch needs its "
+                             "gradient apart from the window's: use mode='buffered')")
+        self._sync = GradSync(model, self._store)
+        if self._noise is not None and self._sync.kind == "fsdp":
             raise ValueError("Invalid noise_scale: True with an FSDP2 model (its gradients are sharded; the "
                              "estimator needs whole micro-batch gradients). Use DDP or turn estimation off.")
-        _warn_scale_invariant(optimizer, {g.weight for g in store.groups})
+        odd = sorted(w for w in {g.weight for g in self._store.groups} if w != 1.0)
+        if odd and isinstance(optimizer, _SCALE_INVARIANT):
+            warnings.warn(
+                f"accumulation weights {odd} with {type(optimizer).__name__}: it divides each update by the "
+                "gradient's own running scale, so a constant per-parameter weight barely changes the update "
+                "(weight 0 and exclude still freeze). To scale a layer's step, give it a param group with its "
+                "own lr.", UserWarning, stacklevel=2)
 
         # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them);
         # ``param_groups``, ``state`` and ``defaults`` are properties reading through to it.
@@ -245,21 +198,13 @@ class AccumulatingOptimizer(Optimizer):
         self._zero_grad_profile_name = "AccumulatingOptimizer.zero_grad"
 
         self.scheduler = scheduler
-        self._names = names
-        self._store = store
-        self._guard = guard
-        self._clipper = clipper
-        self._window = window
-        self._sync = sync
-        self._stats = stats
-        self._noise = noise
         self._backward_weight: float | Tensor | None = None  # summed weights given to backward() this micro-batch
         self._backward_ref: float | Tensor | None = None  # .grad holds weight / ref times the gradient (None: 1x)
         self._stepped = False
         self._sync.set(self._window.next_is_last)
-        self._misuse = MisuseDetector(optimizer, store, window, sync, stats, scheduler)
+        self._misuse = MisuseDetector(optimizer, self._store, self._window, self._sync, self._stats, scheduler)
         self._misuse.attach(self)  # a window still pending when the wrapper goes: a warning naming flush()
-        weakref.finalize(self, sync.close)  # DDP's forward hook must not keep the storage alive after us
+        weakref.finalize(self, self._sync.close)  # DDP's forward hook must not keep the storage alive after us
         self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
         self.register_state_dict_post_hook(self._misuse.on_save)  # a saved window is not lost at exit
 
@@ -269,14 +214,11 @@ class AccumulatingOptimizer(Optimizer):
         """End one micro-batch; apply the accumulated update when the window is complete.
 
         Args:
-            closure: optional; called once (with grad enabled) to compute this
-                micro-batch's loss and gradient, and its result returned.
-            weight: how much this micro-batch counts (its sample or token count),
-                a number or a 0-dim device tensor; the update is
-                ``sum(w_i g_i) / sum(w_i)``. Default 1. In ``"inplace"`` mode give it
-                to :meth:`backward` instead (or use ``mode="buffered"``).
-            loss: this micro-batch's loss, for statistics and ``ReduceLROnPlateau``
-                (kept on the device; never synchronised here).
+            closure: optional; called once (with grad enabled) for this micro-batch's loss and gradient.
+            weight: how much this micro-batch counts (e.g. its sample count; a number or a 0-dim device tensor;
+                default 1): the update is ``sum(w_i g_i) / sum(w_i)``. With ``mode="inplace"`` give it to
+                :meth:`backward` instead.
+            loss: this micro-batch's loss, for statistics and ``ReduceLROnPlateau`` (kept on the device).
 
         Returns:
             The closure's result, or None.
@@ -306,11 +248,9 @@ class AccumulatingOptimizer(Optimizer):
                                       else factor, found, weight_in_grad=weight_in_grad,
                                       loss_scale=self._guard.loss_scale())
         if found_inf is not None and self._store.has_inplace():
-            raise RuntimeError(
-                "scaler.step(opt) on every micro-batch with mode='inplace': the scale may change mid-window and "
-                "cannot be taken out of a summed .grad. Use mode='buffered', or give the scaler to the wrapper "
-                "(scaler=...) and call opt.step()."
-            )
+            raise RuntimeError("scaler.step(opt) on every micro-batch with mode='inplace': the scale may change "
+                               "mid-window and cannot be taken out of a summed .grad. Use mode='buffered', or give "
+                               "the scaler to the wrapper (scaler=...) and call opt.step().")
         self._sync.end_micro_batch()  # DDP: did this micro-batch's forward run with synchronisation on?
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
                                closing=self._window.next_is_last and not self._sync.distributed)
@@ -405,10 +345,9 @@ class AccumulatingOptimizer(Optimizer):
         return self._stepped
 
     def discard(self) -> None:
-        """Forget the pending window without applying it (an unrecoverable error mid-window).
+        """Forget the pending window unapplied (parameters, optimizer state and K untouched).
 
-        Parameters and optimizer state are untouched; the next ``step()`` starts a new window
-        of the same K. Data-parallel users must discard on every rank.
+        Data-parallel users must discard on every rank.
         """
         self._abandon_window(closed=False)
 
@@ -420,23 +359,16 @@ class AccumulatingOptimizer(Optimizer):
         self._guard.discard_window()
         if self._noise is not None:
             self._noise.discard_window()
-        if closed:
-            self._window.close()
-        else:
-            self._window.discard()
+        (self._window.close if closed else self._window.discard)()
         self._sync.set(self._window.next_is_last)
 
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
-        """``loss.backward()`` with the owned scaler's scale and the micro-batch weight applied.
+        """``loss.backward()`` with the owned scaler's scale and the micro-batch weight applied (both modes).
 
-        Works in both modes; the weight is remembered for the next :meth:`step`. The
-        weight never passes through the loss's dtype where it can be avoided: when every
-        parameter accumulates in a buffer, the plain loss is backpropagated and the weight
-        multiplies the gradient in the buffer's precision at :meth:`step`. Where sums live
-        in ``.grad`` and an owned ``GradScaler`` scales the loss, the loss is multiplied by
-        ``weight / w_ref``, ``w_ref`` being the window's first weight, so the loss scale sees
-        numbers near 1 whatever the unit of the weights (the boundary multiplies ``w_ref``
-        back, exactly).
+        Args:
+            loss: this micro-batch's loss.
+            weight: its weight, as for :meth:`step` (remembered for the next ``step()``).
+            **kwargs: passed to ``loss.backward()``.
         """
         w = check_micro_weight(weight) if weight is not None else None
         ref = self._window.ref
@@ -450,17 +382,18 @@ class AccumulatingOptimizer(Optimizer):
                 "the micro-batch's whole gradient. Combine the losses into one backward, e.g. "
                 "opt.backward((w_a * loss_a + w_b * loss_b) / (w_a + w_b), weight=w_a + w_b), or call opt.step() "
                 "between them")
-        scaled = loss if w is None or ref is None else loss * _ratio(w, ref)
-        self._guard.scale_loss(scaled).backward(**kwargs)  # type: ignore[no-untyped-call]
+        if w is not None and ref is not None:
+            loss = loss * (w if isinstance(ref, float) and ref == 1.0 else w / ref)  # no operation for the number 1
+        self._guard.scale_loss(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w, ref)
 
     def _backward_reference(self, weight: "float | Tensor") -> "float | Tensor | None":
         """What ``backward(weight=...)`` divides the weight by before multiplying the loss.
 
-        None: the loss is not multiplied (every parameter has a buffer: ``step()`` applies the weight
-        there, in the buffer's precision). 1: the plain weight. Else the window's first weight
-        (scale-free weights under an owned GradScaler; not with a process group, where every rank
-        would have its own reference while the model averages the sums).
+        None: the loss stays plain (every parameter has a buffer: ``step()`` weights the gradient there, in the
+        buffer's precision). 1: the plain weight. Else the window's first weight, so that an owned GradScaler sees
+        numbers near 1 whatever the weights' unit (not with a process group: every rank would have its own
+        reference while the model averages the sums).
         """
         if not self._store.has_inplace():
             return None
@@ -475,8 +408,7 @@ class AccumulatingOptimizer(Optimizer):
     def _record_backward_weight(self, weight: "float | Tensor | None", ref: "float | Tensor | None" = 1.0) -> None:
         """A backward pass gave this micro-batch ``weight`` (checked; None: none): remember it for ``step()``.
 
-        ``ref``: the loss was multiplied by ``weight / ref`` (1: by the weight itself); None: not at all,
-        ``step()`` applies the weight to the gradient. The window's reference is fixed by its first one.
+        ``ref``: the loss was multiplied by ``weight / ref``; None: not at all (``step()`` weights the gradient).
         """
         if weight is None:
             return
@@ -484,11 +416,9 @@ class AccumulatingOptimizer(Optimizer):
             if self._window.ref is None:
                 self._window.ref = ref
             elif self._window.ref is not ref and not (_is_one(ref) and _is_one(self._window.ref)):
-                raise ValueError(
-                    "Invalid weight: this micro-batch's loss was weighted relative to another reference than "
-                    "the window's first micro-batch (opt.backward and a captured step mixed in one window); "
-                    "weight the micro-batches of a window the same way"
-                )
+                raise ValueError("Invalid weight: this micro-batch's loss was weighted relative to another reference "
+                                 "than the window's first micro-batch (opt.backward and a captured step mixed in one "
+                                 "window); weight the micro-batches of a window the same way")
         self._backward_weight = weight if self._backward_weight is None else self._backward_weight + weight
         self._backward_ref = ref
 
@@ -588,21 +518,15 @@ class AccumulatingOptimizer(Optimizer):
 
     @property
     def last_grad_norm(self) -> Tensor | float | None:
-        """The pre-clip gradient norm of the last closed window as held (a 0-dim device tensor: no sync).
+        """The pre-clip gradient norm of the last closed window as held (read-only; a device tensor: no sync).
 
-        None before the first window closes, or when no norm is computed (no clipping, ``track_grad_norm=False``).
-        Read it, never write it; :meth:`stats` gives it as a number (``last_grad_norm``).
+        None before the first window closes or when no norm is computed; :meth:`stats` gives it as a number.
         """
         return self._stats.last_norm
 
     def stats(self) -> dict[str, Any]:
-        """Statistics as Python numbers; the only call that reads device values (one read per device).
-
-        See ``docs/state.md`` for the keys (counts, losses, gradient norms, effective
-        batch, samples/s, memory, noise scale).
-        """
-        extra = self._noise.values() if self._noise is not None else {}
-        out = self._stats.snapshot(extra, self._device())
+        """Statistics as Python numbers (keys: docs/state.md); the only call that reads device values."""
+        out = self._stats.snapshot({} if self._noise is None else self._noise.values(), self._device())
         if self._noise is not None:
             value = out.get("noise_scale")
             if value is not None and not (value > 0 and value != float("inf")):
@@ -618,21 +542,16 @@ class AccumulatingOptimizer(Optimizer):
     def noise_scale(self) -> Tensor | None:
         """The smoothed simple noise scale ``tr(Sigma) / |G|^2`` as a 0-dim device tensor (no sync).
 
-        In the unit of the micro-batch weights (samples when ``weight`` is the sample
-        count, micro-batches by default). None when estimation is off
-        (``noise_scale=False``) or before the first window; NaN until a usable window.
+        In the unit of the micro-batch weights; None when estimation is off, NaN until a usable window.
         """
         return None if self._noise is None else self._noise.value()
 
     def accumulated_gradients(self) -> dict[str, Tensor]:
         """The pending window's gradient sums by parameter name (empty when no window is pending).
 
-        Each is the undivided, weighted sum ``sum(w_i g_i)`` so far, in its accumulation
-        dtype (fp32 for bf16/fp16 parameters), times the owned ``GradScaler``'s scale if
-        there is one; where weights given to :meth:`backward` are scale-free (owned scaler,
-        sums in ``.grad``), divided by the window's first weight. Names are the model's (``model=``), else
-        ``"param_groups[i]['params'][j]"``. The tensors are detached views of the live
-        sums: read-only, valid until the window changes. No host synchronisation.
+        Each is the undivided ``sum(w_i g_i)`` so far in its accumulation dtype, times the owned scaler's scale
+        (divided by the window's first weight where :meth:`backward`'s weights are scale-free). Read-only views
+        of the live sums, valid until the window changes; no host synchronisation.
         """
         if self._window.count == 0:
             return {}
@@ -642,16 +561,14 @@ class AccumulatingOptimizer(Optimizer):
     def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
         """Write :meth:`state_dict` (and optional ``extra`` plain data) to ``path`` atomically.
 
-        A crash during the save leaves the previous file intact. With DDP and a window
-        pending, call it on every rank (see :meth:`state_dict`); write from one rank.
+        With DDP and a window pending, call it on every rank (see :meth:`state_dict`).
         """
         checkpoint.save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: "str | os.PathLike[str]") -> Any:
-        """Restore a file of :meth:`save` (``weights_only=True``); returns its ``extra``.
+        """Restore a file of :meth:`save` (``weights_only=True``) and return its ``extra``.
 
-        Raises ``ValueError`` for a truncated, corrupted, foreign or unsafe file, and
-        then leaves the optimizer exactly as it was.
+        A truncated, corrupted, foreign or unsafe file raises ``ValueError`` and changes nothing.
         """
         sd, extra = checkpoint.load_checkpoint(path, map_location=self._device())
         self.load_state_dict(sd)
@@ -663,7 +580,7 @@ class AccumulatingOptimizer(Optimizer):
     # -------------------------------------------------------- optimizer plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and give its parameters buffers."""
-        self._store.check_new_group(param_group, self.optimizer.param_groups)  # a bad accumulation_weight: nothing added
+        self._store.check_new_group(param_group, self.optimizer.param_groups)  # bad accumulation_weight: nothing added
         self.optimizer.add_param_group(param_group)
         self._store.refresh(self.optimizer.param_groups)
 
@@ -681,31 +598,23 @@ class AccumulatingOptimizer(Optimizer):
                 "noise": self._noise, "scaler": self._guard.scaler, "scheduler": self.scheduler}
 
     def _signature(self) -> dict[str, Any]:
-        names = None
-        if self._names is not None:
-            labels = self._labels()
-            names = [labels[id(p)] for g in self.param_groups for p in g["params"]]
+        names = None if self._names is None else list(self._labels().values())  # in optimizer order
         return checkpoint.signature(self.optimizer, mode=self._store.mode, k=self._window.schedule.describe(),
                                     scaler=self._guard.scaler is not None, scheduler=self.scheduler,
                                     lr_scaling=self._window.lr_scaling_rule, names=names)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus an ``"accumulation"`` entry (weights_only-safe).
+        """The wrapped optimizer's state dict plus an ``"accumulation"`` entry for a bit-identical resume.
 
-        The entry holds what a bit-identical mid-window resume needs, one entry per
-        component (see :mod:`accumopt.checkpoint`). Like torch's, the optimizer part
-        refers to live state tensors: save or copy it before training on.
-        With a DDP model and a window pending, call it on every rank (it averages the
-        pending sums across ranks, so that rank 0's checkpoint resumes every rank).
+        Like torch's, it refers to live state tensors. With DDP and a window pending, call it on every rank (it
+        averages the pending sums, so that rank 0's checkpoint resumes every rank).
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         if self._store.has_fresh_grads() or (self._backward_weight is not None and self._backward_ref is None):
-            raise RuntimeError(
-                "state_dict() between backward() and step(): this micro-batch's gradient is in .grad, outside "
-                "the accumulation buffers, and a checkpoint cannot resume it. Call state_dict() (or save()) "
-                "after opt.step()."
-            )
+            raise RuntimeError("state_dict() between backward() and step(): this micro-batch's gradient is in .grad, "
+                               "outside the accumulation buffers, and a checkpoint cannot resume it. Call "
+                               "state_dict() (or save()) after opt.step().")
         self._sync.consolidate(self._store, self._window)
         sd = self.optimizer.state_dict()
         acc: dict[str, Any] = {"format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION,
@@ -723,11 +632,9 @@ class AccumulatingOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a plain optimizer state dict restores the optimizer only.
+        """Restore :meth:`state_dict` (a plain optimizer state dict: the optimizer only).
 
-        Everything is validated before anything changes (``ValueError``, optimizer
-        unchanged); the argument is neither mutated nor aliased. Each component checks
-        its own entry (see :mod:`accumopt.checkpoint`); legacy or unsigned entries are refused.
+        Validated before anything changes (``ValueError``, optimizer unchanged); the argument is never aliased.
         """
         sd: Any = state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -776,17 +683,15 @@ class AccumulatingOptimizer(Optimizer):
             checkpoint.compare_signatures(acc.get("signature"), self._signature())
             for key, component in self._components().items():
                 state = acc.get(key)
+                if key in ("scheduler", "scaler") and state is None and component is not None:
+                    owned, lost = ("GradScaler", "scale") if key == "scaler" else (type(component).__name__, "state")
+                    raise ValueError(f"Invalid state dict: the {key} entry is None (this optimizer owns a {owned}: "
+                                     f"its {lost} would not be restored)")
                 if key == "scheduler":
                     if state is not None and not isinstance(state, Mapping):
                         raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
                                          "(expected a dict)")
-                    if state is None and component is not None:
-                        raise ValueError("Invalid state dict: the scheduler entry is None (this optimizer owns a "
-                                         f"{type(component).__name__}: its state would not be restored)")
                 elif key == "scaler":
-                    if state is None and component is not None:
-                        raise ValueError("Invalid state dict: the scaler entry is None (this optimizer owns a "
-                                         "GradScaler: its scale would not be restored)")
                     if state is not None:
                         LossScaler.validate_state_dict(state)  # also without an owned scaler
                 elif key == "noise" and component is not None and state is not None:
@@ -851,9 +756,8 @@ class AccumulatingOptimizer(Optimizer):
 
     def _grads_are_this_micro_batch(self) -> bool:
         """Whether every ``.grad`` holds this micro-batch's gradient alone (not a partial or reduced sum)."""
-        if not self._store.has_inplace():
-            return True
-        return self._window.count == 0 and not (self._sync.distributed and self._window.next_is_last)
+        return not self._store.has_inplace() or (
+            self._window.count == 0 and not (self._sync.distributed and self._window.next_is_last))
 
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
@@ -870,11 +774,9 @@ class AccumulatingOptimizer(Optimizer):
         if self._backward_weight is not None:
             raise ValueError("Invalid weight: given both to backward() and to step() for one micro-batch")
         if self._store.has_inplace() and not _is_one(w):
-            raise ValueError(
-                "Invalid weight: step(weight=...) with mode='inplace': this micro-batch's gradient is already "
-                "summed into .grad and cannot be reweighted. Give the weight before backward with "
-                "opt.backward(loss, weight=n), or build the wrapper with mode='buffered'."
-            )
+            raise ValueError("Invalid weight: step(weight=...) with mode='inplace': this micro-batch's gradient is "
+                             "already summed into .grad and cannot be reweighted. Give the weight before backward "
+                             "with opt.backward(loss, weight=n), or build the wrapper with mode='buffered'.")
         return w
 
     def _take_weight(self, weight: "float | Tensor | None") -> "tuple[float | Tensor, bool]":
@@ -887,16 +789,14 @@ class AccumulatingOptimizer(Optimizer):
             return given, True
         window_ref = self._window.ref
         if window_ref is not None and not _is_one(window_ref) and self._store.has_inplace():
-            raise ValueError(
-                "Invalid weight: a micro-batch whose loss was not weighted with opt.backward(loss, weight=...) in a "
-                "window whose first micro-batch was; its gradient is already summed into .grad in another unit. "
-                "Call opt.backward(loss, weight=n) for every micro-batch of the window (weight=1 for the others)."
-            )
+            raise ValueError("Invalid weight: a micro-batch whose loss was not weighted with opt.backward(loss, "
+                             "weight=...) in a window whose first micro-batch was; its gradient is already summed "
+                             "into .grad in another unit. Call opt.backward(loss, weight=n) for every micro-batch of "
+                             "the window (weight=1 for the others).")
         if self._store.has_inplace() and window_ref is None:
             self._window.ref = 1.0  # a plain first micro-batch: the window's sums are in units of 1
-        if weight is not None:  # _check_step_weight already refused a weight given to backward() too
-            return weight, False
-        return (1.0, False) if given is None else (given, False)  # given: applied to the buffers now
+        # step()'s weight (_check_step_weight refused one given to backward() too), else backward()'s, applied now
+        return (weight if weight is not None else 1.0 if given is None else given), False
 
     def _step_scheduler(self, metric: float | None = None) -> None:
         """Step the scheduler after an applied update; ``metric``: the window's mean loss, read with the update."""
@@ -911,20 +811,10 @@ class AccumulatingOptimizer(Optimizer):
                 self.scheduler.step()
 
     def _describe_nonfinite(self) -> str:
-        labels = self._labels(quote=True)
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    label = labels[id(p)]
-                    return f"parameter {label}" if label.startswith(("'", '"')) else label
+        for p, label in zip((p for g in self.param_groups for p in g["params"]), self._labels(quote=True).values()):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"parameter {label}" if label.startswith(("'", '"')) else label
         return "a parameter"
-
-
-def _ratio(weight: "float | Tensor", ref: "float | Tensor") -> "float | Tensor":
-    """``weight / ref`` (no operation when ``ref`` is the number 1; a device division otherwise)."""
-    if isinstance(ref, float) and ref == 1.0:
-        return weight
-    return weight / ref
 
 
 def _times(factor: "float | Tensor", weight: "float | Tensor") -> "float | Tensor":
