@@ -48,15 +48,11 @@ def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any],
               scheduler: Any, lr_scaling: str | None, names: list[str] | None = None) -> dict[str, Any]:
     """What a state dict must match to be loaded (plain data); ``names``: model names in optimizer order, or None."""
     return {
-        "names": names,
-        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "mode": mode,
-        "k": k,
-        "groups": [len(g["params"]) for g in optimizer.param_groups],
+        "names": names, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "mode": mode, "k": k, "groups": [len(g["params"]) for g in optimizer.param_groups],
         "params": [[list(p.shape), str(p.dtype).replace("torch.", "")]
                    for g in optimizer.param_groups for p in g["params"]],
-        "scaler": scaler,
-        "scheduler": None if scheduler is None else type(scheduler).__name__,
+        "scaler": scaler, "scheduler": None if scheduler is None else type(scheduler).__name__,
         "lr_scaling": lr_scaling,
     }
 
@@ -110,8 +106,7 @@ def validate_optimizer_state(sd: Any, param_groups: list[dict[str, Any]]) -> Non
     """Raise ``ValueError`` unless ``sd`` is an optimizer state dict with the layout of ``param_groups``."""
     if not isinstance(sd, Mapping):
         raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
-    groups = sd.get("param_groups")
-    state = sd.get("state")
+    groups, state = sd.get("param_groups"), sd.get("state")
     if not isinstance(groups, list) or not isinstance(state, Mapping) or \
             not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
         raise ValueError("Invalid state dict: missing or malformed 'state' or 'param_groups' "
@@ -143,7 +138,8 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
                 if not isinstance(t, Tensor) or t.dim() == 0:
                     continue
                 try:
-                    fits = t.dim() == p.dim() and torch.broadcast_shapes(t.shape, p.shape) == p.shape  # type: ignore[no-untyped-call]
+                    fits = t.dim() == p.dim() and torch.broadcast_shapes(  # type: ignore[no-untyped-call]
+                        t.shape, p.shape) == p.shape
                 except RuntimeError:
                     fits = False
                 if not fits:
@@ -155,7 +151,7 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
 def load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """``inner.load_state_dict(sd)``, keeping the ``param_groups`` list, its dicts and the ``state`` dict.
 
-    torch replaces them; the wrapper, LR schedulers built on it, ``lr_scaling`` and captured graphs hold the originals.
+    torch replaces them; the wrapper, LR schedulers built on it and captured graphs hold the originals.
     """
     groups, state = inner.param_groups, inner.state
     inner.load_state_dict(sd)

@@ -345,10 +345,7 @@ class AccumulatingOptimizer(Optimizer):
         return self._stepped
 
     def discard(self) -> None:
-        """Forget the pending window unapplied (parameters, optimizer state and K untouched).
-
-        Data-parallel users must discard on every rank.
-        """
+        """Forget the pending window unapplied (parameters, state and K untouched); data-parallel: on every rank."""
         self._abandon_window(closed=False)
 
     def _abandon_window(self, *, closed: bool) -> None:
@@ -388,12 +385,11 @@ class AccumulatingOptimizer(Optimizer):
         self._record_backward_weight(w, ref)
 
     def _backward_reference(self, weight: "float | Tensor") -> "float | Tensor | None":
-        """What ``backward(weight=...)`` divides the weight by before multiplying the loss.
+        """What ``backward(weight=...)`` divides the weight by before multiplying the loss (None: it does not).
 
-        None: the loss stays plain (every parameter has a buffer: ``step()`` weights the gradient there, in the
-        buffer's precision). 1: the plain weight. Else the window's first weight, so that an owned GradScaler sees
-        numbers near 1 whatever the weights' unit (not with a process group: every rank would have its own
-        reference while the model averages the sums).
+        Every parameter buffered: None (``step()`` weights the gradient in the buffer's precision). Else the window's
+        first weight under an owned GradScaler, so that it sees numbers near 1 (not with a process group: each rank
+        would have its own reference while the model averages the sums), else 1.
         """
         if not self._store.has_inplace():
             return None
@@ -406,10 +402,7 @@ class AccumulatingOptimizer(Optimizer):
         return weight if weight > 0 else 1.0
 
     def _record_backward_weight(self, weight: "float | Tensor | None", ref: "float | Tensor | None" = 1.0) -> None:
-        """A backward pass gave this micro-batch ``weight`` (checked; None: none): remember it for ``step()``.
-
-        ``ref``: the loss was multiplied by ``weight / ref``; None: not at all (``step()`` weights the gradient).
-        """
+        """Remember the checked ``weight`` given to backward (loss times ``weight / ref``; ref None: plain loss)."""
         if weight is None:
             return
         if ref is not None:
@@ -518,10 +511,7 @@ class AccumulatingOptimizer(Optimizer):
 
     @property
     def last_grad_norm(self) -> Tensor | float | None:
-        """The pre-clip gradient norm of the last closed window as held (read-only; a device tensor: no sync).
-
-        None before the first window closes or when no norm is computed; :meth:`stats` gives it as a number.
-        """
+        """The last window's pre-clip gradient norm as held (read-only; a device tensor: no sync); None: none yet."""
         return self._stats.last_norm
 
     def stats(self) -> dict[str, Any]:
@@ -540,10 +530,7 @@ class AccumulatingOptimizer(Optimizer):
     get_accumulation_stats = stats
 
     def noise_scale(self) -> Tensor | None:
-        """The smoothed simple noise scale ``tr(Sigma) / |G|^2`` as a 0-dim device tensor (no sync).
-
-        In the unit of the micro-batch weights; None when estimation is off, NaN until a usable window.
-        """
+        """The smoothed noise scale ``tr(Sigma) / |G|^2`` as a device tensor (no sync); None: off, NaN: no estimate."""
         return None if self._noise is None else self._noise.value()
 
     def accumulated_gradients(self) -> dict[str, Tensor]:
@@ -559,17 +546,11 @@ class AccumulatingOptimizer(Optimizer):
         return {labels[id(p)]: t for p, t in self._store.pending_sums()}
 
     def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
-        """Write :meth:`state_dict` (and optional ``extra`` plain data) to ``path`` atomically.
-
-        With DDP and a window pending, call it on every rank (see :meth:`state_dict`).
-        """
+        """Write :meth:`state_dict` (and optional plain ``extra`` data) to ``path`` atomically (DDP: on every rank)."""
         checkpoint.save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: "str | os.PathLike[str]") -> Any:
-        """Restore a file of :meth:`save` (``weights_only=True``) and return its ``extra``.
-
-        A truncated, corrupted, foreign or unsafe file raises ``ValueError`` and changes nothing.
-        """
+        """Restore a file of :meth:`save` and return its ``extra`` (a bad file: ``ValueError``, nothing changed)."""
         sd, extra = checkpoint.load_checkpoint(path, map_location=self._device())
         self.load_state_dict(sd)
         return extra
@@ -632,10 +613,7 @@ class AccumulatingOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a plain optimizer state dict: the optimizer only).
-
-        Validated before anything changes (``ValueError``, optimizer unchanged); the argument is never aliased.
-        """
+        """Restore :meth:`state_dict` (a plain one: the optimizer only), all validated first (``ValueError``)."""
         sd: Any = state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, sd)
@@ -711,8 +689,8 @@ class AccumulatingOptimizer(Optimizer):
                     raise ValueError("Invalid state dict: 'pre_weight' (a weight given to backward() before the "
                                      "state was taken) with every parameter buffered (its gradient is not in "
                                      "the state)")
-        labels = self._labels(quote=True)
-        checkpoint.validate_state_shapes(sd, self.param_groups, lambda i, j: labels[id(self.param_groups[i]["params"][j])])
+        labels, groups = self._labels(quote=True), self.param_groups
+        checkpoint.validate_state_shapes(sd, groups, lambda i, j: labels[id(groups[i]["params"][j])])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
