@@ -181,16 +181,6 @@ def _open_temp(folder: str, name: str) -> tuple[IO[bytes], str]:
     return os.fdopen(fd, "wb"), tmp
 
 
-def _fsync_dir(folder: str) -> None:
-    # Platforms without directory handles, and some filesystems, refuse this: the rename stands anyway.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
     path = os.fspath(path)
@@ -213,7 +203,13 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    # Make the rename durable; platforms without directory handles, and some filesystems, refuse: it stands anyway.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _digest(obj: Any) -> int:
@@ -280,25 +276,6 @@ def save_checkpoint(path: str | os.PathLike[str], obj_state: dict[str, Any], ext
     atomic_save({"format": FILE_FORMAT, "version": 1, "checksum": _digest(payload), **payload}, path)
 
 
-def _read(path: str | os.PathLike[str], map_location: Any) -> Any:
-    name = os.fspath(path)
-    try:
-        return torch.load(name, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise ValueError(
-                f"Invalid checkpoint file {name!r}: it contains pickled objects other than tensors and plain data "
-                "(refused by torch.load(weights_only=True); not an accumopt checkpoint, or a file that would run "
-                "code when loaded)"
-            ) from e
-        raise ValueError(f"Invalid checkpoint file {name!r}: not a torch checkpoint or corrupted ({e})") from e
-    except Exception as e:  # zip/CRC/EOF errors from truncation or corruption
-        raise ValueError(f"Invalid checkpoint file {name!r}: truncated or corrupted ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
-
-
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> tuple[dict[str, Any], Any]:
     """Read a file of :func:`save_checkpoint` (or a plain ``torch.save(opt.state_dict())``) with ``weights_only=True``.
 
@@ -310,7 +287,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> t
         FileNotFoundError: no such file.
     """
     name = os.fspath(path)
-    obj = _read(path, map_location)
+    try:
+        obj = torch.load(name, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise ValueError(f"Invalid checkpoint file {name!r}: it contains pickled objects other than tensors and "
+                             "plain data (refused by torch.load(weights_only=True); not an accumopt checkpoint, or a "
+                             "file that would run code when loaded)") from e
+        raise ValueError(f"Invalid checkpoint file {name!r}: not a torch checkpoint or corrupted ({e})") from e
+    except Exception as e:  # zip/CRC/EOF errors from truncation or corruption
+        raise ValueError(f"Invalid checkpoint file {name!r}: truncated or corrupted ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(obj, dict) and obj.get("format") == FILE_FORMAT:
         sd = obj.get("optimizer")
         if not isinstance(sd, dict):

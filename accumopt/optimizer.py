@@ -598,14 +598,12 @@ class AccumulatingOptimizer(Optimizer):
                                "state_dict() (or save()) after opt.step().")
         self._sync.consolidate(self._store, self._window)
         sd = self.optimizer.state_dict()
-        acc: dict[str, Any] = {"format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION,
-                               "signature": self._signature()}
-        for key, component in self._components().items():
-            acc[key] = None if component is None else component.state_dict()
         pre = self._backward_weight
-        acc["stepped"] = bool(self._stepped)
-        acc["pre_weight"] = pre.detach().clone() if isinstance(pre, Tensor) else pre
-        sd["accumulation"] = acc
+        sd["accumulation"] = {
+            "format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION, "signature": self._signature(),
+            **{key: None if c is None else c.state_dict() for key, c in self._components().items()},
+            "stepped": bool(self._stepped), "pre_weight": pre.detach().clone() if isinstance(pre, Tensor) else pre,
+        }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -665,16 +663,15 @@ class AccumulatingOptimizer(Optimizer):
                     owned, lost = ("GradScaler", "scale") if key == "scaler" else (type(component).__name__, "state")
                     raise ValueError(f"Invalid state dict: the {key} entry is None (this optimizer owns a {owned}: "
                                      f"its {lost} would not be restored)")
-                if key == "scheduler":
-                    if state is not None and not isinstance(state, Mapping):
-                        raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
-                                         "(expected a dict)")
-                elif key == "scaler":
-                    if state is not None:
-                        LossScaler.validate_state_dict(state)  # also without an owned scaler
+                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
+                    raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
+                                     "(expected a dict)")
+                if key == "scaler" and state is not None:
+                    LossScaler.validate_state_dict(state)  # also without an owned scaler
                 elif key == "noise" and component is not None and state is not None:
                     component.validate_state_dict(state, closed=acc["window"]["closed"])  # after the window's
-                elif component is not None and (state is not None or key in ("window", "sums", "stats")):
+                elif key not in ("scheduler", "scaler") and component is not None and (
+                        state is not None or key in ("window", "sums", "stats")):
                     component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
             stepped = acc.get("stepped", False)
             if not isinstance(stepped, bool):
