@@ -100,10 +100,9 @@ def _note(error: BaseException, text: str) -> None:
 class AccumulatingOptimizer(Optimizer):
     """Accumulate gradients over ``accumulation_steps`` micro-batches, then step once.
 
-    Drop-in: ``opt = AccumulatingOptimizer(torch.optim.AdamW(...), 8)`` and the plain loop
-    ``loss.backward(); opt.step(); opt.zero_grad()`` with the plain mean loss: every K-th ``step()`` applies the
-    mean of the K micro-batch gradients, the others only accumulate. ``param_groups``, ``state`` and ``defaults``
-    are the wrapped optimizer's, so LR schedulers, ``GradScaler`` and ``clip_grad_norm_`` accept it.
+    Drop-in: ``opt = AccumulatingOptimizer(torch.optim.AdamW(...), 8)`` in the plain loop with the plain mean loss;
+    every K-th ``step()`` applies the mean of the K micro-batch gradients. ``param_groups``, ``state`` and
+    ``defaults`` are the wrapped optimizer's, so LR schedulers, ``GradScaler`` and ``clip_grad_norm_`` accept it.
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` whose ``step`` needs no closure).
