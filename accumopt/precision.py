@@ -1,28 +1,15 @@
-"""Loss scaling and the non-finite guard.
+"""Loss scaling and the non-finite guard (user guide and policy table: docs/precision.md).
 
-One object decides, for each micro-step and each real update, what the
-accumulated gradient is scaled by and whether the update is applied:
-
-* an *owned* ``GradScaler`` (``scaler=``): the scale is constant within a window;
-  at the boundary: unscale, (clip), one host read of the overflow flag, the inner
-  step (or not), ``scaler.update()`` exactly once.
-* an *external* ``GradScaler`` driving the wrapper (``scaler.step(opt)`` on every
-  micro-batch): the wrapper declares ``_step_supports_amp_scaling``, so GradScaler
-  hands over ``grad_scale`` and ``found_inf`` as device tensors and never syncs;
-  each micro-batch is unscaled by its own scale into the buffers and an
-  overflowing one is dropped (weight 0), as GradScaler skips that step.
-* the ``nonfinite`` policy: ``"ignore"``, ``"skip"`` (whole window), ``"drop"``
-  (only the bad micro-batch, buffered mode) or ``"raise"``.
-
-Checks are fused per device and dtype with
-``torch._amp_foreach_non_finite_check_and_unscale_`` (the kernel GradScaler
-uses); the host reads one flag per real update, and only when a scaler or a
-policy needs the host to decide, within the update's single read
-(:class:`~accumopt.hostread.HostRead`). See ``docs/precision.md`` for the table.
+Decides, per micro-step and per real update, what the gradient is scaled by and whether the update is applied:
+an owned ``GradScaler`` (constant scale within a window, ``update()`` once per update), an external one driving
+``scaler.step(opt)`` (it hands ``grad_scale``/``found_inf`` over as device tensors; an overflowing micro-batch is
+dropped, as GradScaler skips that step), and the ``nonfinite`` policy. Checks are fused per device and dtype; the
+host reads one flag per real update, within the update's single :class:`~accumopt.hostread.HostRead`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
@@ -45,11 +32,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
-    """A 0-dim float32 tensor, 1.0 where any of ``tensors`` holds NaN/inf, else 0.0.
-
-    One fused check per device and dtype, no host synchronisation. Returns None
-    for an empty sequence.
-    """
+    """A 0-dim float32 flag, 1.0 where any of ``tensors`` holds NaN/inf (None if empty); fused, no host sync."""
     by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for t in tensors:
         t = t.detach()
@@ -72,10 +55,7 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
         else:  # pragma: no cover - exotic devices or dtypes
             bad = torch.stack([(~torch.isfinite(t)).any() for t in ts]).any().float()
             found.copy_(torch.maximum(found, bad))
-    total: Tensor | None = None
-    for f in flags.values():
-        total = f if total is None else torch.maximum(total, f.to(total.device))
-    return total
+    return functools.reduce(lambda total, f: torch.maximum(total, f.to(total.device)), flags.values())
 
 
 # Why a window is not applied (bits of the flag read at the boundary).
@@ -85,12 +65,7 @@ _READ_KEY = "nonfinite"  # the flags' key in the update's HostRead
 
 
 class NonFiniteGuard:
-    """Loss scale and non-finite policy of one wrapper.
-
-    Args:
-        scaler: the owned ``GradScaler``, or None; a disabled one means None.
-        policy: one of :data:`NONFINITE_POLICIES`.
-    """
+    """Loss scale (owned ``GradScaler``; a disabled one means none) and non-finite policy of one wrapper."""
 
     def __init__(self, *, scaler: "torch.amp.GradScaler | None" = None, policy: str = "ignore") -> None:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -99,7 +74,6 @@ class NonFiniteGuard:
         # A disabled scaler means no loss scaling (``GradScaler(enabled=use_amp)``). torch has already warned
         # if it disabled one itself (device "cuda" without CUDA): the two cannot be told apart.
         self.scaler = LossScaler(scaler) if scaler is not None and scaler.is_enabled() else None
-        self.last_found: Tensor | None = None  # flag of the last real update, on device
         self._dropped: Tensor | None = None  # owned scaler + "drop": a micro-batch overflowed this window
         self._empty: Tensor | None = None  # every micro-batch of the window was dropped
         self._scaler_found: Tensor | None = None  # the owned scaler's own found_inf tensor of this update
@@ -123,24 +97,19 @@ class NonFiniteGuard:
     def micro_factor(
         self, found_inf: Tensor | None, grad_scale: Tensor | None, micro_grads: Callable[[], list[list[Tensor]]]
     ) -> "tuple[float | Tensor, Tensor | None]":
-        """Factor by which this micro-batch enters the window, and its dropped flag.
+        """Factor ``keep / external_scale`` by which this micro-batch enters the window, and its dropped flag.
 
-        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over
-        (None otherwise). The factor is ``keep / external_scale`` (``keep`` is 0 for a
-        dropped micro-batch). A dropped micro-batch's gradients are zeroed in place
-        first, so NaN/inf never reach the buffers. Under ``"skip"``/``"raise"`` an
-        external scaler's overflow is *kept* in the sum, so the boundary check sees it
-        and skips (or raises for) the whole window. No host sync.
+        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over (None otherwise). A dropped
+        micro-batch's gradients are zeroed in place first, so NaN/inf never reach the buffers. No host sync.
         """
         if found_inf is not None and self.scaler is not None:
-            raise RuntimeError(
-                "The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
-                "not scaler.step(opt): the owned scaler unscales once per real update."
-            )
+            raise RuntimeError("The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
+                               "not scaler.step(opt): the owned scaler unscales once per real update.")
         if found_inf is None and self.policy != "drop":
             return 1.0, None
         inv_scale = None if grad_scale is None else grad_scale.detach().double().reciprocal().float()
         self._external_seen = self._external_seen or found_inf is not None
+        # "skip"/"raise": an external overflow stays in the sum, so the boundary check skips (or raises for) the window
         if found_inf is not None and self.policy in ("skip", "raise"):
             return (1.0 if inv_scale is None else inv_scale), None
         grads = [g for gs in micro_grads() for g in gs]
@@ -168,8 +137,7 @@ class NonFiniteGuard:
     ) -> Tensor | None:
         """Unscale the final gradient (owned scaler) and return its non-finite flag (device tensor or None).
 
-        ``total`` is the window's summed weight; a device total of 0 (every
-        micro-batch dropped) makes :meth:`apply` skip the window.
+        ``total``: the window's summed weight; a device total of 0 (all dropped) makes :meth:`apply` skip the window.
         """
         # Only where micro-batches can be dropped (weight 0) may the total be 0 without the user's doing:
         # tensor weights given by the user cost no sync here.
@@ -178,33 +146,22 @@ class NonFiniteGuard:
             per_device = self.scaler.unscale_(inner)
             if not per_device:  # no gradient at all
                 return None
-            self._scaler_found = next(iter(per_device.values()))
-            found: Tensor | None = None
-            for f in per_device.values():
-                found = f.clone() if found is None else found + f.to(found.device)
-            return found
+            first, *rest = per_device.values()
+            self._scaler_found = first
+            return sum((f.to(first.device) for f in rest), first.clone())
         if self.policy in ("skip", "raise", "drop"):
             return found_nonfinite(grads())
         return None
 
+    def request(self, read: HostRead, found: Tensor | None,
+                drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None) -> None:
+        """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing); no sync.
 
-    def request(
-        self,
-        read: HostRead,
-        found: Tensor | None,
-        drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None,
-    ) -> None:
-        """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing).
-
-        One small vector: the reasons code (``found``, the empty-window flag) and
-        ``drops``: flags of micro-batches that may have been dropped, whose host
-        values go to its callback (``True``: kept) in :meth:`apply`. No sync here.
+        One small vector: the reasons code (``found``, the empty-window flag), then ``drops``' flags of
+        maybe-dropped micro-batches, whose host values go to its callback (``True``: kept) in :meth:`apply`.
         """
-        self.last_found = found
         self._drops = drops
-        code: Tensor | None = None
-        if found is not None:
-            code = (found > 0).float() * float(_NONFINITE)
+        code = None if found is None else (found > 0).float() * float(_NONFINITE)
         if self._empty is not None:
             empty = self._empty if code is None else self._empty.to(code.device)
             code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
@@ -219,9 +176,8 @@ class NonFiniteGuard:
     def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
         """Step ``inner`` unless the window must be skipped; return whether it stepped.
 
-        Decides from the host values of :meth:`request` (``read`` has run: this reads
-        nothing itself). With an owned scaler, ``scaler.update()`` runs exactly once
-        here, whether the window is applied, skipped or raises.
+        Decides from the host values of :meth:`request` (``read`` has run). With an owned scaler,
+        ``scaler.update()`` runs exactly once here, whether the window is applied, skipped or raises.
         """
         drops, self._drops = self._drops, None
         try:
@@ -231,10 +187,8 @@ class NonFiniteGuard:
                 if drops is not None:
                     drops[1]([d == 0 for d in host[1:]])
                 if reasons & _NONFINITE and self.policy == "raise":
-                    raise NonFiniteGradientError(
-                        f"Non-finite accumulated gradient in {describe_bad()}; the window was discarded "
-                        "and the parameters were not updated (nonfinite='raise')."
-                    )
+                    raise NonFiniteGradientError(f"Non-finite accumulated gradient in {describe_bad()}; the window was "
+                                                 "discarded and the parameters were not updated (nonfinite='raise').")
                 if reasons:
                     return False
             inner.step()
@@ -254,17 +208,10 @@ class NonFiniteGuard:
         self.discard_window()
 
     def discard_window(self) -> None:
-        """Forget the window's flags (the window was discarded, nothing of it applied).
-
-        If the owned scaler already unscaled this window (an error between unscale and
-        step), its record is dropped too: the scale stays as it was.
-        """
+        """Forget the discarded window's flags, and the owned scaler's unscale of it (the scale stays as it was)."""
         if self.scaler is not None:
             self.scaler.forget_unscale()
-        self._dropped = None
-        self._empty = None
-        self._scaler_found = None
-        self._drops = None
+        self._dropped = self._empty = self._scaler_found = self._drops = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -274,10 +221,9 @@ class NonFiniteGuard:
     @staticmethod
     def validate_state_dict(state: Any) -> None:
         """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict`."""
-        if not isinstance(state, Mapping) or not (state.get("dropped") is None or
-                                                  isinstance(state.get("dropped"), Tensor)):
+        dropped = state.get("dropped") if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping) or not (dropped is None or isinstance(dropped, Tensor)):
             raise ValueError("Invalid state dict: malformed 'precision' entry")
-        dropped = state.get("dropped")
         if dropped is not None:
             if dropped.numel() != 1 or not dropped.is_floating_point():
                 raise ValueError(f"Invalid state dict: precision['dropped'] is a tensor of shape "
