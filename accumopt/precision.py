@@ -94,9 +94,8 @@ class NonFiniteGuard:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
     # ------------------------------------------------------------ micro-step
-    def micro_factor(
-        self, found_inf: Tensor | None, grad_scale: Tensor | None, micro_grads: Callable[[], list[list[Tensor]]]
-    ) -> "tuple[float | Tensor, Tensor | None]":
+    def micro_factor(self, found_inf: Tensor | None, grad_scale: Tensor | None,
+                     micro_grads: Callable[[], list[list[Tensor]]]) -> "tuple[float | Tensor, Tensor | None]":
         """Factor ``keep / external_scale`` by which this micro-batch enters the window, and its dropped flag.
 
         ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over (None otherwise). A dropped
@@ -132,12 +131,11 @@ class NonFiniteGuard:
         return keep, found
 
     # -------------------------------------------------------------- boundary
-    def unscale_and_check(
-        self, inner: torch.optim.Optimizer, grads: Callable[[], list[Tensor]], total: "float | Tensor | None" = None
-    ) -> Tensor | None:
+    def unscale_and_check(self, inner: torch.optim.Optimizer, grads: Callable[[], list[Tensor]],
+                          total: "float | Tensor | None" = None) -> Tensor | None:
         """Unscale the final gradient (owned scaler) and return its non-finite flag (device tensor or None).
 
-        ``total``: the window's summed weight; a device total of 0 (all dropped) makes :meth:`apply` skip the window.
+        ``total``: the window's summed weight; a device total of 0 (all dropped) makes :meth:`apply` skip it.
         """
         # Only where micro-batches can be dropped (weight 0) may the total be 0 without the user's doing:
         # tensor weights given by the user cost no sync here.
@@ -174,10 +172,9 @@ class NonFiniteGuard:
             read.add(_READ_KEY, flags)
 
     def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
-        """Step ``inner`` unless the window must be skipped; return whether it stepped.
+        """Step ``inner`` unless the window must be skipped (by :meth:`request`'s host values); return if it stepped.
 
-        Decides from the host values of :meth:`request` (``read`` has run). With an owned scaler,
-        ``scaler.update()`` runs exactly once here, whether the window is applied, skipped or raises.
+        An owned scaler's ``update()`` runs exactly once here, whether the window is applied, skipped or raises.
         """
         drops, self._drops = self._drops, None
         try:
@@ -197,15 +194,11 @@ class NonFiniteGuard:
             self._end_window()
 
     def _end_window(self) -> None:
-        if self.scaler is not None:
-            if self._dropped is not None and self._scaler_found is not None:
-                # A dropped micro-batch overflowed: let the scaler back off as for a skipped step.
+        if self.scaler is not None and self._scaler_found is not None:
+            if self._dropped is not None:  # a dropped micro-batch overflowed: back off as for a skipped step
                 self._scaler_found.add_(self._dropped.to(self._scaler_found.device))
-            if self._scaler_found is not None:
-                self.scaler.update()
-            else:  # no gradient at all: nothing to update, but an unscale_ may have been recorded
-                self.scaler.forget_unscale()
-        self.discard_window()
+            self.scaler.update()
+        self.discard_window()  # no gradient at all: nothing to update, but an unscale_ may have been recorded
 
     def discard_window(self) -> None:
         """Forget the discarded window's flags, and the owned scaler's unscale of it (the scale stays as it was)."""
