@@ -60,8 +60,7 @@ def check_real(name: str, value: Any, *, positive: bool = False, nonnegative: bo
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``."""
     if value not in choices:
-        expected = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {expected})")
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(repr(c) for c in choices)})")
     return str(value)
 
 
@@ -85,9 +84,7 @@ def check_state_number(where: str, value: Any, *, integer: bool = False, minimum
 
 def check_state_scalar(where: str, value: Any) -> None:
     """Raise ``ValueError`` unless a state-dict entry is a one-element tensor or a finite number."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} "
-                             "(expected a scalar)")
-    else:
+    if not isinstance(value, torch.Tensor):
         check_state_number(where, value)
+    elif value.numel() != 1:
+        raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} (expected a scalar)")

@@ -111,7 +111,6 @@ class LossScaler:
             self.scaler._per_optimizer_states.pop(self._unscaled, None)
         self._unscaled = None
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()
 

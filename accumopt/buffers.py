@@ -1,10 +1,8 @@
 """Gradient storage for one accumulation window (user guide: docs/core.md).
 
-``"inplace"`` (default) sums in ``param.grad``, where autograd adds each micro-batch; bf16/fp16 parameters still
-get an ``accumulate_dtype`` buffer, because summing in bf16 loses bits. ``"buffered"`` gives every parameter a
-buffer, so a micro-batch that fails half-way never touches the window, a bad one can be dropped, and weights may
-be given after backward. All arithmetic is ``torch._foreach_*`` over parameters grouped once by
-(device, gradient dtype, buffer dtype, parameter weight).
+``"inplace"`` sums in ``.grad`` (bf16/fp16 parameters still get an ``accumulate_dtype`` buffer: bf16 sums lose bits);
+``"buffered"`` keeps the window out of ``.grad``, so a failed or dropped micro-batch never touches it. Arithmetic
+is ``torch._foreach_*`` over groups of (device, grad dtype, buffer dtype, weight).
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class _Group:
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
     had_grad_all: bool = False
-    # The parameters' dtype and device when the group was planned (see :meth:`GradientStore.layout_changed`).
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | None = None  # the parameters' dtype and device when planned (for layout_changed)
     device: torch.device | None = None
 
     def seen_indices(self) -> list[int] | None:
@@ -69,11 +66,10 @@ class _Group:
             self.seen.update(idx)
 
     def clear(self) -> None:
-        self.all_seen = False
+        self.all_seen = self.last_in_grad = False
         self.seen.clear()
         self.sparse.clear()
         self.seen_if_kept.clear()
-        self.last_in_grad = False
 
     def zero_buffers(self) -> None:
         """Make stale buffers hold the zeros they stand for."""
@@ -113,14 +109,12 @@ def _present(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int
     return [params[i] for i in idx], [grads[i] for i in idx], idx  # type: ignore[misc]
 
 
+@dataclass(slots=True, eq=False)
 class _LandingHook:
     """Post-accumulate-grad hook of one parameter: moves a fresh gradient into its kept tensor."""
 
-    __slots__ = ("tensors", "i")
-
-    def __init__(self, tensors: list[Tensor | None], i: int) -> None:
-        self.tensors = tensors  # never the store: a hook on a parameter must not keep the wrapper alive
-        self.i = i
+    tensors: list[Tensor | None]  # never the store: a hook on a parameter must not keep the wrapper alive
+    i: int
 
     def __call__(self, param: Tensor) -> None:
         grad, kept = param.grad, self.tensors[self.i]
@@ -167,14 +161,11 @@ class _Landing:
         return {"params": self.params}  # hooks stay on the original parameters; kept tensors are not state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.params = state["params"]
-        self.tensors = [None] * len(self.params)
-        self.handles = []
-        self.install()
+        _Landing.__init__(self, state["params"])
 
 
 def _mul_(tensors: list[Tensor], factor: "float | Tensor") -> None:
-    if isinstance(factor, Tensor) or factor != 1.0:
+    if tensors and (isinstance(factor, Tensor) or factor != 1.0):
         torch._foreach_mul_(tensors, factor)
 
 
@@ -194,16 +185,14 @@ class GradientStore:
         self._drops: list[Tensor] = []  # dropped flags (device) of this window's maybe-dropped micro-batches
         self.refresh()
 
-    # ------------------------------------------------------------------ layout
     def check_new_group(self, param_group: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> None:
-        """Raise before ``add_param_group`` if the group's ``accumulation_weight`` is invalid."""
-        # param_groups: the optimizer's current list (torch's load_state_dict replaces it)
+        """Raise before ``add_param_group`` if ``param_group``'s ``accumulation_weight`` is invalid."""
         self._param_groups = param_groups
         self._weight_of.rebind(param_groups)
         self._weight_of.check_new_group(param_group)
 
     def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
-        """Take in parameters added to the optimizer since the last call (``param_groups``: its current list)."""
+        """Take in new parameters (``param_groups``: the optimizer's current list; torch's load_state_dict replaces it)."""
         if param_groups is not None:
             self._param_groups = param_groups
         keyed: dict[tuple[torch.device, torch.dtype, torch.dtype | None, float], list[Tensor]] = {}
@@ -240,8 +229,7 @@ class GradientStore:
         for g in self.groups:
             if g.landing is not None:
                 g.landing.remove()
-        self.groups = []
-        self.excluded = []
+        self.groups, self.excluded = [], []
         self._drops.clear()
         self.refresh()
 
@@ -258,30 +246,25 @@ class GradientStore:
     @property
     def float_dtype(self) -> torch.dtype:
         """float64 if the first accumulated parameter is double precision, else float32."""
-        double = self.groups[0].params[0].dtype in (torch.float64, torch.complex128)
-        return torch.float64 if double else torch.float32
+        return torch.float64 if self.groups[0].params[0].dtype in (torch.float64, torch.complex128) else torch.float32
 
     def buffer_bytes(self) -> int:
         """Bytes held by accumulation buffers (0 in pure in-place mode)."""
         return sum(b.numel() * b.element_size() for g in self.groups if g.buffers for b in g.buffers)
 
-    # --------------------------------------------------------------- micro-step
     def micro_grads(self) -> list[list[Tensor]]:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
     def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None, *, closing: bool = False) -> None:
-        """Add this micro-batch (times ``scale``) into the window; ``.grad`` holds no part of it afterwards.
+        """Add this micro-batch (times ``scale``: 1 for in-place groups) into the window, out of ``.grad``.
 
-        ``scale``: the micro-batch weight (maybe times an inverse loss scale); in-place groups cannot rescale after
-        backward, so they require 1 (the weight goes on the loss). ``dropped``: its device flag (> 0: dropped) when
-        it may be dropped (settled by :meth:`resolve`). ``closing``: the window closes right after.
+        ``dropped``: its device flag (> 0: dropped) if it may be dropped; ``closing``: the window closes right after.
         """
         for p in self.excluded:
             p.grad = None
-        step = None
+        step = None if dropped is None else len(self._drops)  # settled by resolve()
         if dropped is not None:
-            step = len(self._drops)
             self._drops.append(dropped)
         for g in self.groups:
             if g.buffers is None:
@@ -347,8 +330,7 @@ class GradientStore:
         """Dropped flags (device, one per maybe-dropped micro-batch) that :meth:`resolve` needs, or None."""
         if not any(g.seen_if_kept for g in self.groups):
             return None
-        device = self._drops[0].device
-        return torch.stack([d.to(device, torch.float32) for d in self._drops])
+        return torch.stack([d.to(self._drops[0].device, torch.float32) for d in self._drops])
 
     def drop_resolver(self) -> "tuple[Tensor, Callable[[list[bool]], None]] | None":
         """For the boundary: the pending dropped flags and what to do with their host values, or None."""
@@ -356,10 +338,7 @@ class GradientStore:
         return None if drops is None else (drops, lambda kept: self.resolve(kept, release=True))
 
     def resolve(self, kept: list[bool], *, release: bool) -> None:
-        """Settle which parameters got a gradient from a kept micro-batch (one with only dropped ones gets none).
-
-        ``release``: also set the ``.grad`` that :meth:`finalize` gave such a parameter to None.
-        """
+        """Settle which parameters got a gradient from a kept micro-batch (``release``: free the rest's ``.grad``)."""
         for g in self.groups:
             if not g.seen_if_kept:
                 continue
@@ -380,7 +359,6 @@ class GradientStore:
         """Whether any parameter accumulates in its own ``.grad``."""
         return any(g.buffers is None for g in self.groups)
 
-    # ----------------------------------------------------------------- boundary
     def finalize(self, inv_total: "float | Tensor") -> None:
         """Put ``weight * sum / total`` into every ``.grad``, ready for ``optimizer.step``."""
         for g in self.groups:
@@ -388,9 +366,7 @@ class GradientStore:
             if isinstance(factor, Tensor):
                 factor = g.to_device(factor)
             if g.buffers is None:
-                grads = _present(g.params)[1]
-                if grads:
-                    _mul_(grads, factor)
+                _mul_(_present(g.params)[1], factor)
                 continue
             if not g.last_in_grad:
                 g.zero_buffers()  # (never stale here: a micro-step wrote them)
@@ -424,10 +400,7 @@ class GradientStore:
         return [p.grad for p in self.params if p.grad is not None]
 
     def reset(self) -> None:
-        """Empty the window: release ``.grad`` (remembering which had a dense one, for :meth:`zero_grads`).
-
-        The buffers count as zeros (``stale``) from now on.
-        """
+        """Empty the window: release ``.grad`` (remembering which had a dense one); the buffers become ``stale``."""
         for g in self.groups:
             if not g.had_grad_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
                 seen = g.seen_indices() if g.buffers is not None else [
@@ -463,8 +436,7 @@ class GradientStore:
     def zero_grads(self, set_to_none: bool) -> None:
         """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.
 
-        ``False``: a parameter that had a gradient at an earlier update gets a zero one again (buffer or ``.grad``),
-        so the optimizer steps it in a window where it gets none, as torch does. ``True``: forgotten.
+        ``False``: one that had a gradient at an earlier update gets a zero one again (the optimizer steps it).
         """
         for g in self.groups:
             if set_to_none:
@@ -479,7 +451,6 @@ class GradientStore:
                 for p in [g.params[i] for i in idx if g.params[i].grad is None]:
                     p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    # -------------------------------------------------------------------- state
     def state_dict(self) -> list[Tensor | None]:
         """The window's pending sums, one entry per accumulated parameter (None: no gradient), cloned."""
         drops = self.pending_drops()
@@ -498,10 +469,9 @@ class GradientStore:
                 yield from g.params
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
-        """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
+        """``(param, sum)`` for every parameter holding a pending sum: read-only views (no copy, no sync).
 
-        Dense sums are read-only views of the live buffers (or ``.grad``); sparse plus dense gets a new tensor.
-        Maybe-dropped micro-batches are included (a dropped one added zeros).
+        Sparse plus dense gets a new tensor; maybe-dropped micro-batches are included (a dropped one added zeros).
         """
         out: list[tuple[Tensor, Tensor]] = []
         for g in self.groups:
@@ -529,12 +499,10 @@ class GradientStore:
         if len(sums) != len(expected):
             raise ValueError(f"Invalid state dict: {len(sums)} accumulation sums (expected {len(expected)})")
         for i, (t, (shape, dtype)) in enumerate(zip(sums, expected)):
-            if t is None:
-                continue
-            if not isinstance(t, Tensor):
+            if t is not None and not isinstance(t, Tensor):
                 raise ValueError(f"Invalid state dict: accumulation sum {i} is a {type(t).__name__} "
                                  "(expected a tensor)")
-            if tuple(t.shape) != shape or t.dtype != dtype:
+            if isinstance(t, Tensor) and (tuple(t.shape) != shape or t.dtype != dtype):
                 raise ValueError(f"Invalid state dict: accumulation sum {i} has shape {tuple(t.shape)} and dtype "
                                  f"{t.dtype} (expected {shape} and {dtype})")
 
@@ -545,14 +513,12 @@ class GradientStore:
         self._drops.clear()
         for g in self.groups:
             if g.buffers is None:
-                for p in g.params:
-                    e = next(it)
+                for p, e in zip(g.params, it):
                     p.grad = None if e is None else e.detach().to(p.device, p.dtype).clone()
             else:
                 g.clear()
                 g.stale = False
-                for i, (p, b) in enumerate(zip(g.params, g.buffers)):
-                    e = next(it)
+                for i, (p, b, e) in enumerate(zip(g.params, g.buffers, it)):
                     b.zero_()
                     if e is not None and e.is_sparse:
                         g.sparse[i] = e.detach().to(b.device, b.dtype).clone()

@@ -46,9 +46,9 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
         total: Tensor = get_total_norm(grads, norm_type)
-        return total
-    norms = torch._foreach_norm(grads, norm_type)  # pragma: no cover - torch < 2.6
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    else:  # pragma: no cover - torch < 2.6
+        norms = torch._foreach_norm(grads, norm_type)
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
     return total
 
 
@@ -82,9 +82,7 @@ class Clipper:
 
     def __call__(self, params: list[Tensor]) -> Tensor | None:
         """Clip the ``.grad`` of ``params`` in place (norm, then value, then AGC); return the pre-clip norm."""
-        if not self.active:
-            return None
-        params = [p for p in params if p.grad is not None]
+        params = [p for p in params if p.grad is not None] if self.active else []
         if not params:
             return None
         norm: Tensor | None = None

@@ -1,10 +1,8 @@
 """Loss scaling and the non-finite guard (user guide and policy table: docs/precision.md).
 
-Decides, per micro-step and per real update, what the gradient is scaled by and whether the update is applied:
-an owned ``GradScaler`` (constant scale within a window, ``update()`` once per update), an external one driving
-``scaler.step(opt)`` (it hands ``grad_scale``/``found_inf`` over as device tensors; an overflowing micro-batch is
-dropped, as GradScaler skips that step), and the ``nonfinite`` policy. Checks are fused per device and dtype; the
-host reads one flag per real update, within the update's single :class:`~accumopt.hostread.HostRead`.
+Decides what the gradient is scaled by and whether the update is applied, for an owned ``GradScaler``, an external
+one driving ``scaler.step(opt)`` (device tensors handed over; an overflowing micro-batch is dropped, as GradScaler
+skips that step) and the ``nonfinite`` policy. The host reads one flag per update, within the update's HostRead.
 """
 
 from __future__ import annotations
@@ -93,13 +91,11 @@ class NonFiniteGuard:
         """``loss`` multiplied by the owned scaler's scale (identity without one)."""
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    # ------------------------------------------------------------ micro-step
     def micro_factor(self, found_inf: Tensor | None, grad_scale: Tensor | None,
                      micro_grads: Callable[[], list[list[Tensor]]]) -> "tuple[float | Tensor, Tensor | None]":
-        """Factor ``keep / external_scale`` by which this micro-batch enters the window, and its dropped flag.
+        """Factor ``keep / external_scale`` by which this micro-batch enters the window, and its dropped flag (no sync).
 
-        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over (None otherwise). A dropped
-        micro-batch's gradients are zeroed in place first, so NaN/inf never reach the buffers. No host sync.
+        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over (None otherwise).
         """
         if found_inf is not None and self.scaler is not None:
             raise RuntimeError("The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
@@ -112,16 +108,14 @@ class NonFiniteGuard:
         if found_inf is not None and self.policy in ("skip", "raise"):
             return (1.0 if inv_scale is None else inv_scale), None
         grads = [g for gs in micro_grads() for g in gs]
-        if found_inf is None:
-            found = found_nonfinite(grads)
-            if found is None:
-                return 1.0, None
-        else:
-            found = found_inf.detach() > 0  # GradScaler sums flags over devices: may exceed 1
+        # found_inf > 0: GradScaler sums it over devices (it may exceed 1)
+        found = found_nonfinite(grads) if found_inf is None else found_inf.detach() > 0
+        if found is None:
+            return 1.0, None
         # float64: the flag also scales the window's weight total, whose reciprocal must stay exact
         found = found.to(weight_dtype(found.device))
         bad = found > 0
-        for g in grads:  # one masked fill per tensor, only on this path; no sync
+        for g in grads:  # zeroed in place, so NaN/inf never reach the buffers; one fill per tensor, no sync
             (g._values() if g.is_sparse else g).masked_fill_(bad.to(g.device), 0.0)
         keep = 1.0 - found
         if inv_scale is not None:
@@ -130,7 +124,6 @@ class NonFiniteGuard:
             self._dropped = found if self._dropped is None else torch.maximum(self._dropped, found)
         return keep, found
 
-    # -------------------------------------------------------------- boundary
     def unscale_and_check(self, inner: torch.optim.Optimizer, grads: Callable[[], list[Tensor]],
                           total: "float | Tensor | None" = None) -> Tensor | None:
         """Unscale the final gradient (owned scaler) and return its non-finite flag (device tensor or None).
@@ -155,8 +148,7 @@ class NonFiniteGuard:
                 drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None) -> None:
         """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing); no sync.
 
-        One small vector: the reasons code (``found``, the empty-window flag), then ``drops``' flags of
-        maybe-dropped micro-batches, whose host values go to its callback (``True``: kept) in :meth:`apply`.
+        One small vector: the reasons code, then the flags of ``drops`` (their host values go to its callback).
         """
         self._drops = drops
         code = None if found is None else (found > 0).float() * float(_NONFINITE)
@@ -172,10 +164,7 @@ class NonFiniteGuard:
             read.add(_READ_KEY, flags)
 
     def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
-        """Step ``inner`` unless the window must be skipped (by :meth:`request`'s host values); return if it stepped.
-
-        An owned scaler's ``update()`` runs exactly once here, whether the window is applied, skipped or raises.
-        """
+        """Step ``inner`` unless :meth:`request`'s host values skip the window; return whether it stepped."""
         drops, self._drops = self._drops, None
         try:
             if _READ_KEY in read:
@@ -190,7 +179,7 @@ class NonFiniteGuard:
                     return False
             inner.step()
             return True
-        finally:
+        finally:  # an owned scaler updates exactly once, whether the window is applied, skipped or raises
             self._end_window()
 
     def _end_window(self) -> None:
@@ -206,7 +195,6 @@ class NonFiniteGuard:
             self.scaler.forget_unscale()
         self._dropped = self._empty = self._scaler_found = self._drops = None
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The window's dropped-overflow flag (the scaler's own state is the ``"scaler"`` entry)."""
         return {"dropped": None if self._dropped is None else self._dropped.detach().clone()}
