@@ -192,7 +192,7 @@ class GradientStore:
         self._weight_of.check_new_group(param_group)
 
     def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
-        """Take in new parameters (``param_groups``: the optimizer's current list; torch's load_state_dict replaces it)."""
+        """Take in new parameters (``param_groups``: the current list, which torch's load_state_dict replaces)."""
         if param_groups is not None:
             self._param_groups = param_groups
         keyed: dict[tuple[torch.device, torch.dtype, torch.dtype | None, float], list[Tensor]] = {}
