@@ -1,8 +1,5 @@
-"""Argument validation shared by the public constructors.
-
-Every check raises ``TypeError`` for a value of the wrong kind and ``ValueError``
-for a value out of range, naming the argument, the value and what was expected.
-"""
+"""Argument validation shared by the public constructors: ``TypeError`` for a value of the wrong kind,
+``ValueError`` for one out of range, naming the argument, the value and what was expected."""
 
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import torch
 _BOOLS: tuple[type, ...] = (bool,)
 try:  # numpy is optional; its bool is not an Integral, but be explicit
     from numpy import bool_
-
     _BOOLS = (bool, bool_)
 except ImportError:  # pragma: no cover
     pass
@@ -29,34 +25,23 @@ def weight_dtype(device: torch.device) -> torch.dtype:
 
 
 def scalar_tensor(value: "torch.Tensor | float", device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` (a number or a one-element tensor) as a 0-dim ``dtype`` tensor on ``device``.
-
-    No sync: a number is a fill, not a host-to-device copy.
-    """
+    """``value`` (a number or a one-element tensor) as a 0-dim ``dtype`` tensor on ``device``, without a sync."""
     if isinstance(value, torch.Tensor):
         return value.detach().to(device, dtype, non_blocking=True).reshape(())
-    return torch.full((), float(value), device=device, dtype=dtype)
+    return torch.full((), float(value), device=device, dtype=dtype)  # a fill, not a host-to-device copy
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum`` (numpy ints too; bools are rejected)."""
     if isinstance(value, _BOOLS) or not isinstance(value, Integral):
-        raise TypeError(
-            f"Invalid {name}: {value!r} (expected an int >= {minimum}, got {type(value).__name__})"
-        )
+        raise TypeError(f"Invalid {name}: {value!r} (expected an int >= {minimum}, got {type(value).__name__})")
     number = int(value)
     if number < minimum:
         raise ValueError(f"Invalid {name}: {number} (expected an int >= {minimum})")
     return number
 
 
-def check_real(
-    name: str,
-    value: Any,
-    *,
-    positive: bool = False,
-    nonnegative: bool = False,
-) -> float:
+def check_real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
     """Return ``value`` as a float if it is a finite real number in range."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
         value = value.item()
@@ -75,8 +60,7 @@ def check_real(
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``."""
     if value not in choices:
-        expected = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {expected})")
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(repr(c) for c in choices)})")
     return str(value)
 
 
@@ -91,11 +75,8 @@ def check_cuda_present(name: str, device: torch.device) -> None:
 
 def check_state_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> None:
     """Raise ``ValueError`` unless a state-dict entry is a finite number (an int) >= ``minimum``."""
-    if integer:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (minimum is not None and value < minimum):
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not ok or not (integer or math.isfinite(value)) or (minimum is not None and value < minimum):
         kind = "an int" if integer else "a finite number"
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"Invalid state dict: {where} is {value!r} (expected {kind}{bound})")
@@ -103,9 +84,7 @@ def check_state_number(where: str, value: Any, *, integer: bool = False, minimum
 
 def check_state_scalar(where: str, value: Any) -> None:
     """Raise ``ValueError`` unless a state-dict entry is a one-element tensor or a finite number."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} "
-                             "(expected a scalar)")
-    else:
+    if not isinstance(value, torch.Tensor):
         check_state_number(where, value)
+    elif value.numel() != 1:
+        raise ValueError(f"Invalid state dict: {where} is a tensor of shape {tuple(value.shape)} (expected a scalar)")

@@ -1,23 +1,19 @@
-"""The owned ``torch.amp.GradScaler``, behind one small adapter.
+"""The owned ``torch.amp.GradScaler``, behind one small adapter (user guide: docs/precision.md).
 
-The wrapper unscales once per window, and also unscales fp16 gradients (the
-single cast of an fp32 sum, whose unscale by a power of two is as exact as the
-cast itself), which ``GradScaler.unscale_`` refuses. Doing so needs these
-private members of ``GradScaler``; :data:`PRIVATE_MEMBERS` names them, and no
-other module touches them (``tests/test_precision.py`` checks that torch still
-has each of them).
+The wrapper unscales once per window, fp16 gradients too (the single cast of an fp32 sum, whose unscale by a power
+of two is as exact as the cast), which ``GradScaler.unscale_`` refuses. That needs the private ``GradScaler``
+members named in :data:`PRIVATE_MEMBERS`; no other module touches them (tests/test_precision.py checks them).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
-
-import math
 
 from ._checks import check_state_number
 
@@ -35,10 +31,7 @@ _STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_
 
 
 def check_factors(growth: Any, backoff: Any, interval: Any, where: str) -> None:
-    """Raise ``ValueError`` unless a GradScaler's growth factor is > 1, backoff in (0, 1), interval an int >= 1.
-
-    Outside these ranges the scale shrinks after clean steps (or grows after overflows) and never settles.
-    """
+    """Raise ``ValueError`` unless a GradScaler's growth factor is > 1, backoff in (0, 1), interval an int >= 1."""
     if not _real(growth) or not growth > 1.0:
         raise ValueError(f"Invalid {where}growth_factor: {growth!r} (expected a finite number > 1; otherwise the "
                          "scale never grows back after an overflow)")
@@ -59,11 +52,7 @@ def scale_tensor(scaler: "torch.amp.GradScaler | None") -> Tensor | None:
 
 
 class LossScaler:
-    """An enabled ``GradScaler`` owned by the wrapper: its scale is constant within a window.
-
-    Args:
-        scaler: an enabled ``torch.amp.GradScaler``.
-    """
+    """An enabled ``GradScaler`` owned by the wrapper: its scale is constant within a window."""
 
     def __init__(self, scaler: "torch.amp.GradScaler") -> None:
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
@@ -73,11 +62,8 @@ class LossScaler:
         self._unscaled: int | None = None  # id of the optimizer unscaled in this window
 
     def check_settings(self) -> None:
-        """Raise ``ValueError`` unless the scaler's factors make sense (host values only: no sync).
-
-        Checked when the wrapper is built, when a state is loaded and at every real update, since
-        torch's ``set_growth_factor``/``set_backoff_factor`` accept any value.
-        """
+        """Raise ``ValueError`` unless the scaler's factors make sense (host values only: no sync)."""
+        # Checked at construction, at load and at every update: torch's set_growth_factor & co. accept any value.
         s = self.scaler
         check_factors(s.get_growth_factor(), s.get_backoff_factor(), s.get_growth_interval(), "scaler ")
         if s._scale is None:  # not created yet: get_scale() returns the initial scale, a host number (no sync)
@@ -125,23 +111,19 @@ class LossScaler:
             self.scaler._per_optimizer_states.pop(self._unscaled, None)
         self._unscaled = None
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()
 
     @staticmethod
     def validate_state_dict(state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` is a usable ``GradScaler`` state dict.
-
-        Scale finite and > 0, growth factor > 1, backoff factor in (0, 1), growth interval
-        an int >= 1, growth tracker an int in [0, interval).
-        """
+        """Raise ``ValueError`` unless ``state`` is a usable ``GradScaler`` state dict (scale, factors, tracker)."""
         if not isinstance(state, Mapping) or any(k not in state for k in _STATE_KEYS):
             raise ValueError(f"Invalid state dict: the scaler entry lacks one of {_STATE_KEYS}")
         for k in _STATE_KEYS:
             check_state_number(f"scaler[{k!r}]", state[k])
         if not state["scale"] > 0:
-            raise ValueError(f"Invalid state dict: scaler['scale'] is {state['scale']!r} (expected a finite number > 0)")
+            raise ValueError(f"Invalid state dict: scaler['scale'] is {state['scale']!r} "
+                             "(expected a finite number > 0)")
         check_factors(state["growth_factor"], state["backoff_factor"], state["growth_interval"],
                       "state dict: scaler ")
         tracker = state["_growth_tracker"]

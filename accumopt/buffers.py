@@ -1,23 +1,8 @@
-"""Gradient storage for one accumulation window.
+"""Gradient storage for one accumulation window (user guide: docs/core.md).
 
-Two modes, chosen per wrapper:
-
-* ``"inplace"`` (default): the window's sum lives in ``param.grad`` itself, where
-  autograd adds each micro-batch's gradient. No memory beyond what a hand-written
-  loop uses. Parameters whose dtype is below ``accumulate_dtype`` (bf16/fp16
-  parameters) still get an fp32 buffer, because summing in bf16 loses bits.
-* ``"buffered"``: every parameter has a buffer, allocated once. At each micro-step
-  the micro-batch's ``.grad`` is added into it (scaled by the micro-batch weight)
-  and released, so a micro-batch that fails half-way never touches the window, a bad
-  micro-batch can be dropped, and weights may be given after the backward pass.
-  The window's last gradient stays in ``.grad`` and receives the buffers' sum at
-  the boundary. On CPU, where a freed gradient goes back to the system and a fresh
-  one costs page faults, each fresh gradient is copied during the backward pass
-  into a tensor kept from the last micro-step (see :class:`_Landing`); other
-  devices have caching allocators, which make a fresh gradient free.
-
-All arithmetic is ``torch._foreach_*`` over parameters grouped once by
-(device, gradient dtype, buffer dtype, parameter weight).
+``"inplace"`` sums in ``.grad`` (bf16/fp16 parameters still get an ``accumulate_dtype`` buffer: bf16 sums lose bits);
+``"buffered"`` keeps the window out of ``.grad``, so a failed or dropped micro-batch never touches it. Arithmetic
+is ``torch._foreach_*`` over groups of (device, grad dtype, buffer dtype, weight).
 """
 
 from __future__ import annotations
@@ -48,37 +33,30 @@ class _Group:
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
     _device_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # Which buffers hold a gradient this window (a parameter that got none stays
-    # ``.grad = None``, as in the wrapped optimizer). Host-side bookkeeping only.
+    # Which buffers hold a gradient this window (one that got none keeps ``.grad = None``); host-side only.
     all_seen: bool = False
     seen: set[int] = field(default_factory=set)
-    # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse
-    # tensors, so that the optimizer receives a sparse gradient, as without accumulation.
+    # Sparse gradients (``nn.Embedding(sparse=True)``) are summed as sparse: the optimizer gets a sparse one.
     sparse: dict[int, Tensor] = field(default_factory=dict)
-    # Presence in micro-batches that may have been dropped (their keep flag is on the
-    # device): (micro-step number, indices or None for all), resolved at the boundary.
+    # Presence in maybe-dropped micro-batches (flag on the device): (micro-step, indices or None: all).
     seen_if_kept: list[tuple[int, list[int] | None]] = field(default_factory=list)
     # Where fresh gradients land during backward (CPU buffered groups; None: ``.grad`` is released).
     landing: "_Landing | None" = None
     # The window's last gradient was left in ``.grad`` (all parameters): :meth:`finalize` adds the sums into it.
     last_in_grad: bool = False
-    # The buffers still hold an earlier window: read as zeros. The window's first micro-step writes them
-    # (instead of zeroing them at every reset and adding into the zeros).
+    # The buffers hold an earlier window, read as zeros: the first micro-step writes them (no zeroing pass).
     stale: bool = False
     # Parameters that had a dense gradient at an update so far (torch keeps their .grad, zeroed, under
     # ``zero_grad(set_to_none=False)``); ``had_grad_all``: every one of them.
     had_grad: set[int] = field(default_factory=set)
     had_grad_all: bool = False
-    # The parameters' dtype and device when the group was planned (see :meth:`GradientStore.layout_changed`).
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | None = None  # the parameters' dtype and device when planned (for layout_changed)
     device: torch.device | None = None
 
     def seen_indices(self) -> list[int] | None:
         """Indices of the buffers that (may have) received a dense gradient this window (None: all)."""
         if self.all_seen or any(idx is None for _, idx in self.seen_if_kept):
             return None
-        if not self.seen_if_kept:
-            return sorted(self.seen)
         return sorted(self.seen.union(*(idx for _, idx in self.seen_if_kept if idx is not None)))
 
     def mark(self, idx: list[int] | None) -> None:
@@ -88,11 +66,10 @@ class _Group:
             self.seen.update(idx)
 
     def clear(self) -> None:
-        self.all_seen = False
+        self.all_seen = self.last_in_grad = False
         self.seen.clear()
         self.sparse.clear()
         self.seen_if_kept.clear()
-        self.last_in_grad = False
 
     def zero_buffers(self) -> None:
         """Make stale buffers hold the zeros they stand for."""
@@ -101,27 +78,25 @@ class _Group:
         self.stale = False
 
     def start(self, grads: list[Tensor], scale: "float | Tensor") -> None:
-        """Make every buffer ``scale`` times this (first) micro-batch's gradient: the same numbers as
-        adding it into zeros, in the buffer's precision, for one pass less."""
+        """Write ``scale`` times the window's first gradients into the buffers (as adding into zeros, one pass less)."""
         self.stale = False
         bufs = cast(list[Tensor], self.buffers)
         torch._foreach_copy_(bufs, grads)
-        if isinstance(scale, Tensor):
-            torch._foreach_mul_(bufs, self.to_device(scale).to(bufs[0].dtype))
-        elif scale != 1.0:
-            torch._foreach_mul_(bufs, float(scale))
+        _mul_(bufs, self.factor(scale, bufs[0].dtype))
+
+    def factor(self, scale: "float | Tensor", dtype: torch.dtype) -> "float | Tensor":
+        """``scale`` as a factor for this group's tensors of ``dtype``."""
+        return self.to_device(scale).to(dtype) if isinstance(scale, Tensor) else float(scale)
 
     def to_device(self, value: Tensor) -> Tensor:
         """``value`` on this group's device (cached for the lifetime of ``value``)."""
         device = self.params[0].device
         if value.device == device:
             return value
-        key = id(value)
-        hit = self._device_cache.get(key)
+        hit = self._device_cache.get(id(value))
         if hit is None or hit[0] is not value:
             hit = (value, value.to(device, non_blocking=True))
-            self._device_cache.clear()
-            self._device_cache[key] = hit
+            self._device_cache = {id(value): hit}  # one entry: the latest value
         return hit[1]
 
 
@@ -134,14 +109,12 @@ def _present(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int
     return [params[i] for i in idx], [grads[i] for i in idx], idx  # type: ignore[misc]
 
 
+@dataclass(slots=True, eq=False)
 class _LandingHook:
     """Post-accumulate-grad hook of one parameter: moves a fresh gradient into its kept tensor."""
 
-    __slots__ = ("tensors", "i")
-
-    def __init__(self, tensors: list[Tensor | None], i: int) -> None:
-        self.tensors = tensors  # never the store: a hook on a parameter must not keep the wrapper alive
-        self.i = i
+    tensors: list[Tensor | None]  # never the store: a hook on a parameter must not keep the wrapper alive
+    i: int
 
     def __call__(self, param: Tensor) -> None:
         grad, kept = param.grad, self.tensors[self.i]
@@ -162,16 +135,11 @@ def _remove(handles: list[RemovableHandle]) -> None:
 class _Landing:
     """Tensors that receive a CPU buffered group's fresh gradients during the backward pass.
 
-    Autograd allocates every gradient anew. A hand-written loop frees each one as soon
-    as it is added into ``.grad``, so the next one reuses warm memory; a buffered
-    micro-step holds the whole set until ``step()``, and on CPU freeing that much at
-    once hands it back to the system, so the next backward pays page faults on every
-    gradient. A post-accumulate-grad hook per parameter copies the fresh gradient into
-    a tensor kept from the last micro-step (allocated once, on first use) and points
-    ``.grad`` at it, so the fresh one is freed at once, as in the plain loop. ``.grad``
-    between micro-steps is still None; the kept tensors are reused the way
-    ``zero_grad(set_to_none=False)`` reuses ``.grad`` in torch. The hooks are removed
-    with the store (or a new plan), and installed again in a copy.
+    A buffered micro-step holds every fresh gradient until ``step()``; on CPU, freeing that much at once hands it
+    back to the system, and the next backward pays page faults on every gradient (devices with a caching allocator
+    do not). A post-accumulate-grad hook per parameter copies each fresh gradient into a tensor kept from the last
+    micro-step and points ``.grad`` at it, so the fresh one is freed at once, as in a plain loop. The hooks are
+    removed with the store (or a new plan) and installed again in a copy.
     """
 
     def __init__(self, params: list[Tensor]) -> None:
@@ -181,8 +149,9 @@ class _Landing:
         self.install()
 
     def install(self) -> None:
-        self.handles.extend(p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
-                            for i, p in enumerate(self.params))
+        self.handles.extend(
+            p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(self.params))
         weakref.finalize(self, _remove, self.handles)
 
     def remove(self) -> None:
@@ -192,35 +161,19 @@ class _Landing:
         return {"params": self.params}  # hooks stay on the original parameters; kept tensors are not state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.params = state["params"]
-        self.tensors = [None] * len(self.params)
-        self.handles = []
-        self.install()
+        _Landing.__init__(self, state["params"])
 
 
 def _mul_(tensors: list[Tensor], factor: "float | Tensor") -> None:
-    if isinstance(factor, Tensor) or factor != 1.0:
+    if tensors and (isinstance(factor, Tensor) or factor != 1.0):
         torch._foreach_mul_(tensors, factor)
 
 
 class GradientStore:
-    """Holds the running, weighted sum of a window's gradients.
+    """Holds the running, weighted sum of a window's gradients (``weight_of``: per-parameter weights, 0 excludes)."""
 
-    Args:
-        param_groups: the wrapped optimizer's ``param_groups`` (read, never copied).
-        mode: ``"inplace"`` or ``"buffered"``.
-        accumulate_dtype: dtype of the sum for low-precision parameters.
-        weight_of: the per-parameter accumulation weights (0 excludes).
-    """
-
-    def __init__(
-        self,
-        param_groups: list[dict[str, Any]],
-        *,
-        mode: str = "inplace",
-        accumulate_dtype: torch.dtype = torch.float32,
-        weight_of: WeightResolver,
-    ) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], *, mode: str = "inplace",
+                 accumulate_dtype: torch.dtype = torch.float32, weight_of: WeightResolver) -> None:
         self.mode = check_choice("mode", mode, MODES)
         if not isinstance(accumulate_dtype, torch.dtype) or accumulate_dtype not in _FLOAT_DTYPES:
             raise TypeError(f"Invalid accumulate_dtype: {accumulate_dtype!r} (expected one of {_FLOAT_DTYPES})")
@@ -232,25 +185,14 @@ class GradientStore:
         self._drops: list[Tensor] = []  # dropped flags (device) of this window's maybe-dropped micro-batches
         self.refresh()
 
-    # ------------------------------------------------------------------ layout
     def check_new_group(self, param_group: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> None:
-        """Raise before ``add_param_group`` if the group's ``accumulation_weight`` is invalid.
-
-        Args:
-            param_group: the group about to be added.
-            param_groups: the optimizer's current list (torch's ``load_state_dict`` replaces it).
-        """
+        """Raise before ``add_param_group`` if ``param_group``'s ``accumulation_weight`` is invalid."""
         self._param_groups = param_groups
         self._weight_of.rebind(param_groups)
         self._weight_of.check_new_group(param_group)
 
     def refresh(self, param_groups: list[dict[str, Any]] | None = None) -> None:
-        """Take in parameters added to the optimizer since the last call.
-
-        Args:
-            param_groups: the optimizer's current ``param_groups`` list (torch's
-                ``load_state_dict`` replaces the list; None: the one last given).
-        """
+        """Take in new parameters (``param_groups``: the current list, which torch's load_state_dict replaces)."""
         if param_groups is not None:
             self._param_groups = param_groups
         keyed: dict[tuple[torch.device, torch.dtype, torch.dtype | None, float], list[Tensor]] = {}
@@ -265,43 +207,29 @@ class GradientStore:
                 if weight == 0.0:
                     self.excluded.append(p)
                     continue
-                buffered = self.mode == "buffered" or (
-                    p.dtype in _LOW_PRECISION and self.accumulate_dtype != p.dtype
-                )
                 buf_dtype = self.accumulate_dtype if p.dtype in _LOW_PRECISION else p.dtype
+                buffered = self.mode == "buffered" or buf_dtype != p.dtype
                 key = (p.device, p.dtype, buf_dtype if buffered else None, weight)
                 keyed.setdefault(key, []).append(p)
         for (device, dtype, buf_dtype, weight), params in keyed.items():
-            buffers = None
-            if buf_dtype is not None:
-                buffers = [torch.zeros_like(p, dtype=buf_dtype, memory_format=torch.preserve_format) for p in params]
+            buffers = None if buf_dtype is None else [
+                torch.zeros_like(p, dtype=buf_dtype, memory_format=torch.preserve_format) for p in params]
             landing = _Landing(params) if buffers is not None and device.type == "cpu" else None
             self.groups.append(_Group(params, weight, buffers, same_dtype=buf_dtype in (None, dtype),
                                       landing=landing, dtype=dtype, device=device))
 
     def layout_changed(self) -> bool:
-        """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``).
-
-        Host-side attribute reads only (no device access): every parameter's dtype, the
-        device of the first parameter of each group.
-        """
-        for g in self.groups:
-            dtype = g.dtype
-            if g.params[0].device != g.device or not all(p.dtype is dtype for p in g.params):
-                return True  # a device move (model.to(device)) moves every parameter: the first one tells
-        return False
+        """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``); no device access."""
+        # A device move (model.to(device)) moves every parameter: the first one tells.
+        return any(g.params[0].device != g.device or any(p.dtype is not g.dtype for p in g.params)
+                   for g in self.groups)
 
     def replan(self) -> None:
-        """Plan the storage again for the parameters' current dtypes and devices, between windows.
-
-        bf16/fp16 parameters get ``accumulate_dtype`` buffers again, buffers move to their
-        parameter's device. Call it only with no window pending (the sums are dropped).
-        """
+        """Plan the storage again for the parameters' current dtypes and devices (no window pending: sums dropped)."""
         for g in self.groups:
             if g.landing is not None:
                 g.landing.remove()
-        self.groups = []
-        self.excluded = []
+        self.groups, self.excluded = [], []
         self._drops.clear()
         self.refresh()
 
@@ -313,39 +241,30 @@ class GradientStore:
     @property
     def device(self) -> torch.device:
         """The device of the first accumulated parameter."""
-        device: torch.device = self.groups[0].params[0].device
-        return device
+        return self.groups[0].params[0].device
 
     @property
     def float_dtype(self) -> torch.dtype:
         """float64 if the first accumulated parameter is double precision, else float32."""
-        double = self.groups[0].params[0].dtype in (torch.float64, torch.complex128)
-        return torch.float64 if double else torch.float32
+        return torch.float64 if self.groups[0].params[0].dtype in (torch.float64, torch.complex128) else torch.float32
 
     def buffer_bytes(self) -> int:
         """Bytes held by accumulation buffers (0 in pure in-place mode)."""
         return sum(b.numel() * b.element_size() for g in self.groups if g.buffers for b in g.buffers)
 
-    # --------------------------------------------------------------- micro-step
     def micro_grads(self) -> list[list[Tensor]]:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
     def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None, *, closing: bool = False) -> None:
-        """Add this micro-batch (times ``scale``) into the window; ``.grad`` holds no part of it afterwards.
+        """Add this micro-batch (times ``scale``: 1 for in-place groups) into the window, out of ``.grad``.
 
-        ``scale`` is the micro-batch weight, possibly times an inverse loss scale.
-        In-place groups cannot rescale one micro-batch after backward, so they
-        require ``scale == 1`` (weights are then applied to the loss instead).
-        ``dropped``: this micro-batch's device flag (> 0: dropped) when it may be
-        dropped; which parameters it gave a gradient is then settled by :meth:`resolve`.
-        ``closing``: the window closes right after (no later backward lands in ``.grad``).
+        ``dropped``: its device flag (> 0: dropped) if it may be dropped; ``closing``: the window closes right after.
         """
         for p in self.excluded:
             p.grad = None
-        step = None
+        step = None if dropped is None else len(self._drops)  # settled by resolve()
         if dropped is not None:
-            step = len(self._drops)
             self._drops.append(dropped)
         for g in self.groups:
             if g.buffers is None:
@@ -353,8 +272,7 @@ class GradientStore:
             params, grads, idx = _present(g.params)
             if not grads:
                 continue
-            if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True)
-                g.zero_buffers()
+            if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True); leaves idx a list
                 idx, grads = self._accumulate_sparse(g, idx, grads, scale)
             if idx is not None or step is not None:  # not a plain micro-step with every gradient: add into zeros
                 g.zero_buffers()
@@ -362,12 +280,11 @@ class GradientStore:
                 g.mark(idx)
             else:
                 g.seen_if_kept.append((step, idx))
-            if closing and step is None and idx is None and g.same_dtype and len(grads) == len(params) and (
+            if closing and step is None and idx is None and g.same_dtype and (
                     isinstance(scale, Tensor) or scale == 1.0):
                 # The window closes now: its last gradient stays in .grad, where finalize adds the sums
                 # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
-                if isinstance(scale, Tensor):
-                    torch._foreach_mul_(grads, g.to_device(scale).to(grads[0].dtype))
+                _mul_(grads, g.factor(scale, grads[0].dtype))
                 g.last_in_grad = True
                 continue
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
@@ -375,14 +292,12 @@ class GradientStore:
                 pass  # only sparse gradients
             elif g.stale:  # the window's first gradients: they become the sums
                 g.start(grads, scale)
-            elif isinstance(scale, Tensor):
-                s = g.to_device(scale)
-                if g.same_dtype:
-                    torch._foreach_mul_(grads, s.to(grads[0].dtype))
-                    torch._foreach_add_(bufs, grads)
-                else:  # bf16/fp16 grads: multiply in the buffer's precision, not in theirs
-                    s = s.to(bufs[0].dtype)
-                    torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
+            elif isinstance(scale, Tensor) and g.same_dtype:
+                torch._foreach_mul_(grads, g.factor(scale, grads[0].dtype))
+                torch._foreach_add_(bufs, grads)
+            elif isinstance(scale, Tensor):  # bf16/fp16 grads: multiply in the buffer's precision, not in theirs
+                s = g.to_device(scale).to(bufs[0].dtype)
+                torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             else:
                 torch._foreach_add_(bufs, grads, alpha=float(scale))
             for p in params:
@@ -415,23 +330,15 @@ class GradientStore:
         """Dropped flags (device, one per maybe-dropped micro-batch) that :meth:`resolve` needs, or None."""
         if not any(g.seen_if_kept for g in self.groups):
             return None
-        device = self._drops[0].device
-        return torch.stack([d.to(device, torch.float32) for d in self._drops])
+        return torch.stack([d.to(self._drops[0].device, torch.float32) for d in self._drops])
 
     def drop_resolver(self) -> "tuple[Tensor, Callable[[list[bool]], None]] | None":
         """For the boundary: the pending dropped flags and what to do with their host values, or None."""
         drops = self.pending_drops()
-        if drops is None:
-            return None
-        return drops, lambda kept: self.resolve(kept, release=True)
+        return None if drops is None else (drops, lambda kept: self.resolve(kept, release=True))
 
     def resolve(self, kept: list[bool], *, release: bool) -> None:
-        """Settle which parameters got a gradient from a micro-batch that was kept.
-
-        A parameter whose only gradients this window came from dropped micro-batches
-        gets none, as in the large batch without them (torch skips it). ``release``:
-        also set the ``.grad`` that :meth:`finalize` gave such a parameter to None.
-        """
+        """Settle which parameters got a gradient from a kept micro-batch (``release``: free the rest's ``.grad``)."""
         for g in self.groups:
             if not g.seen_if_kept:
                 continue
@@ -452,7 +359,6 @@ class GradientStore:
         """Whether any parameter accumulates in its own ``.grad``."""
         return any(g.buffers is None for g in self.groups)
 
-    # ----------------------------------------------------------------- boundary
     def finalize(self, inv_total: "float | Tensor") -> None:
         """Put ``weight * sum / total`` into every ``.grad``, ready for ``optimizer.step``."""
         for g in self.groups:
@@ -460,72 +366,58 @@ class GradientStore:
             if isinstance(factor, Tensor):
                 factor = g.to_device(factor)
             if g.buffers is None:
-                _, grads, _ = _present(g.params)
-                if grads:
-                    _mul_(grads, factor)
-            else:
-                if not g.last_in_grad:
-                    g.zero_buffers()  # (never stale here: a micro-step wrote them)
-                idx = g.seen_indices()
-                params = g.params if idx is None else [g.params[i] for i in idx]
-                bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
-                if not params and not g.sparse:
-                    continue  # no gradient this window: .grad stays None, as without accumulation
-                scaled: Sequence[Tensor] = []
-                if params and g.last_in_grad:
-                    scaled = [p.grad for p in params if p.grad is not None]
-                    if not g.stale:  # stale: the window's only micro-batch is in .grad
-                        torch._foreach_add_(scaled, bufs)
-                    _mul_(scaled, factor)
-                elif params and g.same_dtype:
-                    _mul_(bufs, factor)
-                    scaled = bufs
-                elif params:
-                    scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
-                for p, s in zip(params, scaled):
-                    p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
-                for i, sp in g.sparse.items():
-                    total = sp * factor
-                    dense = g.params[i].grad
-                    if dense is not None and (g.all_seen or i in g.seen):  # dense and sparse: a dense sum
-                        total = dense.to(total.dtype) + total
-                    g.params[i].grad = total.to(g.params[i].dtype)
+                _mul_(_present(g.params)[1], factor)
+                continue
+            if not g.last_in_grad:
+                g.zero_buffers()  # (never stale here: a micro-step wrote them)
+            idx = g.seen_indices()
+            params = g.params if idx is None else [g.params[i] for i in idx]
+            bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
+            if not params and not g.sparse:
+                continue  # no gradient this window: .grad stays None, as without accumulation
+            scaled: Sequence[Tensor] = []
+            if params and g.last_in_grad:
+                scaled = [p.grad for p in params if p.grad is not None]
+                if not g.stale:  # stale: the window's only micro-batch is in .grad
+                    torch._foreach_add_(scaled, bufs)
+                _mul_(scaled, factor)
+            elif params and g.same_dtype:
+                _mul_(bufs, factor)
+                scaled = bufs
+            elif params:
+                scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
+            for p, s in zip(params, scaled):
+                p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
+            for i, sp in g.sparse.items():
+                total = sp * factor
+                dense = g.params[i].grad
+                if dense is not None and (g.all_seen or i in g.seen):  # dense and sparse: a dense sum
+                    total = dense.to(total.dtype) + total
+                g.params[i].grad = total.to(g.params[i].dtype)
 
     def grads(self) -> list[Tensor]:
         """The ``.grad`` of every accumulated parameter that has one."""
         return [p.grad for p in self.params if p.grad is not None]
 
     def reset(self) -> None:
-        """Empty the window: release ``.grad``; the buffers count as zeros (``stale``) from now on.
-
-        Which parameters had a dense gradient is remembered, for :meth:`zero_grads`.
-        """
+        """Empty the window: release ``.grad`` (remembering which had a dense one); the buffers become ``stale``."""
         for g in self.groups:
+            if not g.had_grad_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
+                seen = g.seen_indices() if g.buffers is not None else [
+                    i for i, p in enumerate(g.params) if p.grad is not None and not p.grad.is_sparse]
+                g.had_grad.update(range(len(g.params)) if seen is None else seen)
+                g.had_grad_all = len(g.had_grad) == len(g.params)
             if g.buffers is not None:
                 g.stale = True
-                if not g.had_grad_all:  # maybe-dropped ones too: their backward allocated a .grad, in torch
-                    seen = g.seen_indices()
-                    if seen is None:
-                        g.had_grad_all = True
-                    else:
-                        g.had_grad.update(seen)
                 g.clear()
-                for p in g.params:
-                    p.grad = None
-            else:
-                for i, p in enumerate(g.params):
-                    if p.grad is not None and not g.had_grad_all and not p.grad.is_sparse:
-                        g.had_grad.add(i)
-                    p.grad = None
-                if not g.had_grad_all and len(g.had_grad) == len(g.params):
-                    g.had_grad_all = True
+            for p in g.params:
+                p.grad = None
         for p in self.excluded:
             p.grad = None
         self._drops.clear()
 
     def clear_micro_grads(self, set_to_none: bool) -> None:
-        """``zero_grad`` between micro-steps of a pending window: buffered ``.grad`` (a gradient
-        not yet moved into the window) and excluded parameters are cleared as torch does."""
+        """``zero_grad`` within a pending window: clear buffered ``.grad`` and excluded parameters as torch does."""
         params = [p for p in self._buffered_params() if p.grad is not None]
         params += [p for p in self.excluded if p.grad is not None]
         if set_to_none:
@@ -544,9 +436,7 @@ class GradientStore:
     def zero_grads(self, set_to_none: bool) -> None:
         """Follow ``zero_grad(set_to_none)`` as torch does for parameters outside the pending sums.
 
-        ``False``: every parameter that had a gradient at an earlier update holds a zero
-        gradient again (in its buffer, or as a zero ``.grad`` in-place), so the optimizer
-        steps it in a window where it gets none, as torch does. ``True``: forgotten.
+        ``False``: one that had a gradient at an earlier update gets a zero one again (the optimizer steps it).
         """
         for g in self.groups:
             if set_to_none:
@@ -558,12 +448,9 @@ class GradientStore:
                 g.zero_buffers()
                 g.mark(None if g.had_grad_all else list(idx))
             else:
-                for i in idx:
-                    p = g.params[i]
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for p in [g.params[i] for i in idx if g.params[i].grad is None]:
+                    p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    # -------------------------------------------------------------------- state
     def state_dict(self) -> list[Tensor | None]:
         """The window's pending sums, one entry per accumulated parameter (None: no gradient), cloned."""
         drops = self.pending_drops()
@@ -573,10 +460,7 @@ class GradientStore:
         return [None if id(p) not in sums else sums[id(p)].clone() for p in self.params]
 
     def has_fresh_grads(self) -> bool:
-        """Whether a buffered parameter's ``.grad`` holds a gradient not yet moved into its buffer.
-
-        That is a backward pass since the last ``step()``: :meth:`state_dict` cannot hold it.
-        """
+        """Whether a backward pass since the last ``step()`` left a ``.grad`` that :meth:`state_dict` cannot hold."""
         return any(p.grad is not None for p in self._buffered_params())
 
     def _buffered_params(self) -> Iterator[Tensor]:
@@ -585,12 +469,9 @@ class GradientStore:
                 yield from g.params
 
     def pending_sums(self) -> list[tuple[Tensor, Tensor]]:
-        """``(param, sum)`` for every accumulated parameter holding a pending sum (no copy, no sync).
+        """``(param, sum)`` for every parameter holding a pending sum: read-only views (no copy, no sync).
 
-        Dense sums are detached views of the live buffers (or ``.grad`` in-place):
-        read-only. A parameter with both sparse and dense gradients gets a new tensor.
-        Sums of micro-batches that may have been dropped are included (a dropped one
-        added zeros).
+        Sparse plus dense gets a new tensor; maybe-dropped micro-batches are included (a dropped one added zeros).
         """
         out: list[tuple[Tensor, Tensor]] = []
         for g in self.groups:
@@ -610,34 +491,20 @@ class GradientStore:
                     out.append((p, b.detach()))
         return out
 
-    def _expected(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """(shape, dtype) of each entry of :meth:`state_dict` (buffers or grads)."""
-        out: list[tuple[tuple[int, ...], torch.dtype]] = []
-        for g in self.groups:
-            if g.buffers is None:
-                out.extend((tuple(p.shape), p.dtype) for p in g.params)
-            else:
-                out.extend((tuple(b.shape), b.dtype) for b in g.buffers)
-        return out
-
     def validate_state_dict(self, sums: Any) -> None:
         """Raise ``ValueError`` unless ``sums`` fits this store (one entry per parameter, shapes, dtypes)."""
-        expected = self._expected()
+        expected = [(tuple(t.shape), t.dtype) for g in self.groups for t in (g.buffers or g.params)]
         if not isinstance(sums, list):
             raise ValueError(f"Invalid state dict: accumulation sums are a {type(sums).__name__} (expected a list)")
         if len(sums) != len(expected):
             raise ValueError(f"Invalid state dict: {len(sums)} accumulation sums (expected {len(expected)})")
         for i, (t, (shape, dtype)) in enumerate(zip(sums, expected)):
-            if t is None:
-                continue
-            if not isinstance(t, Tensor):
+            if t is not None and not isinstance(t, Tensor):
                 raise ValueError(f"Invalid state dict: accumulation sum {i} is a {type(t).__name__} "
                                  "(expected a tensor)")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"Invalid state dict: accumulation sum {i} has shape {tuple(t.shape)} and dtype {t.dtype} "
-                    f"(expected {shape} and {dtype})"
-                )
+            if isinstance(t, Tensor) and (tuple(t.shape) != shape or t.dtype != dtype):
+                raise ValueError(f"Invalid state dict: accumulation sum {i} has shape {tuple(t.shape)} and dtype "
+                                 f"{t.dtype} (expected {shape} and {dtype})")
 
     def load_state_dict(self, sums: list[Tensor | None]) -> None:
         """Restore :meth:`state_dict` (copied: the argument is not aliased)."""
@@ -646,14 +513,12 @@ class GradientStore:
         self._drops.clear()
         for g in self.groups:
             if g.buffers is None:
-                for p in g.params:
-                    e = next(it)
+                for p, e in zip(g.params, it):
                     p.grad = None if e is None else e.detach().to(p.device, p.dtype).clone()
             else:
                 g.clear()
                 g.stale = False
-                for i, (p, b) in enumerate(zip(g.params, g.buffers)):
-                    e = next(it)
+                for i, (p, b, e) in enumerate(zip(g.params, g.buffers, it)):
                     b.zero_()
                     if e is not None and e.is_sparse:
                         g.sparse[i] = e.detach().to(b.device, b.dtype).clone()

@@ -1,8 +1,7 @@
-"""Clipping of the accumulated gradient, applied once per real update.
+"""Clipping of the accumulated gradient, once per real update (user guide: docs/precision.md).
 
-Global norm (``torch.nn.utils.clip_grad_norm_``: foreach, clamped, no host sync),
-by value, and unit-wise adaptive gradient clipping (AGC, Brock et al. 2021,
-"High-Performance Large-Scale Image Recognition Without Normalization").
+Global norm (``clip_grad_norm_``: foreach, no host sync), by value, and unit-wise adaptive gradient clipping
+(AGC, Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization").
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ def _unitwise_norm(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def adaptive_clip_grad_(params: Sequence[Tensor], clip_factor: float, eps: float = 1e-3) -> None:
-    """Bound each unit's gradient norm by ``clip_factor * max(|unit weight|, eps)``.
+    """Bound each unit's gradient norm by ``clip_factor * max(|unit weight|, eps)`` (no host sync).
 
-    A unit is a row (output unit) of a weight with 2+ dims (all dims but the first,
-    as in the paper's reference code for PyTorch layouts), or a whole 0/1-D tensor.
-    ``eps`` keeps zero-initialised weights from freezing. One pass per parameter,
-    no host synchronisation.
+    A unit is a row (output unit) of a 2+-D weight, as in the paper's reference code, or a whole 0/1-D tensor;
+    ``eps`` keeps zero-initialised weights from freezing.
     """
     for p in params:
         g = p.grad
@@ -49,9 +46,9 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
         total: Tensor = get_total_norm(grads, norm_type)
-        return total
-    norms = torch._foreach_norm(grads, norm_type)  # pragma: no cover - torch < 2.6
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    else:  # pragma: no cover - torch < 2.6
+        norms = torch._foreach_norm(grads, norm_type)
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
     return total
 
 
@@ -63,25 +60,12 @@ def _threshold(name: str, value: Any) -> float | None:
 class Clipper:
     """The clipping configured on a wrapper; ``__call__`` returns the pre-clip norm (device tensor) or None.
 
-    Args:
-        max_norm: clip to this global norm (``max_grad_norm``); 0 or None: no clipping.
-        norm_type: the norm of ``max_norm`` (``inf``: the max-norm).
-        max_value: clip elementwise to ``[-v, v]`` (``clip_value``); 0 or None: no clipping.
-        agc_factor: adaptive gradient clipping factor (``agc_clip_factor``); 0 or None: none.
-        agc_eps: AGC's floor on the unit weight norm.
-        track_norm: compute the pre-clip norm even without ``max_norm``.
+    ``max_norm``/``max_value``/``agc_factor`` are the wrapper's ``max_grad_norm``/``clip_value``/``agc_clip_factor``
+    (0 or None: none); ``track_norm``: compute the pre-clip norm even without ``max_norm``.
     """
 
-    def __init__(
-        self,
-        *,
-        max_norm: float | None = None,
-        norm_type: float = 2.0,
-        max_value: float | None = None,
-        agc_factor: float | None = None,
-        agc_eps: float = 1e-3,
-        track_norm: bool = False,
-    ) -> None:
+    def __init__(self, *, max_norm: float | None = None, norm_type: float = 2.0, max_value: float | None = None,
+                 agc_factor: float | None = None, agc_eps: float = 1e-3, track_norm: bool = False) -> None:
         # 0 (or None) means no clipping, as in the Hugging Face Trainer and nanoGPT
         self.max_norm = _threshold("max_grad_norm", max_norm)
         self.max_value = _threshold("clip_value", max_value)
@@ -98,9 +82,7 @@ class Clipper:
 
     def __call__(self, params: list[Tensor]) -> Tensor | None:
         """Clip the ``.grad`` of ``params`` in place (norm, then value, then AGC); return the pre-clip norm."""
-        if not self.active:
-            return None
-        params = [p for p in params if p.grad is not None]
+        params = [p for p in params if p.grad is not None] if self.active else []
         if not params:
             return None
         norm: Tensor | None = None

@@ -1,28 +1,13 @@
-"""Loss scaling and the non-finite guard.
+"""Loss scaling and the non-finite guard (user guide and policy table: docs/precision.md).
 
-One object decides, for each micro-step and each real update, what the
-accumulated gradient is scaled by and whether the update is applied:
-
-* an *owned* ``GradScaler`` (``scaler=``): the scale is constant within a window;
-  at the boundary: unscale, (clip), one host read of the overflow flag, the inner
-  step (or not), ``scaler.update()`` exactly once.
-* an *external* ``GradScaler`` driving the wrapper (``scaler.step(opt)`` on every
-  micro-batch): the wrapper declares ``_step_supports_amp_scaling``, so GradScaler
-  hands over ``grad_scale`` and ``found_inf`` as device tensors and never syncs;
-  each micro-batch is unscaled by its own scale into the buffers and an
-  overflowing one is dropped (weight 0), as GradScaler skips that step.
-* the ``nonfinite`` policy: ``"ignore"``, ``"skip"`` (whole window), ``"drop"``
-  (only the bad micro-batch, buffered mode) or ``"raise"``.
-
-Checks are fused per device and dtype with
-``torch._amp_foreach_non_finite_check_and_unscale_`` (the kernel GradScaler
-uses); the host reads one flag per real update, and only when a scaler or a
-policy needs the host to decide, within the update's single read
-(:class:`~accumopt.hostread.HostRead`). See ``docs/precision.md`` for the table.
+Decides what the gradient is scaled by and whether the update is applied, for an owned ``GradScaler``, an external
+one driving ``scaler.step(opt)`` (device tensors handed over; an overflowing micro-batch is dropped, as GradScaler
+skips that step) and the ``nonfinite`` policy. The host reads one flag per update, within the update's HostRead.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
@@ -45,11 +30,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
-    """A 0-dim float32 tensor, 1.0 where any of ``tensors`` holds NaN/inf, else 0.0.
-
-    One fused check per device and dtype, no host synchronisation. Returns None
-    for an empty sequence.
-    """
+    """A 0-dim float32 flag, 1.0 where any of ``tensors`` holds NaN/inf (None if empty); fused, no host sync."""
     by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for t in tensors:
         t = t.detach()
@@ -72,10 +53,7 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
         else:  # pragma: no cover - exotic devices or dtypes
             bad = torch.stack([(~torch.isfinite(t)).any() for t in ts]).any().float()
             found.copy_(torch.maximum(found, bad))
-    total: Tensor | None = None
-    for f in flags.values():
-        total = f if total is None else torch.maximum(total, f.to(total.device))
-    return total
+    return functools.reduce(lambda total, f: torch.maximum(total, f.to(total.device)), flags.values())
 
 
 # Why a window is not applied (bits of the flag read at the boundary).
@@ -85,12 +63,7 @@ _READ_KEY = "nonfinite"  # the flags' key in the update's HostRead
 
 
 class NonFiniteGuard:
-    """Loss scale and non-finite policy of one wrapper.
-
-    Args:
-        scaler: the owned ``GradScaler``, or None; a disabled one means None.
-        policy: one of :data:`NONFINITE_POLICIES`.
-    """
+    """Loss scale (owned ``GradScaler``; a disabled one means none) and non-finite policy of one wrapper."""
 
     def __init__(self, *, scaler: "torch.amp.GradScaler | None" = None, policy: str = "ignore") -> None:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -99,7 +72,6 @@ class NonFiniteGuard:
         # A disabled scaler means no loss scaling (``GradScaler(enabled=use_amp)``). torch has already warned
         # if it disabled one itself (device "cuda" without CUDA): the two cannot be told apart.
         self.scaler = LossScaler(scaler) if scaler is not None and scaler.is_enabled() else None
-        self.last_found: Tensor | None = None  # flag of the last real update, on device
         self._dropped: Tensor | None = None  # owned scaler + "drop": a micro-batch overflowed this window
         self._empty: Tensor | None = None  # every micro-batch of the window was dropped
         self._scaler_found: Tensor | None = None  # the owned scaler's own found_inf tensor of this update
@@ -119,41 +91,31 @@ class NonFiniteGuard:
         """``loss`` multiplied by the owned scaler's scale (identity without one)."""
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    # ------------------------------------------------------------ micro-step
-    def micro_factor(
-        self, found_inf: Tensor | None, grad_scale: Tensor | None, micro_grads: Callable[[], list[list[Tensor]]]
-    ) -> "tuple[float | Tensor, Tensor | None]":
-        """Factor by which this micro-batch enters the window, and its dropped flag.
+    def micro_factor(self, found_inf: Tensor | None, grad_scale: Tensor | None,
+                     micro_grads: Callable[[], list[list[Tensor]]]) -> "tuple[float | Tensor, Tensor | None]":
+        """Factor ``keep / external_scale`` by which this micro-batch enters the window, and its dropped flag (no sync).
 
-        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over
-        (None otherwise). The factor is ``keep / external_scale`` (``keep`` is 0 for a
-        dropped micro-batch). A dropped micro-batch's gradients are zeroed in place
-        first, so NaN/inf never reach the buffers. Under ``"skip"``/``"raise"`` an
-        external scaler's overflow is *kept* in the sum, so the boundary check sees it
-        and skips (or raises for) the whole window. No host sync.
+        ``found_inf``/``grad_scale``: what an external ``scaler.step(opt)`` handed over (None otherwise).
         """
         if found_inf is not None and self.scaler is not None:
-            raise RuntimeError(
-                "The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
-                "not scaler.step(opt): the owned scaler unscales once per real update."
-            )
+            raise RuntimeError("The wrapper owns a GradScaler (scaler=...), so call opt.step() directly, "
+                               "not scaler.step(opt): the owned scaler unscales once per real update.")
         if found_inf is None and self.policy != "drop":
             return 1.0, None
         inv_scale = None if grad_scale is None else grad_scale.detach().double().reciprocal().float()
         self._external_seen = self._external_seen or found_inf is not None
+        # "skip"/"raise": an external overflow stays in the sum, so the boundary check skips (or raises for) the window
         if found_inf is not None and self.policy in ("skip", "raise"):
             return (1.0 if inv_scale is None else inv_scale), None
         grads = [g for gs in micro_grads() for g in gs]
-        if found_inf is None:
-            found = found_nonfinite(grads)
-            if found is None:
-                return 1.0, None
-        else:
-            found = found_inf.detach() > 0  # GradScaler sums flags over devices: may exceed 1
+        # found_inf > 0: GradScaler sums it over devices (it may exceed 1)
+        found = found_nonfinite(grads) if found_inf is None else found_inf.detach() > 0
+        if found is None:
+            return 1.0, None
         # float64: the flag also scales the window's weight total, whose reciprocal must stay exact
         found = found.to(weight_dtype(found.device))
         bad = found > 0
-        for g in grads:  # one masked fill per tensor, only on this path; no sync
+        for g in grads:  # zeroed in place, so NaN/inf never reach the buffers; one fill per tensor, no sync
             (g._values() if g.is_sparse else g).masked_fill_(bad.to(g.device), 0.0)
         keep = 1.0 - found
         if inv_scale is not None:
@@ -162,14 +124,11 @@ class NonFiniteGuard:
             self._dropped = found if self._dropped is None else torch.maximum(self._dropped, found)
         return keep, found
 
-    # -------------------------------------------------------------- boundary
-    def unscale_and_check(
-        self, inner: torch.optim.Optimizer, grads: Callable[[], list[Tensor]], total: "float | Tensor | None" = None
-    ) -> Tensor | None:
+    def unscale_and_check(self, inner: torch.optim.Optimizer, grads: Callable[[], list[Tensor]],
+                          total: "float | Tensor | None" = None) -> Tensor | None:
         """Unscale the final gradient (owned scaler) and return its non-finite flag (device tensor or None).
 
-        ``total`` is the window's summed weight; a device total of 0 (every
-        micro-batch dropped) makes :meth:`apply` skip the window.
+        ``total``: the window's summed weight; a device total of 0 (all dropped) makes :meth:`apply` skip it.
         """
         # Only where micro-batches can be dropped (weight 0) may the total be 0 without the user's doing:
         # tensor weights given by the user cost no sync here.
@@ -178,33 +137,21 @@ class NonFiniteGuard:
             per_device = self.scaler.unscale_(inner)
             if not per_device:  # no gradient at all
                 return None
-            self._scaler_found = next(iter(per_device.values()))
-            found: Tensor | None = None
-            for f in per_device.values():
-                found = f.clone() if found is None else found + f.to(found.device)
-            return found
+            first, *rest = per_device.values()
+            self._scaler_found = first
+            return sum((f.to(first.device) for f in rest), first.clone())
         if self.policy in ("skip", "raise", "drop"):
             return found_nonfinite(grads())
         return None
 
+    def request(self, read: HostRead, found: Tensor | None,
+                drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None) -> None:
+        """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing); no sync.
 
-    def request(
-        self,
-        read: HostRead,
-        found: Tensor | None,
-        drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None,
-    ) -> None:
-        """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing).
-
-        One small vector: the reasons code (``found``, the empty-window flag) and
-        ``drops``: flags of micro-batches that may have been dropped, whose host
-        values go to its callback (``True``: kept) in :meth:`apply`. No sync here.
+        One small vector: the reasons code, then the flags of ``drops`` (their host values go to its callback).
         """
-        self.last_found = found
         self._drops = drops
-        code: Tensor | None = None
-        if found is not None:
-            code = (found > 0).float() * float(_NONFINITE)
+        code = None if found is None else (found > 0).float() * float(_NONFINITE)
         if self._empty is not None:
             empty = self._empty if code is None else self._empty.to(code.device)
             code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
@@ -217,12 +164,7 @@ class NonFiniteGuard:
             read.add(_READ_KEY, flags)
 
     def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
-        """Step ``inner`` unless the window must be skipped; return whether it stepped.
-
-        Decides from the host values of :meth:`request` (``read`` has run: this reads
-        nothing itself). With an owned scaler, ``scaler.update()`` runs exactly once
-        here, whether the window is applied, skipped or raises.
-        """
+        """Step ``inner`` unless :meth:`request`'s host values skip the window; return whether it stepped."""
         drops, self._drops = self._drops, None
         try:
             if _READ_KEY in read:
@@ -231,42 +173,28 @@ class NonFiniteGuard:
                 if drops is not None:
                     drops[1]([d == 0 for d in host[1:]])
                 if reasons & _NONFINITE and self.policy == "raise":
-                    raise NonFiniteGradientError(
-                        f"Non-finite accumulated gradient in {describe_bad()}; the window was discarded "
-                        "and the parameters were not updated (nonfinite='raise')."
-                    )
+                    raise NonFiniteGradientError(f"Non-finite accumulated gradient in {describe_bad()}; the window was "
+                                                 "discarded and the parameters were not updated (nonfinite='raise').")
                 if reasons:
                     return False
             inner.step()
             return True
-        finally:
+        finally:  # an owned scaler updates exactly once, whether the window is applied, skipped or raises
             self._end_window()
 
     def _end_window(self) -> None:
-        if self.scaler is not None:
-            if self._dropped is not None and self._scaler_found is not None:
-                # A dropped micro-batch overflowed: let the scaler back off as for a skipped step.
+        if self.scaler is not None and self._scaler_found is not None:
+            if self._dropped is not None:  # a dropped micro-batch overflowed: back off as for a skipped step
                 self._scaler_found.add_(self._dropped.to(self._scaler_found.device))
-            if self._scaler_found is not None:
-                self.scaler.update()
-            else:  # no gradient at all: nothing to update, but an unscale_ may have been recorded
-                self.scaler.forget_unscale()
-        self.discard_window()
+            self.scaler.update()
+        self.discard_window()  # no gradient at all: nothing to update, but an unscale_ may have been recorded
 
     def discard_window(self) -> None:
-        """Forget the window's flags (the window was discarded, nothing of it applied).
-
-        If the owned scaler already unscaled this window (an error between unscale and
-        step), its record is dropped too: the scale stays as it was.
-        """
+        """Forget the discarded window's flags, and the owned scaler's unscale of it (the scale stays as it was)."""
         if self.scaler is not None:
             self.scaler.forget_unscale()
-        self._dropped = None
-        self._empty = None
-        self._scaler_found = None
-        self._drops = None
+        self._dropped = self._empty = self._scaler_found = self._drops = None
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The window's dropped-overflow flag (the scaler's own state is the ``"scaler"`` entry)."""
         return {"dropped": None if self._dropped is None else self._dropped.detach().clone()}
@@ -274,10 +202,9 @@ class NonFiniteGuard:
     @staticmethod
     def validate_state_dict(state: Any) -> None:
         """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict`."""
-        if not isinstance(state, Mapping) or not (state.get("dropped") is None or
-                                                  isinstance(state.get("dropped"), Tensor)):
+        dropped = state.get("dropped") if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping) or not (dropped is None or isinstance(dropped, Tensor)):
             raise ValueError("Invalid state dict: malformed 'precision' entry")
-        dropped = state.get("dropped")
         if dropped is not None:
             if dropped.numel() != 1 or not dropped.is_floating_point():
                 raise ValueError(f"Invalid state dict: precision['dropped'] is a tensor of shape "
