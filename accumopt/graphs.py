@@ -1,14 +1,14 @@
 """Graph-captured micro-steps: a micro-batch's forward and backward replayed as one CUDA graph.
 
-:class:`CapturedMicroStep` owns the capture: ``loss_fn(model, batch)``, the weight and scaler scale applied to
-the loss, and ``backward()`` go into the graph; everything :meth:`AccumulatingOptimizer.step` does stays eager.
-Where no graph can be used (CPU, DDP/FSDP, a ragged batch, a failed capture) it runs the same micro-step
-eagerly. See docs/graphs.md.
+:class:`CapturedMicroStep` captures ``loss_fn``, the weight and scaler scale, and ``backward()``; everything
+:meth:`AccumulatingOptimizer.step` does stays eager, and so does the whole micro-step where no graph can be used
+(CPU, DDP/FSDP, a ragged batch, a failed capture). See docs/graphs.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Sequence, cast
@@ -33,7 +33,6 @@ LossFn = Callable[[torch.nn.Module, Any], Tensor]
 # modules: a module built elsewhere does not disturb its window.
 _registrations = 0
 _stamps: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
-_hook_installed = False
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 
 
@@ -43,15 +42,13 @@ def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
     _stamps[module] = _registrations
 
 
+@functools.cache  # installed once per process
 def _install_registration_hook() -> None:
-    global _hook_installed
-    if not _hook_installed:
-        hooks = torch.nn.modules.module
-        hooks.register_module_parameter_registration_hook(_count_registration)
-        for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
-            if hasattr(hooks, name):  # torch >= 2.1
-                getattr(hooks, name)(_count_registration)
-        _hook_installed = True
+    hooks = torch.nn.modules.module
+    hooks.register_module_parameter_registration_hook(_count_registration)
+    for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
+        if hasattr(hooks, name):  # torch >= 2.1
+            getattr(hooks, name)(_count_registration)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -112,8 +109,8 @@ class CapturedMicroStep:
     Args:
         optimizer: the :class:`AccumulatingOptimizer` whose window the micro-steps fill.
         model: the model; ``loss_fn`` receives it.
-        loss_fn: ``loss_fn(model, batch) -> loss``, the micro-batch's mean loss (a one-element tensor; it may
-            use autocast inside or run inside an autocast region).
+        loss_fn: ``loss_fn(model, batch) -> loss``, the micro-batch's mean loss (a one-element tensor; autocast
+            inside it or around the call is fine).
         example_batch: a micro-batch of the usual shapes: a tensor or a nested tuple / list / dict of tensors
             (other leaves must stay equal across calls). Its tensors become the graph's static inputs.
         capture: ``None``: capture when the model is on one CUDA device and capture is possible, else run
@@ -203,8 +200,7 @@ class CapturedMicroStep:
 
         Args:
             batch: a micro-batch with the structure of the example batch.
-            weight: how much it counts (a number or a 0-dim device tensor, as in
-                :meth:`AccumulatingOptimizer.backward`); default 1.
+            weight: how much it counts (a number or a 0-dim device tensor, as in ``opt.backward``); default 1.
 
         Returns:
             The micro-batch's loss, detached (a copy: later calls do not change it).
@@ -216,7 +212,7 @@ class CapturedMicroStep:
             self._checked = version
         if self._reason is not None:
             return self._eager(batch, weight)
-        leaves, spec = self._batch_leaves(batch)  # the graph path: a batch on another device raises
+        leaves, spec = self._batch_leaves(batch)  # the graph path: a batch on another device raises, replayed or not
         if opt.pending == 0:
             self._window_start()  # a failed capture leaves no replay: eager below
         if self._replay is None or self._fast_key() != self._fast or not self._matches(leaves, spec):
@@ -267,21 +263,17 @@ class CapturedMicroStep:
 
     def _eager(self, batch: Any, weight: "float | Tensor | None") -> Tensor:
         """The plain micro-step: ``opt.backward(loss_fn(model, batch), weight=...)``, then ``opt.step``."""
-        opt = self.optimizer
         with torch.enable_grad():
             loss = self.loss_fn(self.model, batch)
             _check_loss(loss)
-            opt.backward(loss, weight=weight)
+            self.optimizer.backward(loss, weight=weight)
         loss = loss.detach()
-        opt.step(loss=loss)
+        self.optimizer.step(loss=loss)
         self.eager_steps += 1
         return loss
 
     def _batch_leaves(self, batch: Any) -> tuple[list[Any], Any]:
-        """The batch's leaves and structure; ``ValueError`` for a tensor leaf off the model's device.
-
-        Checked for every micro-batch of the graph path, replayed or eager, so a misplaced batch fails alike.
-        """
+        """The batch's leaves and structure; ``ValueError`` for a tensor leaf off the model's device."""
         leaves, spec = pytree.tree_flatten(batch)
         for i, x in enumerate(leaves):
             if isinstance(x, Tensor) and x.device != self._device:
@@ -345,18 +337,14 @@ class CapturedMicroStep:
         self._attach()
 
     def _attach(self) -> None:
-        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start).
-
-        Checked on every call: a ``.grad`` replaced mid-window (an eager micro-step, a loaded checkpoint, the
-        user) is carried over into the static tensor the replays add into.
-        """
+        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start)."""
         if all(p.grad is s for p, s in self._accumulating):
             return
         zero = []
         for p, s in self._accumulating:
             if p.grad is None:
                 zero.append(s)
-            elif p.grad is not s:
+            elif p.grad is not s:  # replaced mid-window (eager micro-step, loaded checkpoint, user): carry it over
                 s.copy_(p.grad)
             p.grad = s
         if zero:
@@ -390,7 +378,6 @@ class CapturedMicroStep:
                 _check_loss(loss)
                 opt.backward(loss * (self._w if self._w.dtype == loss.dtype else self._w.to(loss.dtype)))
             return loss.detach()
-
         try:
             torch.clear_autocast_cache()
             torch.set_autocast_cache_enabled(False)  # cached casts would be stale in replays
@@ -406,14 +393,14 @@ class CapturedMicroStep:
                 p.grad = None
             for b, v in saved_buffers:  # warm-up must not move BatchNorm statistics
                 b.copy_(v)
-            accumulating = [(p, torch.zeros_like(p, memory_format=torch.preserve_format))
-                            for p in used if id(p) in inplace]
-            for p, s in accumulating:
+            self._accumulating = [(p, torch.zeros_like(p, memory_format=torch.preserve_format))
+                                  for p in used if id(p) in inplace]
+            for p, s in self._accumulating:
                 p.grad = s  # the backward pass adds into these: the in-place window sum
             for set_state, state in rng:
                 set_state(state)
-            loss, replay, graph = backend.capture(micro_step, params, self.generators)
-            outputs = [(p, p.grad) for p in used if id(p) not in inplace and p.grad is not None]
+            self._static_loss, self._replay, self._graph = backend.capture(micro_step, params, self.generators)
+            self._outputs = [(p, p.grad) for p in used if id(p) not in inplace and p.grad is not None]
             for p in params:  # excluded parameters' gradients are dropped, as opt.step() does
                 if id(p) not in inplace:
                     p.grad = None
@@ -436,8 +423,6 @@ class CapturedMicroStep:
         for p, g in zip(params, saved_grads):  # a gradient present before capture still counts
             if g is not None:
                 p.grad = g
-        self._graph, self._replay, self._static_loss = graph, replay, loss
-        self._accumulating, self._outputs = accumulating, outputs
         self._sig = self._signature()  # after warm-up: it created the scaler's scale tensor
         self.captures += 1
 
@@ -446,11 +431,9 @@ def _check_params_in_optimizer(model: torch.nn.Module, optimizer: AccumulatingOp
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     outside = [n for n, p in unwrap_model(model).named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if outside:
-        raise ValueError(
-            f"Invalid model: parameters {outside[:4]!r} require grad but are not in the optimizer "
-            "(expected every trainable parameter of the model in the optimizer: add them with "
-            "opt.add_param_group, or freeze them with requires_grad_(False))"
-        )
+        raise ValueError(f"Invalid model: parameters {outside[:4]!r} require grad but are not in the optimizer "
+                         "(expected every trainable parameter of the model in the optimizer: add them with "
+                         "opt.add_param_group, or freeze them with requires_grad_(False))")
 
 
 def _check_loss(loss: Any) -> None:

@@ -28,9 +28,8 @@ _OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_ENO
 
 def is_oom_error(error: BaseException) -> bool:
     """Whether ``error`` is an out-of-memory error (``torch.OutOfMemoryError`` or an allocator RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES))
 
 
 # ------------------------------------------------------------------ batches
@@ -277,7 +276,6 @@ class MicroBatcher:
 
     def _run(self, micro: Any, size: int, loss_fn: Callable[[Any], Tensor]) -> Tensor | None:
         """One micro-batch: its detached loss, or None after a recovered OOM."""
-        opt = self.optimizer
         before = self.monitor.used() if self.memory_fraction is not None else 0
         loss: Tensor | None = None
         try:
@@ -288,7 +286,7 @@ class MicroBatcher:
                                 "(expected a scalar loss tensor)")
             if self.memory_fraction is not None:
                 self._measure(before, self.monitor.used(), size)
-            opt.backward(loss)
+            self.optimizer.backward(loss)
         except BaseException as error:  # noqa: BLE001 - filtered just below
             if not is_oom_error(error):
                 raise
@@ -302,7 +300,7 @@ class MicroBatcher:
         if loss is None:  # outside the except block: the traceback (and its activations) is gone
             self._recover(size)
             return None
-        opt.step(weight=float(size), loss=loss.detach())
+        self.optimizer.step(weight=float(size), loss=loss.detach())
         self._successes += 1
         return loss.detach()
 
