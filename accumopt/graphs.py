@@ -150,7 +150,6 @@ class CapturedMicroStep:
         self.warmup_steps = warmup_steps
         self.generators = generators
         self._spec = spec
-        self._example_leaves = leaves
         self._mode = capture
         self._graph: Any = None
         self._replay: Callable[[], None] | None = None

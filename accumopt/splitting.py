@@ -77,11 +77,7 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
 
 # ------------------------------------------------------------------ memory
 class MemoryMonitor:
-    """Memory in use on a device: CUDA allocator statistics, or process RSS on CPU (host counters, no sync).
-
-    Args:
-        device: the device whose memory is watched.
-    """
+    """Memory in use on ``device``: CUDA allocator statistics, or process RSS on CPU (host counters, no sync)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -149,9 +145,8 @@ class MicroBatcher:
         min_micro_batch_size: below this, an OOM is re-raised (default 1 sample).
         grow_after: successful micro-batches after which twice the current size (up to ``micro_batch_size``)
             is tried again; 0 never grows. Each time that size fails again, the wait doubles.
-        memory_fraction: optional budget, a fraction of device memory: a micro-batch whose use, measured after
-            its forward plus its gradients' bytes (host counters, no sync), goes above it halves the next ones,
-            and growth needs the doubled size projected below it. None: only real OOM errors shrink the size.
+        memory_fraction: a fraction of device memory (None: no budget, only OOM errors shrink the size); a
+            micro-batch using more after its forward (plus its gradients) halves the next; growth must stay below it.
         device: the device to watch (default: that of the first parameter).
     """
 
@@ -202,8 +197,7 @@ class MicroBatcher:
             The batch's mean loss: the sample-weighted mean of the micro-batch losses (detached, 0-dim, no sync).
 
         Raises:
-            torch.OutOfMemoryError: when even ``min_micro_batch_size`` samples do not fit (the partial window is
-                discarded, parameters unchanged).
+            torch.OutOfMemoryError: when even ``min_micro_batch_size`` samples do not fit (the window is discarded).
         """
         opt = self.optimizer
         if opt.pending:

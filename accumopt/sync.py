@@ -1,10 +1,9 @@
-"""Gradient synchronisation for data-parallel models: one reduction per real update.
+"""Gradient synchronisation for data-parallel models: one reduction per real update (see docs/distributed.md).
 
-:class:`GradSync` owns it. **Native** (DDP in ``mode="inplace"`` with full-precision parameters, and FSDP2): the
-model's own synchronisation is on only for the backward that closes the window. **Explicit** (DDP with
-accumulation buffers): DDP never synchronises; the window's sums are averaged at the boundary with bucketed
-``all_reduce`` calls (:mod:`accumopt.distributed`). Gradients and the window's weight total are both averaged over
-ranks, so uneven weights stay exact. See docs/distributed.md.
+:class:`GradSync` turns the model's own synchronisation on only for the backward that closes the window
+(**native**: DDP in ``mode="inplace"`` with full-precision parameters, FSDP2), or, with accumulation buffers,
+averages the window's sums at the boundary with bucketed ``all_reduce`` calls (**explicit**). Gradients and the
+weight total are both averaged over ranks, so uneven weights stay exact.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class GradSync:
     """Switches a model's gradient synchronisation on for the closing backward only; reduces what it did not.
 
-    Args:
-        model: the model given to the wrapper (DDP, FSDP2, or anything else: no-op).
-        store: the wrapper's :class:`~accumopt.buffers.GradientStore`.
+    ``model`` is the model given to the wrapper (DDP, FSDP2, anything else: no-op), ``store`` its gradient store.
     """
 
     def __init__(self, model: Any, store: GradientStore | None = None) -> None:
@@ -150,8 +147,7 @@ class GradSync:
     def consolidate(self, store: GradientStore, window: Window) -> None:
         """Replace each rank's pending sums by their mean over ranks (before a mid-window checkpoint).
 
-        Collective when a window is pending (``opt.state_dict()`` on every rank); the update is unchanged and the
-        state identical on every rank, so rank 0's checkpoint resumes all ranks.
+        Collective while a window is pending (``opt.state_dict()`` on every rank), so rank 0's checkpoint resumes all.
         """
         if not self.distributed or window.count == 0:
             return
