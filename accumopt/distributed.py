@@ -1,17 +1,7 @@
-"""Collectives for data-parallel accumulation (any ``torch.distributed`` backend).
+"""Collectives for data-parallel accumulation (any ``torch.distributed`` backend), used by :mod:`accumopt.sync`.
 
-Two small helpers used by :mod:`accumopt.sync`:
-
-* :func:`all_reduce_mean_`: average a list of tensors across ranks in place with
-  a few bucketed ``all_reduce`` calls (one per 25 MiB of each device/dtype), the
-  same bucketing DDP uses, instead of one call per parameter;
-* :func:`all_reduce_mean_scalar`: average one number (the window's weight total)
-  across ranks, as a device tensor (no host synchronisation).
-
-Both average (sum, then divide by the world size), which is idempotent on
-values that are already equal across ranks: reducing a sum that was partly
-reduced before (a checkpoint taken mid-window, an extra synchronising backward)
-gives the same result as reducing it once.
+Both helpers average (sum, then divide by the world size), which is idempotent on values already equal across
+ranks: reducing a sum partly reduced before (a mid-window checkpoint) gives the same result. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -54,22 +44,12 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]
 
 def all_reduce_mean_(tensors: Sequence[Tensor], group: Any = None, world_size: int | None = None,
                      bucket_bytes: int = BUCKET_BYTES) -> int:
-    """Replace every tensor by its mean over the ranks of ``group``, in buckets.
+    """Replace every tensor by its mean over the ranks of ``group``; return the number of ``all_reduce`` calls.
 
-    Every rank must pass tensors of the same shapes, dtypes and order.
-
-    Args:
-        tensors: dense tensors to average in place.
-        group: the process group (default: the world).
-        world_size: its size (looked up when None).
-        bucket_bytes: the most bytes flattened into one ``all_reduce`` call.
-
-    Returns:
-        The number of ``all_reduce`` calls made.
+    Tensors are flattened into buckets of at most ``bucket_bytes`` per device and dtype, as DDP does. Every rank
+    must pass tensors of the same shapes, dtypes and order.
     """
-    if world_size is None:
-        world_size = dist.get_world_size(group)
-    calls = 0
+    world_size = world_size or dist.get_world_size(group)
     pending: deque[tuple[Any, Tensor | None, list[Tensor]]] = deque()
 
     def finish() -> None:
@@ -78,7 +58,8 @@ def all_reduce_mean_(tensors: Sequence[Tensor], group: Any = None, world_size: i
         if flat is not None:
             torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))  # type: ignore[no-untyped-call]
 
-    for bucket in _buckets([t for t in tensors if t.numel() > 0], bucket_bytes):
+    buckets = _buckets([t for t in tensors if t.numel() > 0], bucket_bytes)
+    for bucket in buckets:
         if len(bucket) == 1 and bucket[0].is_contiguous():
             flat, target = None, bucket[0]  # one contiguous tensor: reduce it where it lies
         else:
@@ -86,26 +67,19 @@ def all_reduce_mean_(tensors: Sequence[Tensor], group: Any = None, world_size: i
         if world_size > 1:
             target.div_(world_size)  # pre-divide, as DDP does: no overflow from the sum
         pending.append((dist.all_reduce(target, group=group, async_op=True), flat, bucket))
-        calls += 1
         if len(pending) >= _IN_FLIGHT:
             finish()
     while pending:
         finish()
-    return calls
+    return len(buckets)
 
 
 def all_reduce_mean_scalar(value: "float | Tensor", device: torch.device, group: Any = None,
                            world_size: int | None = None) -> Tensor:
-    """The mean of a number over the ranks of ``group``: a 0-dim tensor on ``device``.
-
-    float64 where the device supports it, so weight totals stay exact.
-    """
-    if world_size is None:
-        world_size = dist.get_world_size(group)
-    dtype = weight_dtype(device)
-    if isinstance(value, Tensor):
-        t = value.detach().to(device=device, dtype=dtype).reshape(1).clone()
-    else:
-        t = torch.full((1,), float(value), dtype=dtype, device=device)
+    """The mean of a number over the ranks of ``group``: a 0-dim tensor on ``device``."""
+    world_size = world_size or dist.get_world_size(group)
+    dtype = weight_dtype(device)  # float64 where the device supports it: weight totals stay exact
+    t = (value.detach().to(device=device, dtype=dtype).reshape(1).clone() if isinstance(value, Tensor)
+         else torch.full((1,), float(value), dtype=dtype, device=device))
     dist.all_reduce(t, group=group)
     return (t / world_size).reshape(())

@@ -1,48 +1,14 @@
 """Graph-captured micro-steps: a micro-batch's forward and backward replayed as one CUDA graph.
 
-With gradient accumulation every micro-batch pays the Python and kernel-launch
-cost of a whole forward and backward pass. For small and mid-size models that
-fixed cost dominates. :class:`CapturedMicroStep` captures one micro-step into a
-CUDA graph once, then runs each micro-batch by copying it into the graph's
-static inputs and replaying::
-
-    opt = accumopt.AccumulatingOptimizer(torch.optim.AdamW(model.parameters(), fused=True), 16)
-    step = accumopt.CapturedMicroStep(opt, model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x0, y0))
-    for x, y in loader:
-        loss = step((x, y))          # forward + backward + accumulate; every 16th call also updates
-
-What the graph holds, and what stays outside:
-
-* inside: ``loss_fn(model, batch)``, the micro-batch weight and the owned
-  ``GradScaler``'s scale applied to the loss, and ``backward()``. In the default
-  ``"inplace"`` mode the backward pass itself is the accumulation: autograd adds
-  each micro-batch's gradient into ``.grad`` tensors that exist before capture
-  (static memory), exactly as it does in an eager loop.
-* outside, eager, unchanged: everything :meth:`AccumulatingOptimizer.step` does
-  (buffered accumulation, non-finite checks, the window, statistics) and the real
-  update (unscale, clip, optimizer step, scheduler, scaler update).
-
-A call is equivalent to ``loss = loss_fn(model, batch); opt.backward(loss, weight=weight);
-opt.step(loss=loss)``, and runs exactly that (eagerly) whenever the graph cannot
-be used: on CPU, for a micro-batch whose shapes differ from the example (a ragged
-last batch), for a DDP/FSDP model, or after a capture failed. The graph is
-(re)captured at the start of a window whenever the model's train/eval modes, its
-parameters, buffers or submodules (a registration on one of its modules), the
-optimizer's parameters, the autocast state or the owned scaler's scale tensor
-changed since the last capture; a change in the middle of a window runs the rest
-of that window eagerly. Modules built elsewhere do not count. On the graph path
-every micro-batch's tensors must be on the model's device (``ValueError``
-otherwise, for a replayed batch and a ragged one alike).
-
-Rules the captured function must follow (the usual CUDA-graph rules): the same
-kernels for every micro-batch (no data-dependent Python control flow, no
-``.item()``), random numbers from the default CUDA generator or from generators
-passed as ``generators=``, and no CPU work whose result changes between calls.
+:class:`CapturedMicroStep` captures ``loss_fn``, the weight and scaler scale, and ``backward()``; everything
+:meth:`AccumulatingOptimizer.step` does stays eager, and so does the whole micro-step where no graph can be used
+(CPU, DDP/FSDP, a ragged batch, a failed capture). See docs/graphs.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Sequence, cast
@@ -67,7 +33,6 @@ LossFn = Callable[[torch.nn.Module, Any], Tensor]
 # modules: a module built elsewhere does not disturb its window.
 _registrations = 0
 _stamps: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
-_hook_installed = False
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 
 
@@ -77,15 +42,13 @@ def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
     _stamps[module] = _registrations
 
 
+@functools.cache  # installed once per process
 def _install_registration_hook() -> None:
-    global _hook_installed
-    if not _hook_installed:
-        hooks = torch.nn.modules.module
-        hooks.register_module_parameter_registration_hook(_count_registration)
-        for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
-            if hasattr(hooks, name):  # torch >= 2.1
-                getattr(hooks, name)(_count_registration)
-        _hook_installed = True
+    hooks = torch.nn.modules.module
+    hooks.register_module_parameter_registration_hook(_count_registration)
+    for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
+        if hasattr(hooks, name):  # torch >= 2.1
+            getattr(hooks, name)(_count_registration)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -98,10 +61,7 @@ class _CudaGraphBackend:
 
     @contextlib.contextmanager
     def warmup(self) -> Iterator[None]:
-        """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes.
-
-        The current stream waits for the side stream afterwards, also when a warm-up step raises.
-        """
+        """Run eager warm-up iterations on a side stream, as the CUDA-graph documentation prescribes."""
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
@@ -109,7 +69,7 @@ class _CudaGraphBackend:
             try:
                 with torch.cuda.stream(side):
                     yield
-            finally:
+            finally:  # also when a warm-up step raises
                 current.wait_stream(side)
 
     def get_rng_state(self) -> Tensor:
@@ -120,13 +80,7 @@ class _CudaGraphBackend:
 
     def capture(self, fn: Callable[[], Any], params: Sequence[Tensor],
                 generators: Sequence[torch.Generator]) -> tuple[Any, Callable[[], None], Any]:
-        """Capture ``fn``; return its (static) output, a replay function and the graph to keep alive.
-
-        The stream current before the capture is current again afterwards, also when the
-        capture fails: ``torch.cuda.graph`` ends the capture (which raises for an
-        invalidated capture) before it restores the stream, and would leave its capture
-        stream current for the rest of the process.
-        """
+        """Capture ``fn``; return its (static) output, a replay function and the graph to keep alive."""
         graph = torch.cuda.CUDAGraph()
         for gen in generators:
             graph.register_generator_state(gen)
@@ -135,7 +89,7 @@ class _CudaGraphBackend:
             try:
                 with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
                     out = fn()
-            finally:
+            finally:  # torch.cuda.graph raises for an invalidated capture before it restores the stream
                 torch.cuda.set_stream(stream)
         return out, graph.replay, graph
 
@@ -149,53 +103,30 @@ def _make_backend(device: torch.device, capture_error_mode: str = "global") -> A
 class CapturedMicroStep:
     """One accumulation micro-step (forward, loss, backward, accumulate) captured as a CUDA graph.
 
+    Call it as ``loss = step(batch, weight=None)`` instead of ``loss.backward(); opt.step()``: every K-th call
+    applies the real update; ``opt.flush()``, ``opt.zero_grad()``, schedulers and checkpoints work as usual.
+
     Args:
         optimizer: the :class:`AccumulatingOptimizer` whose window the micro-steps fill.
         model: the model; ``loss_fn`` receives it.
-        loss_fn: ``loss_fn(model, batch) -> loss``: the micro-batch's mean loss
-            (a one-element tensor). It may use autocast inside, or be called
-            inside an autocast region.
-        example_batch: a micro-batch of the usual shapes: a tensor or a nested
-            tuple / list / dict of tensors (other leaves must stay equal across
-            calls). Its tensors become the graph's static inputs (on the model's
-            device).
-        capture: ``None`` (default): capture when the model is on one CUDA device
-            and capture is possible, run eagerly otherwise; ``True``: capture or
-            raise ``ValueError``; ``False``: always eager.
-        warmup_steps: eager iterations on a side stream before each capture
-            (3, as in the PyTorch documentation; use 11 or more for DDP-like hooks).
-        generators: extra ``torch.Generator`` objects the model draws from
-            (registered with the graph; the default CUDA generator always is).
-        capture_error_mode: ``torch.cuda.graph``'s ``capture_error_mode``:
-            ``"global"`` (default: any CUDA call that is unsafe during a capture,
-            from any thread, invalidates it), ``"thread_local"`` (only this
-            thread's: use it when other threads use CUDA meanwhile, such as a
-            ``DataLoader(pin_memory=True)``'s pinning thread) or ``"relaxed"``.
-
-    Call it as ``loss = step(batch, weight=None)``: one micro-batch, returning its
-    loss (a detached tensor on the device). The wrapper's step semantics apply:
-    every K-th call applies the real update. Do not call ``opt.step()`` or
-    ``loss.backward()`` yourself for these micro-batches; ``opt.flush()``,
-    ``opt.zero_grad()``, LR schedulers and checkpoints work as usual.
+        loss_fn: ``loss_fn(model, batch) -> loss``, the micro-batch's mean loss (a one-element tensor; autocast
+            inside it or around the call is fine).
+        example_batch: a micro-batch of the usual shapes: a tensor or a nested tuple / list / dict of tensors
+            (other leaves must stay equal across calls). Its tensors become the graph's static inputs.
+        capture: ``None``: capture when the model is on one CUDA device and capture is possible, else run
+            eagerly; ``True``: capture or raise ``ValueError``; ``False``: always eager.
+        warmup_steps: eager iterations on a side stream before each capture (11 or more for DDP-like hooks).
+        generators: extra ``torch.Generator`` objects the model draws from (the default CUDA one always is).
+        capture_error_mode: ``torch.cuda.graph``'s ``capture_error_mode``: ``"global"``, ``"thread_local"``
+            (when other threads use CUDA meanwhile, such as a pinning ``DataLoader``) or ``"relaxed"``.
     """
 
-    def __init__(
-        self,
-        optimizer: AccumulatingOptimizer,
-        model: torch.nn.Module,
-        loss_fn: LossFn,
-        example_batch: Any,
-        *,
-        capture: bool | None = None,
-        warmup_steps: int = 3,
-        generators: Sequence[torch.Generator] = (),
-        capture_error_mode: str = "global",
-    ) -> None:
+    def __init__(self, optimizer: AccumulatingOptimizer, model: torch.nn.Module, loss_fn: LossFn, example_batch: Any,
+                 *, capture: bool | None = None, warmup_steps: int = 3, generators: Sequence[torch.Generator] = (),
+                 capture_error_mode: str = "global") -> None:
         if not isinstance(optimizer, AccumulatingOptimizer):
-            raise TypeError(
-                f"Invalid optimizer: {type(optimizer).__name__} (expected an accumopt.AccumulatingOptimizer; "
-                "wrap your optimizer first)"
-            )
+            raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected an "
+                            "accumopt.AccumulatingOptimizer; wrap your optimizer first)")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
         if not callable(loss_fn):
@@ -210,34 +141,26 @@ class CapturedMicroStep:
                 raise TypeError(f"Invalid generators: {gen!r} (expected torch.Generator objects)")
         leaves, spec = pytree.tree_flatten(example_batch)
         if not any(isinstance(x, Tensor) for x in leaves):
-            raise ValueError(
-                f"Invalid example_batch: {type(example_batch).__name__} holds no tensor "
-                "(expected a tensor or a tuple / list / dict of tensors)"
-            )
+            raise ValueError(f"Invalid example_batch: {type(example_batch).__name__} holds no tensor "
+                             "(expected a tensor or a tuple / list / dict of tensors)")
         _check_params_in_optimizer(model, optimizer)
-
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
         self.warmup_steps = warmup_steps
         self.generators = generators
         self._spec = spec
-        self._example_leaves = leaves
         self._mode = capture
-        self._reason: str | None = None  # why micro-steps run eagerly (None: they may be captured)
         self._graph: Any = None
         self._replay: Callable[[], None] | None = None
         self._backend: Any = None
-        self.replays = 0
-        self.eager_steps = 0
-        self.captures = 0
+        self.replays = self.eager_steps = self.captures = 0
         _install_registration_hook()
         self._modules: list[torch.nn.Module] = list(model.modules())  # refreshed at each window start
         self._seen = _registrations  # the process-wide count when the model's stamps were last looked at
         self._version = max((_stamps.get(m, 0) for m in self._modules), default=0)  # newest stamp on the model
         self._checked = self._version
-
-        self._reason = self._impossible()
+        self._reason: str | None = self._impossible()  # why micro-steps run eagerly (None: they may be captured)
         if self._reason is not None:
             if capture is True:
                 raise ValueError(f"Invalid capture: True, but the micro-step cannot be captured: {self._reason}")
@@ -246,9 +169,7 @@ class CapturedMicroStep:
             self._reason = "capture=False"
             return
         self._backend = _make_backend(self._device, self.capture_error_mode)
-        self._static_leaves = [
-            x.detach().to(self._device, copy=True) if isinstance(x, Tensor) else x for x in leaves
-        ]
+        self._static_leaves = [x.detach().to(self._device, copy=True) if isinstance(x, Tensor) else x for x in leaves]
         self._static_batch = pytree.tree_unflatten(self._static_leaves, spec)
         self._tensor_slots = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         self._leaf_meta = [(x.shape, x.dtype) if isinstance(x, Tensor) else x for x in leaves]
@@ -278,8 +199,7 @@ class CapturedMicroStep:
 
         Args:
             batch: a micro-batch with the structure of the example batch.
-            weight: how much this micro-batch counts (a number or a 0-dim device
-                tensor, as in :meth:`AccumulatingOptimizer.backward`); default 1.
+            weight: how much it counts (a number or a 0-dim device tensor, as in ``opt.backward``); default 1.
 
         Returns:
             The micro-batch's loss, detached (a copy: later calls do not change it).
@@ -291,34 +211,25 @@ class CapturedMicroStep:
             self._checked = version
         if self._reason is not None:
             return self._eager(batch, weight)
-        leaves, spec = self._batch_leaves(batch)  # the graph path: a batch on another device raises
+        leaves, spec = self._batch_leaves(batch)  # the graph path: a batch on another device raises, replayed or not
         if opt.pending == 0:
-            self._window_start()
-            if self._reason is not None:
-                return self._eager(batch, weight)
+            self._window_start()  # a failed capture leaves no replay: eager below
         if self._replay is None or self._fast_key() != self._fast or not self._matches(leaves, spec):
             return self._eager(batch, weight)
         w = check_micro_weight(weight) if weight is not None else None
         self._attach()
         for i in self._tensor_slots:
             self._static_leaves[i].copy_(leaves[i], non_blocking=True)
-        if w is None:
-            if not self._w_is_one:
-                self._w.fill_(1.0)
-                self._w_is_one = True
-        else:
-            if isinstance(w, Tensor):
-                self._w.copy_(w, non_blocking=True)
-            else:
-                self._w.fill_(w)
-            self._w_is_one = False
-        replay = self._replay
-        static_loss = cast(Tensor, self._static_loss)
-        replay()
+        if isinstance(w, Tensor):
+            self._w.copy_(w, non_blocking=True)
+        elif w is not None or not self._w_is_one:
+            self._w.fill_(1.0 if w is None else w)
+        self._w_is_one = w is None
+        self._replay()
         self.replays += 1
         for p, g in self._outputs:  # fresh gradients for buffered groups: the wrapper moves them
             p.grad = g
-        loss = static_loss.clone()
+        loss = cast(Tensor, self._static_loss).clone()
         opt._record_backward_weight(w)  # what opt.backward(loss, weight=w) records
         opt.step(loss=loss)
         return loss
@@ -333,14 +244,12 @@ class CapturedMicroStep:
     def _opt_params(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _inplace_ids(self) -> set[int]:
-        """Ids of the parameters whose window sum lives in ``.grad`` (the rest go through buffers)."""
+    def _inplace_ids(self) -> set[int]:  # parameters whose window sum lives in .grad (the rest: buffers)
         return self.optimizer._accumulated_in_grad()
 
     def _impossible(self) -> str | None:
         """Why this micro-step can never be captured (None: it can)."""
-        params = self._opt_params()
-        devices = {p.device for p in params}
+        devices = {p.device for p in self._opt_params()}
         if len(devices) != 1:
             return f"parameters on several devices {sorted(map(str, devices))}"
         device = next(iter(devices))
@@ -353,31 +262,24 @@ class CapturedMicroStep:
 
     def _eager(self, batch: Any, weight: "float | Tensor | None") -> Tensor:
         """The plain micro-step: ``opt.backward(loss_fn(model, batch), weight=...)``, then ``opt.step``."""
-        opt = self.optimizer
         with torch.enable_grad():
             loss = self.loss_fn(self.model, batch)
             _check_loss(loss)
-            opt.backward(loss, weight=weight)
+            self.optimizer.backward(loss, weight=weight)
         loss = loss.detach()
-        opt.step(loss=loss)
+        self.optimizer.step(loss=loss)
         self.eager_steps += 1
         return loss
 
     def _batch_leaves(self, batch: Any) -> tuple[list[Any], Any]:
-        """The batch's leaves and structure; ``ValueError`` for a tensor leaf off the model's device.
-
-        Checked for every micro-batch of the graph path, replayed or eager (a ragged
-        one too), so that a misplaced batch fails the same way wherever it falls.
-        """
+        """The batch's leaves and structure; ``ValueError`` for a tensor leaf off the model's device."""
         leaves, spec = pytree.tree_flatten(batch)
         for i, x in enumerate(leaves):
             if isinstance(x, Tensor) and x.device != self._device:
-                paths = pytree.tree_flatten_with_path(batch)[0]
-                where = pytree.keystr(paths[i][0]) or "the batch"
-                raise ValueError(
-                    f"Invalid batch: {where} is on {x.device} (expected {self._device}, the model's device; "
-                    "move the batch there first, e.g. with .to(device, non_blocking=True) from pinned memory)"
-                )
+                where = pytree.keystr(pytree.tree_flatten_with_path(batch)[0][i][0]) or "the batch"
+                raise ValueError(f"Invalid batch: {where} is on {x.device} (expected {self._device}, the model's "
+                                 "device; move the batch there first, e.g. with .to(device, non_blocking=True) "
+                                 "from pinned memory)")
         return leaves, spec
 
     def _matches(self, leaves: list[Any], spec: Any) -> bool:
@@ -434,24 +336,15 @@ class CapturedMicroStep:
         self._attach()
 
     def _attach(self) -> None:
-        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start).
-
-        Every parameter is checked on every call (one identity test each): a ``.grad``
-        replaced anywhere mid-window (an eager micro-step, a loaded checkpoint, the
-        user) is carried over into the static tensor the replays add into.
-        """
-        pairs = self._accumulating
-        if all(p.grad is s for p, s in pairs):
+        """Make every accumulating ``.grad`` the graph's static tensor (zero at a window start)."""
+        if all(p.grad is s for p, s in self._accumulating):
             return
         zero = []
-        for p, s in pairs:
-            g = p.grad
-            if g is s:
-                continue
-            if g is None:
+        for p, s in self._accumulating:
+            if p.grad is None:
                 zero.append(s)
-            else:  # a gradient from an eager micro-step or a loaded checkpoint: carry it over
-                s.copy_(g)
+            elif p.grad is not s:  # replaced mid-window (eager micro-step, loaded checkpoint, user): carry it over
+                s.copy_(p.grad)
             p.grad = s
         if zero:
             torch._foreach_zero_(zero)
@@ -471,12 +364,10 @@ class CapturedMicroStep:
         params = self._opt_params()
         saved_grads = [p.grad for p in params]
         saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        cpu_rng = torch.get_rng_state()
-        rng = backend.get_rng_state()
-        gen_states = [g.get_state() for g in self.generators]
+        rng = [(backend.set_rng_state, backend.get_rng_state()), (torch.set_rng_state, torch.get_rng_state())]
+        rng += [(g.set_state, g.get_state()) for g in self.generators]
         cache = torch.is_autocast_cache_enabled()
         inplace = self._inplace_ids()
-        buffered = {id(p) for p in params} - inplace
         self._w.fill_(1.0)
         self._w_is_one = True
 
@@ -486,7 +377,6 @@ class CapturedMicroStep:
                 _check_loss(loss)
                 opt.backward(loss * (self._w if self._w.dtype == loss.dtype else self._w.to(loss.dtype)))
             return loss.detach()
-
         try:
             torch.clear_autocast_cache()
             torch.set_autocast_cache_enabled(False)  # cached casts would be stale in replays
@@ -502,16 +392,14 @@ class CapturedMicroStep:
                 p.grad = None
             for b, v in saved_buffers:  # warm-up must not move BatchNorm statistics
                 b.copy_(v)
-            accumulating = [(p, torch.zeros_like(p, memory_format=torch.preserve_format))
-                            for p in used if id(p) in inplace]
-            for p, s in accumulating:
+            self._accumulating = [(p, torch.zeros_like(p, memory_format=torch.preserve_format))
+                                  for p in used if id(p) in inplace]
+            for p, s in self._accumulating:
                 p.grad = s  # the backward pass adds into these: the in-place window sum
-            backend.set_rng_state(rng)
-            torch.set_rng_state(cpu_rng)
-            for gen, st in zip(self.generators, gen_states):
-                gen.set_state(st)
-            loss, replay, graph = backend.capture(micro_step, params, self.generators)
-            outputs = [(p, p.grad) for p in used if id(p) in buffered and p.grad is not None]
+            for set_state, state in rng:
+                set_state(state)
+            self._static_loss, self._replay, self._graph = backend.capture(micro_step, params, self.generators)
+            self._outputs = [(p, p.grad) for p in used if id(p) not in inplace and p.grad is not None]
             for p in params:  # excluded parameters' gradients are dropped, as opt.step() does
                 if id(p) not in inplace:
                     p.grad = None
@@ -529,15 +417,11 @@ class CapturedMicroStep:
         finally:
             torch.clear_autocast_cache()  # no cast made during capture may serve a later eager step
             torch.set_autocast_cache_enabled(cache)
-            backend.set_rng_state(rng)
-            torch.set_rng_state(cpu_rng)
-            for gen, st in zip(self.generators, gen_states):
-                gen.set_state(st)
+            for set_state, state in rng:
+                set_state(state)
         for p, g in zip(params, saved_grads):  # a gradient present before capture still counts
             if g is not None:
                 p.grad = g
-        self._graph, self._replay, self._static_loss = graph, replay, loss
-        self._accumulating, self._outputs = accumulating, outputs
         self._sig = self._signature()  # after warm-up: it created the scaler's scale tensor
         self.captures += 1
 
@@ -546,11 +430,9 @@ def _check_params_in_optimizer(model: torch.nn.Module, optimizer: AccumulatingOp
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     outside = [n for n, p in unwrap_model(model).named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if outside:
-        raise ValueError(
-            f"Invalid model: parameters {outside[:4]!r} require grad but are not in the optimizer "
-            "(expected every trainable parameter of the model in the optimizer: add them with "
-            "opt.add_param_group, or freeze them with requires_grad_(False))"
-        )
+        raise ValueError(f"Invalid model: parameters {outside[:4]!r} require grad but are not in the optimizer "
+                         "(expected every trainable parameter of the model in the optimizer: add them with "
+                         "opt.add_param_group, or freeze them with requires_grad_(False))")
 
 
 def _check_loss(loss: Any) -> None:

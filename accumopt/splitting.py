@@ -1,29 +1,8 @@
 """Memory-aware splitting: run a whole batch as micro-batches that fit, recovering from OOM.
 
-:class:`MicroBatcher` takes a whole batch and a function computing the mean loss
-of a micro-batch, and runs one real update over that batch::
-
-    opt = accumopt.AccumulatingOptimizer(torch.optim.AdamW(model.parameters()), mode="buffered")
-    mb = accumopt.MicroBatcher(opt)                   # micro_batch_size=None: try the whole batch first
-    for x, y in loader:                               # a batch as large as the effective batch you want
-        loss = mb.step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
-
-Each micro-batch is forwarded, backpropagated and accumulated with its sample
-count as weight (``opt.step(weight=n)``), so the update is the large-batch update
-for any split. On ``torch.OutOfMemoryError`` (in the forward or the backward,
-even after some parameters already received gradients), the failed micro-batch's
-partial ``.grad`` is set to None (in ``mode="buffered"`` the window lives in the
-buffers, which the failed micro-batch never reached), cached memory is freed,
-the micro-batch size is halved and only that micro-batch is redone: every sample
-is used exactly once. The size that fits is remembered for the next batches; a
-larger one is tried again after ``grow_after`` successful micro-batches (the wait
-doubles each time that size fails again). This is the automatic micro-batching
-of MosaicML Composer (``device_train_microbatch_size="auto"``), with exact
-weighting of uneven micro-batches.
-
-Memory pressure only ever changes how a batch is split, never the value of a
-gradient (halving gradients above a memory threshold, a common shortcut, would
-silently bias training).
+Owns :class:`MicroBatcher` (sample-weighted micro-batches; on OOM the failed micro-batch is dropped and redone
+at half the size), :class:`MemoryMonitor` and the batch helpers. Memory pressure only ever changes how a batch
+is split, never the value of a gradient. See docs/schedules.md.
 """
 
 from __future__ import annotations
@@ -49,40 +28,30 @@ _OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_ENO
 
 def is_oom_error(error: BaseException) -> bool:
     """Whether ``error`` is an out-of-memory error (``torch.OutOfMemoryError`` or an allocator RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES))
 
 
 # ------------------------------------------------------------------ batches
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
-
-
-def _sizes(batch: Any, out: list[int]) -> None:
+def _sizes(batch: Any) -> list[int]:
     if isinstance(batch, Tensor):
-        if batch.dim() > 0:
-            out.append(batch.shape[0])
-    elif isinstance(batch, Mapping):
-        for v in batch.values():
-            _sizes(v, out)
-    elif isinstance(batch, (list, tuple)):
+        return [batch.shape[0]] if batch.dim() > 0 else []
+    if isinstance(batch, Mapping):
+        return [n for v in batch.values() for n in _sizes(v)]
+    if isinstance(batch, (list, tuple)):
         if batch and all(isinstance(v, str) for v in batch):
-            out.append(len(batch))
-        else:
-            for v in batch:
-                _sizes(v, out)
+            return [len(batch)]
+        return [n for v in batch for n in _sizes(v)]
+    return []
 
 
 def batch_size_of(batch: Any) -> int:
     """Samples in ``batch``: the common leading dimension of its tensors.
 
-    A batch is a tensor, or a (nested) tuple, list, namedtuple or dict of them;
-    a list of strings counts as per-sample data; other leaves (numbers, None,
-    0-dim tensors) are shared by every micro-batch.
+    A batch is a tensor, or a (nested) tuple, list, namedtuple or dict of them; a list of strings counts as
+    per-sample data; other leaves (numbers, None, 0-dim tensors) are shared by every micro-batch.
     """
-    sizes: list[int] = []
-    _sizes(batch, sizes)
+    sizes = _sizes(batch)
     if not sizes:
         raise ValueError(f"Invalid batch: {type(batch).__name__} holds no tensor with a batch dimension")
     if len(set(sizes)) != 1:
@@ -102,21 +71,13 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
         if batch and all(isinstance(v, str) for v in batch):
             return batch[start:stop]
         items = [slice_batch(v, start, stop) for v in batch]
-        if _is_namedtuple(batch):
-            return type(batch)(*items)
-        return type(batch)(items)
+        return type(batch)(*items) if isinstance(batch, tuple) and hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
 
 # ------------------------------------------------------------------ memory
 class MemoryMonitor:
-    """Memory in use on a device: CUDA allocator statistics, or process RSS on CPU.
-
-    All readings are host-side counters (no device synchronisation).
-
-    Args:
-        device: the device whose memory is watched.
-    """
+    """Memory in use on ``device``: CUDA allocator statistics, or process RSS on CPU (host counters, no sync)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -178,46 +139,28 @@ class MicroBatcher:
     """Run a whole batch as one real update, split into micro-batches that fit in memory.
 
     Args:
-        optimizer: an :class:`~accumopt.AccumulatingOptimizer` built with
-            ``mode="buffered"`` (a failed micro-batch must not reach the window's sum).
-            Its ``accumulation_steps`` is not used: one :meth:`step` is one window.
+        optimizer: an :class:`~accumopt.AccumulatingOptimizer` built with ``mode="buffered"`` (a failed
+            micro-batch must not reach the window's sum); one :meth:`step` is one window.
         micro_batch_size: the first micro-batch size to try; None: the whole batch.
         min_micro_batch_size: below this, an OOM is re-raised (default 1 sample).
-        grow_after: successful micro-batches after which a larger size (twice the
-            current one, up to ``micro_batch_size``) is tried again; 0 never grows.
-            Each time that larger size fails again, the wait for it doubles.
-        memory_fraction: optional budget, a fraction of the device's memory: when a
-            micro-batch's measured use (see below) goes above it, the next ones are
-            halved, and growth only happens when the doubled size is projected to
-            stay below it. None: only real OOM errors shrink the size.
+        grow_after: successful micro-batches after which twice the current size (up to ``micro_batch_size``)
+            is tried again; 0 never grows. Each time that size fails again, the wait doubles.
+        memory_fraction: a fraction of device memory (None: no budget, only OOM errors shrink the size); a
+            micro-batch using more after its forward (plus its gradients) halves the next; growth must stay below it.
         device: the device to watch (default: that of the first parameter).
-
-    Memory use of a micro-batch is measured right after its forward pass (when
-    the activations are alive): CUDA ``memory_allocated`` or process RSS on CPU,
-    plus the bytes of the gradients the backward will create. Host counters only:
-    no synchronisation.
     """
 
-    def __init__(
-        self,
-        optimizer: AccumulatingOptimizer,
-        micro_batch_size: int | None = None,
-        *,
-        min_micro_batch_size: int = 1,
-        grow_after: int = 50,
-        memory_fraction: float | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, optimizer: AccumulatingOptimizer, micro_batch_size: int | None = None, *,
+                 min_micro_batch_size: int = 1, grow_after: int = 50, memory_fraction: float | None = None,
+                 device: torch.device | str | None = None) -> None:
         if not isinstance(optimizer, AccumulatingOptimizer):
-            raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected an accumopt.AccumulatingOptimizer "
-                            "built with mode='buffered')")
+            raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected an "
+                            "accumopt.AccumulatingOptimizer built with mode='buffered')")
         if optimizer.mode != "buffered":
-            raise ValueError(
-                f"Invalid optimizer: mode={optimizer.mode!r} (MicroBatcher needs mode='buffered': a micro-batch "
-                "that runs out of memory half-way through its backward has already added to .grad, and only "
-                "buffered mode keeps the window's sum apart from it). Build it with "
-                "AccumulatingOptimizer(..., mode='buffered')."
-            )
+            raise ValueError(f"Invalid optimizer: mode={optimizer.mode!r} (MicroBatcher needs mode='buffered': a "
+                             "micro-batch that runs out of memory half-way through its backward has already added "
+                             "to .grad, and only buffered mode keeps the window's sum apart from it). Build it "
+                             "with AccumulatingOptimizer(..., mode='buffered').")
         if micro_batch_size is not None:
             check_int("micro_batch_size", micro_batch_size)
         self.min_micro_batch_size = check_int("min_micro_batch_size", min_micro_batch_size)
@@ -228,13 +171,12 @@ class MicroBatcher:
         if memory_fraction is not None:
             memory_fraction = check_real("memory_fraction", memory_fraction, positive=True)
             if memory_fraction > 1:
-                raise ValueError(f"Invalid memory_fraction: {memory_fraction} (expected a fraction of device memory in (0, 1])")
+                raise ValueError(f"Invalid memory_fraction: {memory_fraction} "
+                                 "(expected a fraction of device memory in (0, 1])")
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if device is None:
-            device = params[0].device
         self.optimizer = optimizer
         self.memory_fraction = memory_fraction
-        self.monitor = MemoryMonitor(device)
+        self.monitor = MemoryMonitor(params[0].device if device is None else device)
         self.max_micro_batch_size = micro_batch_size  # never grow above (None: the batch)
         self.micro_batch_size = micro_batch_size  # the size that fits (None: not known yet)
         self.ooms = 0  # recovered OOM errors, all batches
@@ -248,25 +190,19 @@ class MicroBatcher:
         """Forward, backward and accumulate all of ``batch``, then apply one real update.
 
         Args:
-            batch: a tensor, or a (nested) tuple/list/namedtuple/dict of tensors
-                sharing the leading (batch) dimension.
-            loss_fn: ``loss_fn(micro_batch) -> loss``, the *mean* loss over the
-                micro-batch (as in a plain loop); it runs the model's forward.
+            batch: a tensor, or a (nested) tuple/list/namedtuple/dict of tensors sharing the leading dimension.
+            loss_fn: ``loss_fn(micro_batch) -> loss``, the *mean* loss over the micro-batch (it runs the forward).
 
         Returns:
-            The batch's mean loss (a detached 0-dim tensor on the loss's device:
-            the sample-weighted mean of the micro-batch losses; no sync).
+            The batch's mean loss: the sample-weighted mean of the micro-batch losses (detached, 0-dim, no sync).
 
         Raises:
-            torch.OutOfMemoryError: when even ``min_micro_batch_size`` samples do not
-                fit. The partial window is then discarded (parameters unchanged).
+            torch.OutOfMemoryError: when even ``min_micro_batch_size`` samples do not fit (the window is discarded).
         """
         opt = self.optimizer
         if opt.pending:
-            raise RuntimeError(
-                f"MicroBatcher.step: the optimizer has {opt.pending} pending micro-batches (expected an empty window: "
-                "one MicroBatcher.step is one whole window; call opt.flush() first)"
-            )
+            raise RuntimeError(f"MicroBatcher.step: the optimizer has {opt.pending} pending micro-batches (expected an "
+                               "empty window: one MicroBatcher.step is one whole window; call opt.flush() first)")
         n = batch_size_of(batch)
         if n == 0:
             raise ValueError("Invalid batch: 0 samples")
@@ -280,12 +216,10 @@ class MicroBatcher:
                 start = 0
                 while start < n:
                     size = self._next_size(n - start)
-                    micro = slice_batch(batch, start, start + size)
-                    loss = self._run(micro, size, loss_fn)
+                    loss = self._run(slice_batch(batch, start, start + size), size, loss_fn)
                     if loss is None:
                         continue  # OOM: recovered, the size was halved; redo from `start`
-                    weighted = loss * size
-                    loss_sum = weighted if loss_sum is None else loss_sum + weighted
+                    loss_sum = loss * size if loss_sum is None else loss_sum + loss * size
                     self.last.sizes.append(size)
                     start += size
         except BaseException:
@@ -323,8 +257,7 @@ class MicroBatcher:
         if self.grow_after and self._successes >= self._wait.get(2 * size, self.grow_after):
             cap = self.max_micro_batch_size
             if (cap is None or 2 * size <= cap) and remaining > size and self._fits(2 * size):
-                size = 2 * size
-                self.micro_batch_size = size
+                size = self.micro_batch_size = 2 * size
                 self._successes = 0
         return min(size, remaining)
 
@@ -337,33 +270,31 @@ class MicroBatcher:
 
     def _run(self, micro: Any, size: int, loss_fn: Callable[[Any], Tensor]) -> Tensor | None:
         """One micro-batch: its detached loss, or None after a recovered OOM."""
-        opt = self.optimizer
         before = self.monitor.used() if self.memory_fraction is not None else 0
-        failed = False
         loss: Tensor | None = None
         try:
             loss = loss_fn(micro)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(f"Invalid loss_fn result: {type(loss).__name__} "
-                                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''} (expected a scalar loss tensor)")
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else ""
+                raise TypeError(f"Invalid loss_fn result: {type(loss).__name__} {shape} "
+                                "(expected a scalar loss tensor)")
             if self.memory_fraction is not None:
                 self._measure(before, self.monitor.used(), size)
-            opt.backward(loss)
+            self.optimizer.backward(loss)
         except BaseException as error:  # noqa: BLE001 - filtered just below
             if not is_oom_error(error):
                 raise
-            failed = True
             if size <= self.min_micro_batch_size:
                 raise torch.OutOfMemoryError(
                     f"MicroBatcher: a micro-batch of {size} sample(s) does not fit in memory even after splitting "
                     f"(min_micro_batch_size={self.min_micro_batch_size}); the batch was discarded, parameters are "
                     f"unchanged. Original error: {error}"
                 ) from error
-        if failed or loss is None:  # outside the except block: the traceback (and its activations) is gone
             loss = None
+        if loss is None:  # outside the except block: the traceback (and its activations) is gone
             self._recover(size)
             return None
-        opt.step(weight=float(size), loss=loss.detach())
+        self.optimizer.step(weight=float(size), loss=loss.detach())
         self._successes += 1
         return loss.detach()
 

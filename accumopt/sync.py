@@ -1,40 +1,9 @@
-"""Gradient synchronisation for data-parallel models: one reduction per real update.
+"""Gradient synchronisation for data-parallel models: one reduction per real update (see docs/distributed.md).
 
-Give the wrapper the model (``AccumulatingOptimizer(opt, K, model=ddp_model)``) and
-the plain loop reduces gradients across ranks once per window instead of once
-per micro-batch. Two ways, chosen from the gradient store's layout:
-
-* **native** (DDP in ``mode="inplace"`` with full-precision parameters, and FSDP2):
-  the window's sum lives in ``.grad`` (DDP) or inside FSDP2; the model's own
-  synchronisation is switched off for every backward except the one that closes
-  the window (DDP ``require_backward_grad_sync``, what ``no_sync()`` toggles;
-  FSDP2 ``set_requires_gradient_sync``). That backward reduces the whole window's
-  sum, overlapped with the backward pass, exactly as a hand-written ``no_sync``
-  loop does.
-* **explicit** (DDP with any accumulation buffer: ``mode="buffered"``, fp32 buffers
-  for bf16/fp16 parameters): DDP never synchronises; at the boundary the window's
-  sums (buffers, in their fp32 accumulation dtype, and in-place ``.grad``) are
-  averaged with a few bucketed ``all_reduce`` calls (:mod:`accumopt.distributed`).
-  Micro-batch weights given after backward, dropped micro-batches and the
-  memory-aware splitting path stay exact, because the reduction happens after them.
-
-Both reduce gradients as a *mean over ranks* (DDP's convention), and the window's
-weight total is averaged the same way (one 1-element ``all_reduce`` per update), so
-the update is ``sum_r sum_i w_ri g_ri / sum_r sum_i w_ri``: exact with uneven
-sample weights across ranks. A partial window at ``flush()`` (whose last backward
-did not synchronise) is reduced explicitly, once.
-
-DDP decides when a *forward* runs whether the backward of its output will reduce.
-When forwards run ahead of their backwards (all forwards of a window first, or a
-prefetching loop), the closing backward's forward ran before the wrapper switched
-synchronisation on, and DDP does not reduce. A forward pre-hook on the DDP module
-records, for each forward, whether it ran with synchronisation on; micro-steps
-take these records in order, and a window whose closing micro-batch's forward did
-not synchronise is reduced explicitly at the boundary (host bookkeeping only, no
-device read). Reducing a window that DDP already reduced is harmless (the mean of
-identical values), so when in doubt the wrapper reduces. Non-finite checks run on the
-reduced gradient, which is bit-identical on every rank, so every rank takes the
-same decision.
+:class:`GradSync` turns the model's own synchronisation on only for the backward that closes the window
+(**native**: DDP in ``mode="inplace"`` with full-precision parameters, FSDP2), or, with accumulation buffers,
+averages the window's sums at the boundary with bucketed ``all_reduce`` calls (**explicit**). Gradients and the
+weight total are both averaged over ranks, so uneven weights stay exact.
 """
 
 from __future__ import annotations
@@ -55,18 +24,13 @@ __all__ = ["GradSync", "unwrap_model"]
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside a DDP/DataParallel wrapper (for parameter names)."""
     inner = getattr(model, "module", None)
-    if isinstance(inner, torch.nn.Module) and hasattr(model, "require_backward_grad_sync"):
-        return inner
-    return model
+    return inner if isinstance(inner, torch.nn.Module) and hasattr(model, "require_backward_grad_sync") else model
 
 
 class GradSync:
-    """Switches a model's gradient synchronisation on for the closing backward only, and
-    reduces what the model did not.
+    """Switches a model's gradient synchronisation on for the closing backward only; reduces what it did not.
 
-    Args:
-        model: the model given to the wrapper (DDP, FSDP2, or anything else: no-op).
-        store: the wrapper's :class:`~accumopt.buffers.GradientStore`.
+    ``model`` is the model given to the wrapper (DDP, FSDP2, anything else: no-op), ``store`` its gradient store.
     """
 
     def __init__(self, model: Any, store: GradientStore | None = None) -> None:
@@ -74,22 +38,21 @@ class GradSync:
         self.store = store
         self.kind = self.kind_of(model)
         self.group = getattr(model, "process_group", None) if self.kind == "ddp" else None
-        self.world_size = 1
-        if self.kind != "none" and is_distributed():
-            self.world_size = torch.distributed.get_world_size(self.group)
+        self.world_size = torch.distributed.get_world_size(self.group) if self.distributed else 1
         if self.kind == "fsdp" and store is not None and any(g.buffers is not None for g in store.groups):
-            raise ValueError(
-                f"Invalid mode for an FSDP2 model: mode={store.mode!r} with accumulation buffers (FSDP2 keeps a "
-                "window's gradients inside the model until the synchronising backward, so they never pass "
-                "through buffers). Use mode='inplace' with full-precision sharded parameters (for bf16 compute: "
-                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
-                "reduce_dtype=torch.float32))), or accumulate_dtype equal to the parameter dtype."
-            )
+            raise ValueError(f"Invalid mode for an FSDP2 model: mode={store.mode!r} with accumulation buffers (FSDP2 "
+                             "keeps a window's gradients inside the model until the synchronising backward, so they "
+                             "never pass through buffers). Use mode='inplace' with full-precision sharded parameters "
+                             "(for bf16 compute: fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype="
+                             "torch.bfloat16, reduce_dtype=torch.float32))), or accumulate_dtype equal to the "
+                             "parameter dtype.")
         self._armed = False  # whether the next backward synchronises
         # DDP: whether each forward since ran with synchronisation on (its backward reduces), oldest first,
         # and the record taken by the current micro-step (None: no forward seen through the model).
         self._forwards: deque[bool] = deque()
         self._this_forward: bool | None = None
+        # DDP decides when a *forward* runs whether its backward reduces: with forwards run ahead of their backwards
+        # the closing one may not, and that window is then reduced explicitly (harmless if DDP reduced it too).
         self._hook = model.register_forward_pre_hook(self._on_forward) if self.kind == "ddp" else None
         self._native_key: tuple[int, bool] | None = None
         self._reduced_window = -1  # index of the window already reduced
@@ -124,14 +87,11 @@ class GradSync:
     @property
     def native(self) -> bool:
         """Whether the model's own synchronising backward reduces the window (else: explicit reduction)."""
-        if self.kind == "fsdp":
-            return True
         if self.kind != "ddp":
-            return False
+            return self.kind == "fsdp"
         n = len(self.store.groups) if self.store is not None else 0
         if self._native_key is None or self._native_key[0] != n:  # groups change only on add_param_group
-            buffered = self.store is not None and any(g.buffers is not None for g in self.store.groups)
-            self._native_key = (n, not buffered)
+            self._native_key = (n, self.store is None or all(g.buffers is None for g in self.store.groups))
         return self._native_key[1]
 
     # ------------------------------------------------------------ micro-step
@@ -163,24 +123,20 @@ class GradSync:
 
     # -------------------------------------------------------------- boundary
     def reduce(self, store: GradientStore, window: Window) -> None:
-        """Make the window's sums and weight total global, once per window.
+        """Make the window's sums and weight total the mean over ranks, once per window (before anything reads them).
 
-        Called at the top of the real update, before anything reads the sums.
-        Afterwards the sums hold the mean over ranks and ``window.total`` the mean
-        of the ranks' totals (a device tensor), so ``sum / total`` is the global
-        weighted mean.
+        The reduced gradient is bit-identical on every rank, so non-finite checks decide alike everywhere.
         """
         self._forwards.clear()  # records left over (forwards that reached no step()) must not pair later
         if not self.distributed or self._reduced_window == window.closed:
             return
         if not (self.native and self._armed and (self.kind == "fsdp" or self._this_forward is True)):
             if self.kind == "fsdp":
-                raise RuntimeError(
-                    f"Cannot apply a partial window of {window.count} micro-batches with FSDP2: FSDP2 holds the "
-                    "gradients of backward passes that did not synchronise inside the model, and only a "
-                    "synchronising backward reduces them. Give every rank a number of micro-batches that is a "
-                    "multiple of accumulation_steps (e.g. DataLoader(drop_last=True)); the window was kept."
-                )
+                raise RuntimeError(f"Cannot apply a partial window of {window.count} micro-batches with FSDP2: FSDP2 "
+                                   "holds the gradients of backward passes that did not synchronise inside the model, "
+                                   "and only a synchronising backward reduces them. Give every rank a number of "
+                                   "micro-batches that is a multiple of accumulation_steps (e.g. "
+                                   "DataLoader(drop_last=True)); the window was kept.")
             self._reduce_sums(store)
         if isinstance(window.total, Tensor) or window.weighted or window.count != window.k:
             # weights, drops or a partial window: totals may differ across ranks. Without any of them
@@ -191,18 +147,14 @@ class GradSync:
     def consolidate(self, store: GradientStore, window: Window) -> None:
         """Replace each rank's pending sums by their mean over ranks (before a mid-window checkpoint).
 
-        Collective when a window is pending: every rank must call it (``opt.state_dict()``
-        on every rank). The final update is unchanged (the mean is idempotent), and the
-        state becomes identical on every rank, so rank 0's checkpoint resumes all ranks.
+        Collective while a window is pending (``opt.state_dict()`` on every rank), so rank 0's checkpoint resumes all.
         """
         if not self.distributed or window.count == 0:
             return
         if self.kind == "fsdp":
-            raise RuntimeError(
-                f"Cannot save a checkpoint in the middle of a window ({window.count} of {window.k} micro-batches) "
-                "with FSDP2: the pending gradients live inside the model. Save at a window boundary "
-                "(opt.pending == 0)."
-            )
+            raise RuntimeError(f"Cannot save a checkpoint in the middle of a window ({window.count} of {window.k} "
+                               "micro-batches) with FSDP2: the pending gradients live inside the model. Save at a "
+                               "window boundary (opt.pending == 0).")
         self._reduce_sums(store)
         window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
 
