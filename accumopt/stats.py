@@ -1,19 +1,8 @@
-"""Accumulation statistics, kept on the device until :meth:`Statistics.snapshot`.
+"""Accumulation statistics, kept on the device until :meth:`Statistics.snapshot` (see docs/state.md).
 
-Counters that the host knows (micro-steps, updates, skipped updates) are Python
-ints; values the device produces (losses, gradient norms, non-finite flags,
-tensor weights) are accumulated as device tensors with out-of-place adds and read
-only when the user asks (``opt.stats()``): one host read per device, batched.
-
-Optional periodic logging (``log_every=N``) writes one INFO record through the
-``accumopt`` logger every N real updates (only while INFO is enabled for the
-logger); its device values are read within the update's single host read
-(:class:`~accumopt.hostread.HostRead`), together with whatever else that update
-reads, so logging adds no synchronisation of its own.
-
-With a data-parallel model the window's loss, its weight total and the sample
-count are global (summed over ranks, once per update); memory and the dropped
-micro-batch count are the rank's own (see ``docs/state.md``).
+Host counters are ints; device values are summed out of place and read only on ``opt.stats()``
+(one host read per device). The ``log_every`` record reads its values within the update's single
+host read (:class:`~accumopt.hostread.HostRead`): logging adds no synchronisation of its own.
 """
 
 from __future__ import annotations
@@ -75,11 +64,9 @@ def _rss_bytes() -> tuple[int | None, int | None]:
 
 
 def memory_usage(device: torch.device | None) -> dict[str, Any]:
-    """Memory in bytes: CUDA allocated and peak for a CUDA ``device``, else the process RSS and peak RSS.
-
-    No device synchronisation (the CUDA caching allocator's counters are host values).
-    """
+    """Memory in bytes: CUDA allocated and peak on a CUDA ``device``, else the process RSS and its peak."""
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        # no device sync: the CUDA caching allocator's counters are host values
         return {"memory_kind": "cuda", "memory_bytes": torch.cuda.memory_allocated(device),
                 "memory_peak_bytes": torch.cuda.max_memory_allocated(device)}
     current, peak = _rss_bytes()
@@ -127,7 +114,6 @@ class Statistics:
         self._rate_samples: Tensor | float = 0.0  # samples since _t0 (not checkpointed: time restarts)
         self._record: dict[str, Any] | None = None  # what the pending log record needs (see request)
 
-    # ------------------------------------------------------------------ events
     def on_micro_step(self, weight: Tensor | float, loss: Tensor | float | None, found: Tensor | None) -> None:
         """Count one micro-batch (``weight`` 0 when it was dropped). No sync."""
         self.micro_steps += 1
@@ -155,11 +141,9 @@ class Statistics:
         return self.window_loss / self.window_loss_weight
 
     def make_global(self, device: torch.device, group: Any, world_size: int) -> None:
-        """Sum the pending window's loss and loss weight over the ranks of ``group`` (data-parallel).
+        """Sum the pending window's loss and loss weight over the ranks (one 2-element ``all_reduce``, no sync).
 
-        Called once per update, before anything reads the window's mean loss, so
-        that it (``last_loss``, ``ReduceLROnPlateau``'s metric) is the global
-        weighted mean on every rank. One 2-element ``all_reduce``, no host sync.
+        Called once per update before anything (``last_loss``, ``ReduceLROnPlateau``) reads the mean loss.
         """
         weight = self.window_loss_weight
         if world_size <= 1 or (isinstance(weight, float) and weight == 0.0):
@@ -177,20 +161,15 @@ class Statistics:
     def request(self, read: HostRead, norm: Tensor | None, total: "Tensor | float | None", *, k: int,
                 noise_scale: Tensor | None = None, world_size: int = 1,
                 local_total: "Tensor | float | None" = None) -> None:
-        """Ask ``read`` for the values of this update's log record (only when it logs). No sync.
-
-        Arguments as for :meth:`on_update`; ``k`` is the window's K.
-        """
+        """Ask ``read`` for this update's log record values, if it logs (arguments as :meth:`on_update`). No sync."""
         if not self.logs_next_update():
             return
         values = {"last_loss": self.window_mean_loss(), "last_grad_norm": norm, "rate_samples": self._rate_samples,
                   "effective_batch": total, "noise_scale": noise_scale,
                   "local_total": local_total if world_size > 1 else None}
-        keys = {}
-        for name, v in values.items():
-            if v is not None:
-                keys[name] = f"stats.{name}"
-                read.add(keys[name], v)
+        keys = {name: f"stats.{name}" for name, v in values.items() if v is not None}
+        for name, key in keys.items():
+            read.add(key, values[name])
         self._record = {"keys": keys, "k": k, "world_size": world_size}
 
     def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
@@ -198,9 +177,8 @@ class Statistics:
                   local_total: "Tensor | float | None" = None, world_size: int = 1) -> None:
         """Count a closed window (applied or skipped). No sync.
 
-        ``total`` is its summed weight (with a data-parallel model: the mean over
-        ``world_size`` ranks, this rank's own being ``local_total``); ``read``, after
-        it ran, holds what :meth:`request` asked for the log record.
+        ``total``: its summed weight (data-parallel: the mean over ``world_size`` ranks, this rank's
+        own being ``local_total``); ``read``, once run, holds what :meth:`request` asked for.
         """
         record, self._record = self._record, None
         if applied:
@@ -224,8 +202,7 @@ class Statistics:
                     self._rate_samples = _add(self._rate_samples, extra)
             self.last_batch = batch
         self.last_loss = self.window_mean_loss()
-        self.window_loss = 0.0
-        self.window_loss_weight = 0.0
+        self.window_loss = self.window_loss_weight = 0.0
         if applied and record is not None and read is not None and read.done:
             self._log(record, read)
 
@@ -247,11 +224,9 @@ class Statistics:
 
     def discard_window(self) -> None:
         """Forget the pending window's losses (the window was discarded)."""
-        self.window_loss = 0.0
-        self.window_loss_weight = 0.0
+        self.window_loss = self.window_loss_weight = 0.0
         self._record = None
 
-    # -------------------------------------------------------------------- read
     def device_values(self) -> dict[str, Any]:
         """The raw values (device tensors or numbers), for :func:`read_values`."""
         return {
@@ -263,11 +238,9 @@ class Statistics:
 
     def snapshot(self, extra: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any]:
         """Statistics as Python numbers. ``extra`` device values are read in the same sync."""
-        raw = self.device_values()
-        if extra:
-            raw.update(extra)
-        v = read_values(raw)
+        v = read_values({**self.device_values(), **(extra or {})})
         elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        rate, norm_sum = v.pop("rate_samples"), v.pop("norm_sum")
         out = {
             "micro_steps": self.micro_steps,
             "updates": self.updates,
@@ -275,20 +248,17 @@ class Statistics:
             "dropped_micro_batches": int(round(v.pop("dropped"))),
             "nonfinite_events": int(round(v.pop("nonfinite"))),
             "samples": v.pop("samples"),
-            "samples_per_second": v["rate_samples"] / elapsed if elapsed > 0 else 0.0,
+            "samples_per_second": rate / elapsed if elapsed > 0 else 0.0,
             "effective_batch": v.pop("effective_batch"),
             "last_loss": v.pop("last_loss"),
             "accumulated_loss": v.pop("accumulated_loss"),
             "last_grad_norm": v.pop("last_grad_norm"),
-            "mean_grad_norm": v["norm_sum"] / self.norm_count if self.norm_count else None,
+            "mean_grad_norm": norm_sum / self.norm_count if self.norm_count else None,
         }
-        v.pop("rate_samples")
-        v.pop("norm_sum")
         out.update(v)
         out.update(memory_usage(device))
         return out
 
-    # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors cloned)."""
         out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS})
