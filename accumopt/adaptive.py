@@ -1,8 +1,7 @@
-"""Adaptive K: the window grows or shrinks with the measured gradient noise scale.
+"""Adaptive K: the window follows the gradient noise scale (McCandlish et al. 2018, arXiv:1812.06162).
 
-:class:`AdaptiveK` aims the effective batch at the simple noise scale of McCandlish et al. 2018
-(arXiv:1812.06162), with hysteresis; the rules and the estimate are described in docs/schedules.md.
-The estimate is read within the real update's single host read: micro-steps stay sync-free.
+The rules and the estimate are described in docs/schedules.md. The estimate is read within the real
+update's single host read: micro-steps stay sync-free.
 """
 
 from __future__ import annotations
@@ -23,20 +22,17 @@ __all__ = ["AdaptiveK"]
 class AdaptiveK(Schedule):
     """K between ``k_min`` and ``k_max`` following the gradient noise scale (see docs/schedules.md).
 
-    K is decided only when a window closes; it moves when the target ``T = noise scale /
-    micro_batch_size`` leaves ``[K / band, K * band]`` in the same direction for ``patience``
-    windows, to the candidate ``k_min * 2**j`` (or ``k_max``) nearest to ``T`` in log scale.
-    Pass it as ``accumulation_steps``::
+    At a window boundary, once the target ``T = noise scale / micro_batch_size`` has left ``[K / band,
+    K * band]`` on one side for ``patience`` windows, K jumps to the candidate ``k_min * 2**j`` (or
+    ``k_max``) nearest to ``T`` in log scale. Pass it as ``accumulation_steps``::
 
         opt = AccumulatingOptimizer(inner, AdaptiveK(k_min=1, k_max=64, micro_batch_size=32,
                                                      noise_scale=estimator))
 
     Args:
-        noise_scale: a callable returning the current simple noise scale in *samples* (a float,
-            a 0-dim tensor, or None while unknown). None: follow the wrapper's estimate
-            (``opt.noise_scale()``, on with ``noise_scale=True`` in the wrapper).
-        k_min: smallest K (acts as 2 with the wrapper's own estimator, which learns nothing
-            from one micro-batch).
+        noise_scale: a callable returning the simple noise scale in *samples* (a float, a 0-dim tensor,
+            or None while unknown). None: follow ``opt.noise_scale()`` (``noise_scale=True`` in the wrapper).
+        k_min: smallest K (acts as 2 with the wrapper's estimator: one micro-batch tells it nothing).
         k_max: largest K.
         micro_batch_size: samples per micro-batch (1: the estimate is in micro-batches).
         k_init: K of the first windows (default ``k_min``, raised to the floor).
@@ -47,20 +43,12 @@ class AdaptiveK(Schedule):
 
     schedule_by = "update"
 
-    def __init__(
-        self,
-        noise_scale: NoiseSource | None = None,
-        *,
-        k_min: int = 1,
-        k_max: int,
-        micro_batch_size: float = 1,
-        k_init: int | None = None,
-        band: float = 2.0,
-        patience: int = 3,
-        warmup: int = 1,
-    ) -> None:
+    def __init__(self, noise_scale: NoiseSource | None = None, *, k_min: int = 1, k_max: int,
+                 micro_batch_size: float = 1, k_init: int | None = None, band: float = 2.0, patience: int = 3,
+                 warmup: int = 1) -> None:
         if noise_scale is not None and not callable(noise_scale):
-            raise TypeError(f"Invalid noise_scale: {noise_scale!r} (expected a callable returning the estimate, or None)")
+            raise TypeError(f"Invalid noise_scale: {noise_scale!r} "
+                            "(expected a callable returning the estimate, or None)")
         self.k_min = check_int("k_min", k_min)
         self.k_max = check_int("k_max", k_max)
         if self.k_max < self.k_min:
@@ -80,8 +68,7 @@ class AdaptiveK(Schedule):
         self.k = k_init
         self.target: float | None = None  # last target, in micro-batches
         self.changes = 0  # times K changed
-        self._direction = 0
-        self._streak = 0
+        self._direction = self._streak = 0  # the side of the band the target is on, for how many windows
         self._decided_at = 0  # the boundary (closed windows) of the last decision
         self._source = noise_scale
         self._prefetched: tuple[int, Any, HostRead | None] | None = None  # (boundary, value, its read)
@@ -99,10 +86,8 @@ class AdaptiveK(Schedule):
         if self.noise_scale is not None:
             return
         if estimate is None:
-            raise ValueError(
-                "Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the wrapper "
-                "with noise_scale=True, or give AdaptiveK(noise_scale=callable))"
-            )
+            raise ValueError("Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the "
+                             "wrapper with noise_scale=True, or give AdaptiveK(noise_scale=callable))")
         self._source = estimate
         self.floor = max(self.k_min, min(2, self.k_max))  # one micro-batch: nothing to estimate from
         self.candidates = self._candidates()
@@ -119,9 +104,7 @@ class AdaptiveK(Schedule):
         value = self._source()
         if isinstance(value, Tensor):
             read.add("adaptive_k", value.reshape(-1)[:1])
-            self._prefetched = (updates, value, read)
-        else:
-            self._prefetched = (updates, value, None)
+        self._prefetched = (updates, value, read if isinstance(value, Tensor) else None)
 
     def read(self, updates: int | None = None) -> float | None:
         """The estimate fetched for boundary ``updates``, else read now (a sync for a device tensor)."""
@@ -152,12 +135,9 @@ class AdaptiveK(Schedule):
         if estimate is None:
             return self.k  # no evidence: stay
         self.target = estimate / self.micro_batch_size
-        if self.target > self.k * self.band and self.k < self.k_max:
-            direction = 1
-        elif self.target < self.k / self.band and self.k > self.floor:
-            direction = -1
-        else:
-            direction = 0
+        up = self.target > self.k * self.band and self.k < self.k_max
+        down = self.target < self.k / self.band and self.k > self.floor  # never both: band > 1
+        direction = int(up) - int(down)
         # consecutive out-of-band windows on the same side (0 when back in the band)
         self._streak = self._streak + 1 if direction and direction == self._direction else abs(direction)
         self._direction = direction
@@ -186,10 +166,8 @@ class AdaptiveK(Schedule):
         self.validate_state_dict(state)
         self.k = int(state["k"])
         self.target = None if state.get("target") is None else float(state["target"])
-        self.changes = int(state.get("changes", 0))
-        self._direction = int(state.get("direction", 0))
-        self._streak = int(state.get("streak", 0))
-        self._decided_at = int(state.get("decided_at", 0))
+        self.changes, self._direction, self._streak, self._decided_at = (
+            int(state.get(key, 0)) for key in ("changes", "direction", "streak", "decided_at"))
 
     def __repr__(self) -> str:
         return (f"AdaptiveK(k={self.k}, k_min={self.k_min}, k_max={self.k_max}, "

@@ -1,8 +1,7 @@
 """Gradient noise scale: the batch size beyond which more accumulation stops paying.
 
-:class:`NoiseScaleEstimator` smooths the unbiased small-/big-batch estimators of McCandlish et al.
-2018 (appendix A), the big batch being the window and the small ones its micro-batches; modes,
-units and the data-parallel pooling are described in docs/state.md. Everything runs on the device.
+:class:`NoiseScaleEstimator` smooths McCandlish et al. 2018's small-/big-batch estimators (appendix A), the window
+being the big batch and its micro-batches the small ones, all on the device; see docs/state.md.
 """
 
 from __future__ import annotations
@@ -29,10 +28,7 @@ _STATE_KEYS = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "s
 def simple_noise_scale_terms(
     small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float", b_big: "Tensor | float"
 ) -> "tuple[Tensor | float, Tensor | float]":
-    """Unbiased ``(tr(Sigma), |G|^2)`` from a small- and a big-batch squared gradient norm (``b_small < b_big``).
-
-    McCandlish et al. 2018, appendix A; floats or tensors (no host read).
-    """
+    """Unbiased ``(tr(Sigma), |G|^2)`` from small- and big-batch squared norms (``b_small < b_big``), no host read."""
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     return trace, grad_sq
@@ -65,17 +61,17 @@ class NoiseScaleEstimator:
     """
 
     def __init__(self, beta: float = 0.95) -> None:
-        beta = check_real("noise_scale beta", beta, nonnegative=True)
-        if beta >= 1.0:
-            raise ValueError(f"Invalid noise_scale beta: {beta} (expected a number in [0, 1))")
-        self.beta = beta
+        self.beta = check_real("noise_scale beta", beta, nonnegative=True)
+        if self.beta >= 1.0:
+            raise ValueError(f"Invalid noise_scale beta: {self.beta} (expected a number in [0, 1))")
         self.windows = 0  # windows offered to the estimator (host count; valid ones are counted on device)
         self.valid: Tensor | float = 0.0  # windows that contributed (device)
         self.trace: Tensor | None = None  # EMA of tr(Sigma)
         self.grad_sq: Tensor | None = None  # EMA of |G|^2
-        self._reset_window()
+        self.discard_window()
 
-    def _reset_window(self) -> None:
+    def discard_window(self) -> None:
+        """Forget the current window's measurements (at a boundary, or the window was discarded)."""
         self.small_sq: Tensor | float = 0.0  # sum over measured micro-batches of |g_i|^2
         self.small_n: Tensor | float = 0.0  # number of measured (kept) micro-batches
         self.small_inv_w: Tensor | float = 0.0  # sum of 1 / w_i over them
@@ -92,13 +88,10 @@ class NoiseScaleEstimator:
         device, dtype = store.device, store.float_dtype
         sq = None
         for g in store.groups:
-            grads = [p.grad for p in g.params if p.grad is not None]
-            if not grads:
-                continue
-            part = _sq_norm(grads, device, dtype)
-            if g.weight != 1.0:
-                part = part * (g.weight * g.weight)
-            sq = part if sq is None else sq + part
+            if grads := [p.grad for p in g.params if p.grad is not None]:
+                part = _sq_norm(grads, device, dtype)
+                part = part if g.weight == 1.0 else part * (g.weight * g.weight)
+                sq = part if sq is None else sq + part
         if sq is None:
             return  # no gradient at all this micro-step
         f: "Tensor | float" = factor
@@ -156,17 +149,13 @@ class NoiseScaleEstimator:
             self.valid = self.valid + ok.to(dtype)
             self.windows += 1
         finally:
-            self._reset_window()
+            self.discard_window()
 
     def _pool(self, device: torch.device, dtype: torch.dtype, group: Any) -> None:
         """Sum the small-batch terms over the ranks (one ``all_reduce`` of 3 numbers, on every rank)."""
         flat = torch.stack([scalar_tensor(x, device, dtype) for x in (self.small_sq, self.small_n, self.small_inv_w)])
         torch.distributed.all_reduce(flat, group=group)
         self.small_sq, self.small_n, self.small_inv_w = flat[0], flat[1], flat[2]
-
-    def discard_window(self) -> None:
-        """Forget the current window's measurements (the window was discarded)."""
-        self._reset_window()
 
     def value(self) -> Tensor | None:
         """The smoothed ``tr(Sigma) / |G|^2`` (0-dim device tensor; NaN until a usable window), or None."""
@@ -180,8 +169,7 @@ class NoiseScaleEstimator:
                 "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in ("beta",) + _STATE_KEYS})
-        return out
+        return dict(clone_tree({k: getattr(self, k) for k in ("beta",) + _STATE_KEYS}))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
@@ -193,7 +181,7 @@ class NoiseScaleEstimator:
 
     @staticmethod
     def validate_state_dict(state: Any, closed: int | None = None) -> None:
-        """Raise ``ValueError`` unless ``state`` fits :meth:`state_dict` after ``closed`` windows (before any change)."""
+        """Raise ``ValueError`` unless ``state`` fits :meth:`state_dict` after ``closed`` windows (changes nothing)."""
         if not isinstance(state, Mapping) or any(k not in state for k in _STATE_KEYS):
             raise ValueError("Invalid state dict: the 'noise' entry is not a noise-scale estimator state")
         check_state_number("noise['windows']", state["windows"], integer=True, minimum=0)

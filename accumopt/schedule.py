@@ -36,9 +36,8 @@ def _as_int(name: str, value: Any, minimum: int = 1) -> int:
 class Schedule:
     """Base class of schedule objects that decide K themselves (e.g. :class:`accumopt.AdaptiveK`).
 
-    :meth:`__call__` runs once when the wrapper is built (``updates=0``), then each time a window
-    closes, possibly twice at one boundary (``set_epoch`` between windows): it must return the same
-    K for the same ``updates``. Subclasses set ``schedule_by`` ("update" or "epoch").
+    :meth:`__call__` runs when the wrapper is built (``updates=0``), then at each window's close, maybe twice
+    at one boundary (``set_epoch``): the same ``updates`` must give the same K. Subclasses set ``schedule_by``.
     """
 
     schedule_by = "update"
@@ -77,7 +76,8 @@ class KSchedule:
             self.kind, default_by = "object", getattr(spec, "schedule_by", "update")
         elif isinstance(spec, Mapping):
             if not spec:
-                raise ValueError("Invalid accumulation_steps: {} (expected a non-empty mapping {start: K} containing 0)")
+                raise ValueError("Invalid accumulation_steps: {} "
+                                 "(expected a non-empty mapping {start: K} containing 0)")
             self._points = sorted((_as_int("accumulation_steps key", start, minimum=0),
                                    _as_int(f"accumulation_steps[{start!r}]", k)) for start, k in spec.items())
             if self._points[0][0] != 0:
@@ -136,11 +136,10 @@ class KSchedule:
     def validate_window(self, k: int, count: int, epoch: int, closed: int) -> None:
         """Raise ``ValueError`` unless a saved window's K can come from this schedule."""
         # Callables and schedule objects are not called here: they may count their calls.
-        if self.kind == "constant":
-            if k != int(self.spec):
-                raise ValueError(f"Invalid state dict: window['k'] is {k} (expected the constant "
-                                 f"accumulation_steps {int(self.spec)})")
-        elif self.kind in ("list", "mapping"):
+        if self.kind == "constant" and k != int(self.spec):
+            raise ValueError(f"Invalid state dict: window['k'] is {k} (expected the constant "
+                             f"accumulation_steps {int(self.spec)})")
+        if self.kind in ("list", "mapping"):
             values = sorted({v for _, v in self._points})
             if k not in values:
                 raise ValueError(f"Invalid state dict: window['k'] is {k} (expected one of the schedule's values "
@@ -165,14 +164,12 @@ def _set_lr(group: dict[str, Any], value: float) -> None:
         group["lr"] = value
 
 
-
 class LRScaling:
     """Scale the learning rate with the effective batch when K changes (see docs/schedules.md).
 
-    ``factor(K)`` is ``K / K0`` (``"linear"``) or ``sqrt(K / K0)`` (``"sqrt"``), ``K0`` being the first
-    window's K. The *unscaled* LR of each group is kept and ``unscaled * factor`` written into
-    ``param_groups``; an LR written there by anything else is taken as a scaled value. A tensor LR is
-    read on the host (a sync) at window boundaries, only with ``lr_scaling``.
+    Keeps each group's *unscaled* LR and writes ``unscaled * factor(K)`` into ``param_groups``, the factor
+    being ``K / K0`` (``"linear"``) or ``sqrt(K / K0)`` (``"sqrt"``), ``K0`` the first window's K; an LR
+    written there by anything else is taken as scaled. A tensor LR is read on the host at boundaries.
 
     Args:
         rule: ``"linear"`` or ``"sqrt"``.
@@ -253,18 +250,15 @@ class LRScaling:
         if state.get("rule", self.rule) != self.rule:
             raise ValueError(f"Invalid state dict: window['lr_scaling']['rule'] is {state['rule']!r} "
                              f"(expected {self.rule!r})")
-        if k is None:
-            return
-        expected = self.factor_for(k, state["k_ref"])
-        if not math.isclose(state["factor"], expected, rel_tol=1e-12):
-            raise ValueError(f"Invalid state dict: window['lr_scaling']['factor'] is {state['factor']!r} "
-                             f"(expected {expected!r} for K={k} and k_ref={state['k_ref']})")
+        if k is not None:
+            expected = self.factor_for(k, state["k_ref"])
+            if not math.isclose(state["factor"], expected, rel_tol=1e-12):
+                raise ValueError(f"Invalid state dict: window['lr_scaling']['factor'] is {state['factor']!r} "
+                                 f"(expected {expected!r} for K={k} and k_ref={state['k_ref']})")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.k_ref = int(state["k_ref"])
-        self.factor = float(state["factor"])
-        self.base = [float(x) for x in state["base"]]
-        self.applied = [float(x) for x in state["applied"]]
+        self.k_ref, self.factor = int(state["k_ref"]), float(state["factor"])
+        self.base, self.applied = ([float(x) for x in state[key]] for key in ("base", "applied"))
 
 
 def host_float(x: "Tensor | float") -> float:

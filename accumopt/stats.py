@@ -1,8 +1,7 @@
 """Accumulation statistics, kept on the device until :meth:`Statistics.snapshot` (see docs/state.md).
 
-Host counters are ints; device values are summed out of place and read only on ``opt.stats()``
-(one host read per device). The ``log_every`` record reads its values within the update's single
-host read (:class:`~accumopt.hostread.HostRead`): logging adds no synchronisation of its own.
+Host counters are ints; device values are summed out of place and read only by ``opt.stats()`` (one host read
+per device) or, for the ``log_every`` record, within the update's single host read (no sync of its own).
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ _HOST_FIELDS = ("micro_steps", "updates", "skipped", "norm_count")
 
 
 def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
-    if isinstance(value, Tensor):
-        value = value.detach()
-    return acc + value
+    return acc + (value.detach() if isinstance(value, Tensor) else value)
 
 
 def _rss_bytes() -> tuple[int | None, int | None]:
@@ -46,7 +43,6 @@ def _rss_bytes() -> tuple[int | None, int | None]:
     try:
         import resource
         import sys
-
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
     except (ImportError, OSError, AttributeError):
@@ -82,8 +78,7 @@ def read_values(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for device, keys in by_device.items():
         stacked = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in keys])
-        for k, x in zip(keys, stacked.tolist()):  # the sync
-            out[k] = x
+        out.update(zip(keys, stacked.tolist()))  # the sync
     return out
 
 
@@ -91,16 +86,12 @@ class Statistics:
     """Counts and sums for :meth:`AccumulatingOptimizer.stats`.
 
     Args:
-        log_every: log a summary every this many real updates (None: never), built from
-            the values of the update's single host read.
+        log_every: log a summary every this many real updates (None: never).
     """
 
     def __init__(self, log_every: int | None = None) -> None:
         self.log_every = None if log_every is None else check_int("log_every", log_every)
-        self.micro_steps = 0
-        self.updates = 0
-        self.skipped = 0
-        self.norm_count = 0
+        self.micro_steps = self.updates = self.skipped = self.norm_count = 0
         self.dropped: Tensor | float = 0.0
         self.nonfinite_events: Tensor | float = 0.0
         self.samples: Tensor | float = 0.0
@@ -126,8 +117,7 @@ class Statistics:
             self.dropped = _add(self.dropped, found)
             self.nonfinite_events = _add(self.nonfinite_events, found)
         if loss is not None:
-            if isinstance(loss, Tensor):
-                loss = loss.detach()
+            loss = loss.detach() if isinstance(loss, Tensor) else loss
             weighted = loss * weight if isinstance(weight, Tensor) or weight != 1.0 else loss
             if found is not None:  # a dropped micro-batch's loss (often NaN) does not count: NaN * 0 is NaN
                 weighted = torch.where(found > 0, torch.zeros_like(found), weighted)
@@ -141,10 +131,7 @@ class Statistics:
         return self.window_loss / self.window_loss_weight
 
     def make_global(self, device: torch.device, group: Any, world_size: int) -> None:
-        """Sum the pending window's loss and loss weight over the ranks (one 2-element ``all_reduce``, no sync).
-
-        Called once per update before anything (``last_loss``, ``ReduceLROnPlateau``) reads the mean loss.
-        """
+        """Sum the window's loss and loss weight over the ranks, once per update before its mean is read. No sync."""
         weight = self.window_loss_weight
         if world_size <= 1 or (isinstance(weight, float) and weight == 0.0):
             return
@@ -167,10 +154,10 @@ class Statistics:
         values = {"last_loss": self.window_mean_loss(), "last_grad_norm": norm, "rate_samples": self._rate_samples,
                   "effective_batch": total, "noise_scale": noise_scale,
                   "local_total": local_total if world_size > 1 else None}
-        keys = {name: f"stats.{name}" for name, v in values.items() if v is not None}
-        for name, key in keys.items():
-            read.add(key, values[name])
-        self._record = {"keys": keys, "k": k, "world_size": world_size}
+        present = {name: v for name, v in values.items() if v is not None}
+        for name, v in present.items():
+            read.add(f"stats.{name}", v)
+        self._record = {"keys": {name: f"stats.{name}" for name in present}, "k": k, "world_size": world_size}
 
     def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
                   total: "Tensor | float | None" = None, read: HostRead | None = None, *,
@@ -229,40 +216,28 @@ class Statistics:
 
     def device_values(self) -> dict[str, Any]:
         """The raw values (device tensors or numbers), for :func:`read_values`."""
-        return {
-            "dropped": self.dropped, "nonfinite": self.nonfinite_events, "samples": self.samples,
-            "rate_samples": self._rate_samples, "last_loss": self.last_loss,
-            "accumulated_loss": self.window_mean_loss(), "last_grad_norm": self.last_norm,
-            "norm_sum": self.norm_sum, "effective_batch": self.last_batch,
-        }
+        return {"dropped": self.dropped, "nonfinite": self.nonfinite_events, "samples": self.samples,
+                "rate_samples": self._rate_samples, "last_loss": self.last_loss,
+                "accumulated_loss": self.window_mean_loss(), "last_grad_norm": self.last_norm,
+                "norm_sum": self.norm_sum, "effective_batch": self.last_batch}
 
     def snapshot(self, extra: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any]:
         """Statistics as Python numbers. ``extra`` device values are read in the same sync."""
         v = read_values({**self.device_values(), **(extra or {})})
         elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
         rate, norm_sum = v.pop("rate_samples"), v.pop("norm_sum")
-        out = {
-            "micro_steps": self.micro_steps,
-            "updates": self.updates,
-            "skipped_updates": self.skipped,
-            "dropped_micro_batches": int(round(v.pop("dropped"))),
-            "nonfinite_events": int(round(v.pop("nonfinite"))),
-            "samples": v.pop("samples"),
-            "samples_per_second": rate / elapsed if elapsed > 0 else 0.0,
-            "effective_batch": v.pop("effective_batch"),
-            "last_loss": v.pop("last_loss"),
-            "accumulated_loss": v.pop("accumulated_loss"),
-            "last_grad_norm": v.pop("last_grad_norm"),
-            "mean_grad_norm": norm_sum / self.norm_count if self.norm_count else None,
-        }
-        out.update(v)
-        out.update(memory_usage(device))
-        return out
+        out = {"micro_steps": self.micro_steps, "updates": self.updates, "skipped_updates": self.skipped,
+               "dropped_micro_batches": int(round(v.pop("dropped"))),
+               "nonfinite_events": int(round(v.pop("nonfinite"))), "samples": v.pop("samples"),
+               "samples_per_second": rate / elapsed if elapsed > 0 else 0.0,
+               "effective_batch": v.pop("effective_batch"), "last_loss": v.pop("last_loss"),
+               "accumulated_loss": v.pop("accumulated_loss"), "last_grad_norm": v.pop("last_grad_norm"),
+               "mean_grad_norm": norm_sum / self.norm_count if self.norm_count else None}
+        return {**out, **v, **memory_usage(device)}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors cloned)."""
-        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS})
-        return out
+        return dict(clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS}))
 
     @staticmethod
     def validate_state_dict(state: Any) -> None:
@@ -281,12 +256,8 @@ class Statistics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
         self.validate_state_dict(state)
-        for k in _HOST_FIELDS:
-            if k in state:
-                setattr(self, k, int(state[k]))
-        for k in _DEVICE_FIELDS:
-            if k in state:
-                setattr(self, k, clone_tree(state[k]))
+        for k in (f for f in _HOST_FIELDS + _DEVICE_FIELDS if f in state):
+            setattr(self, k, int(state[k]) if k in _HOST_FIELDS else clone_tree(state[k]))
         self._t0 = None
         self._rate_samples = 0.0
 
