@@ -25,9 +25,8 @@ __all__ = ["NoiseScaleEstimator", "simple_noise_scale_terms"]
 _STATE_KEYS = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
 
 
-def simple_noise_scale_terms(
-    small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float", b_big: "Tensor | float"
-) -> "tuple[Tensor | float, Tensor | float]":
+def simple_noise_scale_terms(small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float",
+                             b_big: "Tensor | float") -> "tuple[Tensor | float, Tensor | float]":
     """Unbiased ``(tr(Sigma), |G|^2)`` from small- and big-batch squared norms (``b_small < b_big``), no host read."""
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
@@ -159,9 +158,7 @@ class NoiseScaleEstimator:
 
     def value(self) -> Tensor | None:
         """The smoothed ``tr(Sigma) / |G|^2`` (0-dim device tensor; NaN until a usable window), or None."""
-        if self.trace is None or self.grad_sq is None:
-            return None
-        return self.trace / self.grad_sq
+        return None if self.trace is None or self.grad_sq is None else self.trace / self.grad_sq
 
     def values(self) -> dict[str, Tensor | None]:
         """Device tensors for :meth:`~accumopt.AccumulatingOptimizer.stats`."""

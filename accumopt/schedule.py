@@ -36,8 +36,8 @@ def _as_int(name: str, value: Any, minimum: int = 1) -> int:
 class Schedule:
     """Base class of schedule objects that decide K themselves (e.g. :class:`accumopt.AdaptiveK`).
 
-    :meth:`__call__` runs when the wrapper is built (``updates=0``), then at each window's close, maybe twice
-    at one boundary (``set_epoch``): the same ``updates`` must give the same K. Subclasses set ``schedule_by``.
+    :meth:`__call__` runs when the wrapper is built (``updates=0``), then at each window's close, maybe twice at
+    one boundary (``set_epoch``): the same ``updates`` must give the same K. ``schedule_by``: "update" or "epoch".
     """
 
     schedule_by = "update"
@@ -333,9 +333,7 @@ class Window:
 
     def discard(self) -> None:
         """Forget the pending micro-batches without closing the window (the caller resets the sums)."""
-        self.count = 0
-        self.total = 0.0
-        self.ref = None
+        self.count, self.total, self.ref = 0, 0.0, None
 
     def _set_k(self, k: int) -> None:
         self.k = k

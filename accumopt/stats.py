@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -35,25 +36,19 @@ def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
 def _rss_bytes() -> tuple[int | None, int | None]:
     """(current, peak) resident set size of this process, in bytes (None where unknown)."""
     current = peak = None
-    try:
-        with open("/proc/self/statm") as f:
-            current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:
+    with suppress(OSError, ValueError, IndexError, AttributeError), open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with suppress(ImportError, OSError, AttributeError):
         import resource
         import sys
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-    except (ImportError, OSError, AttributeError):
-        pass
-    try:  # Linux: current and peak from one source (VmRSS, VmHWM), consistent with each other
+    # Linux: current and peak from one source (VmRSS, VmHWM), consistent with each other
+    with suppress(OSError, ValueError, KeyError):
         with open("/proc/self/status") as f:
             fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
         current = int(fields["VmRSS"].split()[0]) * 1024
         peak = int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, ValueError, KeyError):
-        pass
     if current is not None and peak is not None:
         peak = max(peak, current)
     return current, peak
