@@ -1,33 +1,7 @@
-"""Adaptive K: the window grows or shrinks with the measured gradient noise scale.
+"""Adaptive K: the window follows the gradient noise scale (McCandlish et al. 2018, arXiv:1812.06162).
 
-Heuristic, after McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of
-Large-Batch Training" (arXiv:1812.06162): the *simple noise scale*
-``B_simple = tr(Sigma) / |G|^2`` predicts the critical batch size, the batch
-beyond which a larger batch stops saving optimization steps (below it, doubling
-the batch nearly halves the steps; above it, it mostly wastes compute). The
-noise scale typically grows during training, so the effective batch should too.
-
-:class:`AdaptiveK` aims the effective batch ``K * micro_batch_size`` at the
-current estimate, with hysteresis so that noise in the estimate does not make K
-oscillate:
-
-* K is decided only when a window closes (never mid-window);
-* the target ``T = B_simple / micro_batch_size`` (in micro-batches) must leave the
-  band ``[K / band, K * band]`` in the same direction for ``patience``
-  consecutive windows before K changes;
-* K then jumps to the candidate nearest to ``T`` in log scale, candidates being
-  ``k_min * 2**j`` (and ``k_max``), so every change is by a power of two, and a
-  constant estimate gives a fixed point: ``T`` is then within ``sqrt(2)`` of the
-  chosen K, inside any band >= ``sqrt(2)``.
-
-With the wrapper's own estimator (``noise_scale=True`` in the wrapper), a window
-of one micro-batch carries no noise information (the estimator compares the
-micro-batch gradients with their mean), so K stays >= 2 there: ``k_min=1`` then
-acts as 2. A callable ``noise_scale`` has no such floor.
-
-The estimate is read on the host once per decision (at the boundary), within
-the real update's single host read (:class:`~accumopt.hostread.HostRead`): it
-adds no synchronisation of its own. Micro-steps in between stay sync-free.
+The rules and the estimate are described in docs/schedules.md. The estimate is read within the real
+update's single host read: micro-steps stay sync-free.
 """
 
 from __future__ import annotations
@@ -46,45 +20,35 @@ __all__ = ["AdaptiveK"]
 
 
 class AdaptiveK(Schedule):
-    """K between ``k_min`` and ``k_max`` following the gradient noise scale.
+    """K between ``k_min`` and ``k_max`` following the gradient noise scale (see docs/schedules.md).
 
-    Pass it as ``accumulation_steps``::
+    At a window boundary, once the target ``T = noise scale / micro_batch_size`` has left ``[K / band,
+    K * band]`` on one side for ``patience`` windows, K jumps to the candidate ``k_min * 2**j`` (or
+    ``k_max``) nearest to ``T`` in log scale. Pass it as ``accumulation_steps``::
 
         opt = AccumulatingOptimizer(inner, AdaptiveK(k_min=1, k_max=64, micro_batch_size=32,
                                                      noise_scale=estimator))
 
     Args:
-        noise_scale: a callable returning the current estimate of the simple noise
-            scale in *samples* (a float, a 0-dim tensor, or None while unknown). None:
-            follow the wrapper's estimate (``opt.noise_scale()``; turn its estimation
-            on in the wrapper with ``noise_scale=True``).
-        k_min: smallest K (at least 2 with the wrapper's own estimator, see above).
+        noise_scale: a callable returning the simple noise scale in *samples* (a float, a 0-dim tensor,
+            or None while unknown). None: follow ``opt.noise_scale()`` (``noise_scale=True`` in the wrapper).
+        k_min: smallest K (acts as 2 with the wrapper's estimator: one micro-batch tells it nothing).
         k_max: largest K.
-        micro_batch_size: samples per micro-batch, to turn the noise scale into a K
-            (1: the estimate is already in micro-batches).
+        micro_batch_size: samples per micro-batch (1: the estimate is in micro-batches).
         k_init: K of the first windows (default ``k_min``, raised to the floor).
-        band: hysteresis factor (>= sqrt(2)): K moves only when the target leaves
-            ``[K / band, K * band]``.
+        band: hysteresis factor, >= sqrt(2) so that a constant estimate is a fixed point.
         patience: consecutive out-of-band windows, in the same direction, needed to move.
         warmup: windows before the first decision (the estimate needs a few updates).
     """
 
     schedule_by = "update"
 
-    def __init__(
-        self,
-        noise_scale: NoiseSource | None = None,
-        *,
-        k_min: int = 1,
-        k_max: int,
-        micro_batch_size: float = 1,
-        k_init: int | None = None,
-        band: float = 2.0,
-        patience: int = 3,
-        warmup: int = 1,
-    ) -> None:
+    def __init__(self, noise_scale: NoiseSource | None = None, *, k_min: int = 1, k_max: int,
+                 micro_batch_size: float = 1, k_init: int | None = None, band: float = 2.0, patience: int = 3,
+                 warmup: int = 1) -> None:
         if noise_scale is not None and not callable(noise_scale):
-            raise TypeError(f"Invalid noise_scale: {noise_scale!r} (expected a callable returning the estimate, or None)")
+            raise TypeError(f"Invalid noise_scale: {noise_scale!r} "
+                            "(expected a callable returning the estimate, or None)")
         self.k_min = check_int("k_min", k_min)
         self.k_max = check_int("k_max", k_max)
         if self.k_max < self.k_min:
@@ -104,20 +68,14 @@ class AdaptiveK(Schedule):
         self.k = k_init
         self.target: float | None = None  # last target, in micro-batches
         self.changes = 0  # times K changed
-        self._direction = 0
-        self._streak = 0
+        self._direction = self._streak = 0  # the side of the band the target is on, for how many windows
         self._decided_at = 0  # the boundary (closed windows) of the last decision
         self._source = noise_scale
         self._prefetched: tuple[int, Any, HostRead | None] | None = None  # (boundary, value, its read)
 
     def _candidates(self) -> list[int]:
-        out, k = [], self.k_min
-        while k < self.k_max:
-            if k >= self.floor:
-                out.append(k)
-            k *= 2
-        out.append(self.k_max)
-        return out
+        powers = (self.k_min * 2**j for j in range(self.k_max.bit_length()))
+        return [k for k in powers if self.floor <= k < self.k_max] + [self.k_max]
 
     def attach(self, estimate: NoiseSource | None) -> None:
         """Called by the wrapper before it is built, with its own noise-scale estimate (or None).
@@ -128,10 +86,8 @@ class AdaptiveK(Schedule):
         if self.noise_scale is not None:
             return
         if estimate is None:
-            raise ValueError(
-                "Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the wrapper "
-                "with noise_scale=True, or give AdaptiveK(noise_scale=callable))"
-            )
+            raise ValueError("Invalid accumulation_steps: AdaptiveK has no noise-scale estimate to follow (build the "
+                             "wrapper with noise_scale=True, or give AdaptiveK(noise_scale=callable))")
         self._source = estimate
         self.floor = max(self.k_min, min(2, self.k_max))  # one micro-batch: nothing to estimate from
         self.candidates = self._candidates()
@@ -142,23 +98,16 @@ class AdaptiveK(Schedule):
         return updates != self._decided_at and updates >= self.warmup
 
     def request(self, read: HostRead, updates: int) -> None:
-        """Before the ``updates``-th window closes: ask ``read`` for the estimate, if a decision is due.
-
-        The decision at that boundary then uses the host value of the update's
-        single read instead of reading on its own. No sync here.
-        """
+        """Before the ``updates``-th window closes, ask the update's ``read`` for the estimate if a decision is due."""
         if not self.decides_at(updates) or self._source is None or self.noise_scale is not None:
             return  # a user's callable is read at the window's close, after the update, as documented
         value = self._source()
         if isinstance(value, Tensor):
             read.add("adaptive_k", value.reshape(-1)[:1])
-            self._prefetched = (updates, value, read)
-        else:
-            self._prefetched = (updates, value, None)
+        self._prefetched = (updates, value, read if isinstance(value, Tensor) else None)
 
     def read(self, updates: int | None = None) -> float | None:
-        """The current noise-scale estimate: the one fetched for boundary ``updates``, else read now
-        (one sync when it is a device tensor)."""
+        """The estimate fetched for boundary ``updates``, else read now (a sync for a device tensor)."""
         pre, self._prefetched = self._prefetched, None
         if pre is not None and pre[0] == updates:
             _, value, read = pre
@@ -186,24 +135,18 @@ class AdaptiveK(Schedule):
         if estimate is None:
             return self.k  # no evidence: stay
         self.target = estimate / self.micro_batch_size
-        if self.target > self.k * self.band and self.k < self.k_max:
-            direction = 1
-        elif self.target < self.k / self.band and self.k > self.floor:
-            direction = -1
-        else:
-            direction = 0
-        if direction == 0 or direction != self._direction:
-            self._streak = 0
+        up = self.target > self.k * self.band and self.k < self.k_max
+        down = self.target < self.k / self.band and self.k > self.floor  # never both: band > 1
+        direction = int(up) - int(down)
+        # consecutive out-of-band windows on the same side (0 when back in the band)
+        self._streak = self._streak + 1 if direction and direction == self._direction else abs(direction)
         self._direction = direction
-        if direction:
-            self._streak += 1
-            if self._streak >= self.patience:
-                k = self.nearest(self.target)
-                if k != self.k:
-                    self.k = k
-                    self.changes += 1
-                self._streak = 0
-                self._direction = 0
+        if direction and self._streak >= self.patience:
+            k = self.nearest(self.target)
+            if k != self.k:
+                self.k = k
+                self.changes += 1
+            self._streak = self._direction = 0
         return self.k
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,10 +166,8 @@ class AdaptiveK(Schedule):
         self.validate_state_dict(state)
         self.k = int(state["k"])
         self.target = None if state.get("target") is None else float(state["target"])
-        self.changes = int(state.get("changes", 0))
-        self._direction = int(state.get("direction", 0))
-        self._streak = int(state.get("streak", 0))
-        self._decided_at = int(state.get("decided_at", 0))
+        self.changes, self._direction, self._streak, self._decided_at = (
+            int(state.get(key, 0)) for key in ("changes", "direction", "streak", "decided_at"))
 
     def __repr__(self) -> str:
         return (f"AdaptiveK(k={self.k}, k_min={self.k_min}, k_max={self.k_max}, "

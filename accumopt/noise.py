@@ -1,49 +1,7 @@
 """Gradient noise scale: the batch size beyond which more accumulation stops paying.
 
-McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
-Training" (arXiv:1812.06162): the *simple noise scale*
-
-    B_simple = tr(Sigma) / |G|^2
-
-(``Sigma`` the per-sample gradient covariance, ``G`` the true gradient) predicts
-the critical batch size. Appendix A estimates both terms without per-sample
-gradients, from the squared norms of a gradient over a small batch
-(``B_small`` samples) and over a big one (``B_big``), using
-``E|G_B|^2 = |G|^2 + tr(Sigma) / B``:
-
-    |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
-    tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
-
-Both are unbiased; each is noisy, so each is smoothed across updates with an
-exponential moving average and the estimate is the ratio of the two averages
-(the paper's recommendation; the EMA's start-up bias cancels in the ratio).
-
-Here the big batch is the accumulation window (its weight total ``W``, times the
-number of data-parallel ranks) and the small batches are micro-batches:
-
-* ``mode="buffered"``: every micro-batch's gradient is measured before it is
-  added to the buffers; the small-batch term is the mean of the K squared norms
-  and ``B_small`` the harmonic mean of their weights (exact for uneven weights:
-  ``E mean_i |g_i|^2 = |G|^2 + tr(Sigma) mean_i(1 / w_i)``).
-* ``mode="inplace"`` (and any store where some sum lives in ``.grad``): only the
-  first micro-batch of each window is measured, because afterwards ``.grad``
-  holds a partial sum; ``B_small`` is its weight. Same expectation, a noisier
-  estimate (one small batch per window instead of K), no extra memory.
-
-Data-parallel (a DDP model given to the wrapper): the small-batch terms of all
-ranks are pooled with one small ``all_reduce`` per update (3 numbers), so every
-rank holds the same estimate and an :class:`~accumopt.AdaptiveK` decides the same
-K everywhere. A micro-batch whose backward already averaged ``.grad`` across
-ranks (in-place mode, the window's last) is not a small batch and is not measured.
-
-Units are those of the micro-batch weights: with ``step(weight=n_samples)`` (or
-``backward(loss, weight=n)``) the noise scale is in samples; with the default
-weight 1 it is in micro-batches. Windows of a single micro-batch (K=1) carry no
-information (``B_small = B_big``) and are ignored, as are windows whose gradient
-was non-finite or all of whose micro-batches were dropped.
-
-Everything runs on the device: the micro-step measurement is one fused
-``torch._foreach_norm`` and a few scalar ops, never a host read.
+:class:`NoiseScaleEstimator` smooths McCandlish et al. 2018's small-/big-batch estimators (appendix A), the window
+being the big batch and its micro-batches the small ones, all on the device; see docs/state.md.
 """
 
 from __future__ import annotations
@@ -58,19 +16,18 @@ from torch import Tensor
 from ._checks import check_real, check_state_number, scalar_tensor
 from .checkpoint import clone_tree
 from .buffers import GradientStore
+from .schedule import host_float
 from .sync import GradSync
 
 __all__ = ["NoiseScaleEstimator", "simple_noise_scale_terms"]
 
+# Checkpointed fields besides beta (the averages and the open window's measurements).
+_STATE_KEYS = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
 
-def simple_noise_scale_terms(
-    small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float", b_big: "Tensor | float"
-) -> "tuple[Tensor | float, Tensor | float]":
-    """Unbiased estimates ``(tr(Sigma), |G|^2)`` from one small- and one big-batch squared gradient norm.
 
-    McCandlish et al. 2018, appendix A. ``b_small < b_big`` (in samples, or any
-    consistent unit). Works on floats and on tensors (no host read).
-    """
+def simple_noise_scale_terms(small_sq: "Tensor | float", big_sq: "Tensor | float", b_small: "Tensor | float",
+                             b_big: "Tensor | float") -> "tuple[Tensor | float, Tensor | float]":
+    """Unbiased ``(tr(Sigma), |G|^2)`` from small- and big-batch squared norms (``b_small < b_big``), no host read."""
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     return trace, grad_sq
@@ -78,9 +35,9 @@ def simple_noise_scale_terms(
 
 def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
     """Sum of squared 2-norms of ``tensors`` as a 0-dim ``dtype`` tensor on ``device`` (no sync)."""
-    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in dense:
+    for t in tensors:
+        t = t.coalesce().values() if t.is_sparse else t
         by_key.setdefault((t.device, t.dtype), []).append(t.detach())
     total = torch.zeros((), device=device, dtype=dtype)
     for (_, tdtype), ts in by_key.items():
@@ -95,52 +52,45 @@ def _sq_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) ->
 class NoiseScaleEstimator:
     """Exponentially smoothed simple noise scale of an :class:`~accumopt.AccumulatingOptimizer`.
 
-    Turn it on with ``AccumulatingOptimizer(..., noise_scale=True)`` (or pass an
-    instance to choose ``beta``); read it with ``opt.noise_scale()`` (a 0-dim
-    device tensor, or None before the first usable window) or ``opt.stats()``.
+    Turn it on with ``AccumulatingOptimizer(..., noise_scale=True)`` (or pass an instance to choose
+    ``beta``); read it with ``opt.noise_scale()`` (a 0-dim device tensor) or ``opt.stats()``.
 
     Args:
         beta: EMA factor per measured window, in [0, 1). 0 keeps the last window only.
     """
 
     def __init__(self, beta: float = 0.95) -> None:
-        beta = check_real("noise_scale beta", beta, nonnegative=True)
-        if beta >= 1.0:
-            raise ValueError(f"Invalid noise_scale beta: {beta} (expected a number in [0, 1))")
-        self.beta = beta
+        self.beta = check_real("noise_scale beta", beta, nonnegative=True)
+        if self.beta >= 1.0:
+            raise ValueError(f"Invalid noise_scale beta: {self.beta} (expected a number in [0, 1))")
         self.windows = 0  # windows offered to the estimator (host count; valid ones are counted on device)
         self.valid: Tensor | float = 0.0  # windows that contributed (device)
         self.trace: Tensor | None = None  # EMA of tr(Sigma)
         self.grad_sq: Tensor | None = None  # EMA of |G|^2
-        self._reset_window()
+        self.discard_window()
 
-    def _reset_window(self) -> None:
+    def discard_window(self) -> None:
+        """Forget the current window's measurements (at a boundary, or the window was discarded)."""
         self.small_sq: Tensor | float = 0.0  # sum over measured micro-batches of |g_i|^2
         self.small_n: Tensor | float = 0.0  # number of measured (kept) micro-batches
         self.small_inv_w: Tensor | float = 0.0  # sum of 1 / w_i over them
 
-    # ------------------------------------------------------------ micro-step
     def on_micro_step(self, store: GradientStore, weight: "float | Tensor", factor: "float | Tensor",
                       found: Tensor | None, *, weight_in_grad: bool = False,
                       loss_scale: Tensor | None = None) -> None:
-        """Measure this micro-batch's gradient, in ``.grad`` before it enters the window. No sync.
+        """Measure this micro-batch's gradient in ``.grad`` before it enters the window. No sync.
 
-        Call it only while ``.grad`` holds this micro-batch's gradient alone (not a
-        partial sum, not a cross-rank mean). ``factor`` is the wrapper's micro factor
-        (keep / external loss scale); ``found`` the dropped flag. ``.grad`` holds the
-        gradient times ``weight`` when ``weight_in_grad`` (the weight went to
-        ``backward()``), times ``loss_scale`` (an owned scaler's scale).
+        Only while ``.grad`` holds this micro-batch's gradient alone (not a partial sum, not a
+        cross-rank mean), times ``factor`` (keep / external loss scale), ``weight`` when
+        ``weight_in_grad`` and ``loss_scale`` (an owned scaler's); ``found``: the dropped flag.
         """
         device, dtype = store.device, store.float_dtype
         sq = None
         for g in store.groups:
-            grads = [p.grad for p in g.params if p.grad is not None]
-            if not grads:
-                continue
-            part = _sq_norm(grads, device, dtype)
-            if g.weight != 1.0:
-                part = part * (g.weight * g.weight)
-            sq = part if sq is None else sq + part
+            if grads := [p.grad for p in g.params if p.grad is not None]:
+                part = _sq_norm(grads, device, dtype)
+                part = part if g.weight == 1.0 else part * (g.weight * g.weight)
+                sq = part if sq is None else sq + part
         if sq is None:
             return  # no gradient at all this micro-step
         f: "Tensor | float" = factor
@@ -161,13 +111,12 @@ class NoiseScaleEstimator:
         self.small_n = self.small_n + keep_t
         self.small_inv_w = self.small_inv_w + inv_w
 
-    # -------------------------------------------------------------- boundary
     def on_update(self, store: GradientStore, sync: GradSync, total: "float | Tensor", found: Tensor | None,
                   mean_factor: "float | Tensor" = 1.0) -> None:
         """Fold this window into the averages (after unscaling, before clipping). No sync.
 
-        ``total``: the window's weight total (mean over ranks); ``mean_factor`` turns the
-        applied gradient into the window's mean (``1 / total`` with ``reduction="sum"``).
+        ``total``: the window's weight total (mean over ranks); ``mean_factor`` turns the applied
+        gradient into the window's mean (``1 / total`` with ``reduction="sum"``).
         """
         try:
             device, dtype = store.device, store.float_dtype
@@ -183,7 +132,7 @@ class NoiseScaleEstimator:
             b_big = scalar_tensor(total, device, dtype) * world
             small_sq = self.small_sq / n.clamp_min(1.0)
             b_small = n / inv_w.clamp_min(torch.finfo(dtype).tiny)
-            ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))
+            ok = (n > 0) & (b_big > b_small * (1.0 + 1e-6))  # K=1 (B_small = B_big) carries no information
             safe_small = torch.where(ok, b_small, torch.ones_like(b_small))
             safe_big = torch.where(ok, b_big, torch.full_like(b_big, 2.0))
             trace, grad_sq = (torch.as_tensor(x) for x in simple_noise_scale_terms(small_sq, big_sq, safe_small,
@@ -191,16 +140,15 @@ class NoiseScaleEstimator:
             ok = ok & torch.isfinite(trace) & torch.isfinite(grad_sq)
             if found is not None:
                 ok = ok & (found.to(device) == 0)
-            zero = torch.zeros((), device=device, dtype=dtype)
             if self.trace is None or self.grad_sq is None:
-                self.trace, self.grad_sq = zero.clone(), zero.clone()
-            b = self.beta
+                self.trace, self.grad_sq = (torch.zeros((), device=device, dtype=dtype) for _ in range(2))
+            b = self.beta  # each term is smoothed; the EMA's start-up bias cancels in their ratio
             self.trace = torch.where(ok, b * self.trace + (1.0 - b) * trace, self.trace)
             self.grad_sq = torch.where(ok, b * self.grad_sq + (1.0 - b) * grad_sq, self.grad_sq)
             self.valid = self.valid + ok.to(dtype)
             self.windows += 1
         finally:
-            self._reset_window()
+            self.discard_window()
 
     def _pool(self, device: torch.device, dtype: torch.dtype, group: Any) -> None:
         """Sum the small-batch terms over the ranks (one ``all_reduce`` of 3 numbers, on every rank)."""
@@ -208,59 +156,36 @@ class NoiseScaleEstimator:
         torch.distributed.all_reduce(flat, group=group)
         self.small_sq, self.small_n, self.small_inv_w = flat[0], flat[1], flat[2]
 
-    def discard_window(self) -> None:
-        """Forget the current window's measurements (the window was discarded)."""
-        self._reset_window()
-
-    # ----------------------------------------------------------------- read
     def value(self) -> Tensor | None:
         """The smoothed ``tr(Sigma) / |G|^2`` (0-dim device tensor; NaN until a usable window), or None."""
-        if self.trace is None or self.grad_sq is None:
-            return None
-        return self.trace / self.grad_sq
+        return None if self.trace is None or self.grad_sq is None else self.trace / self.grad_sq
 
     def values(self) -> dict[str, Tensor | None]:
         """Device tensors for :meth:`~accumopt.AccumulatingOptimizer.stats`."""
         return {"noise_scale": self.value(), "noise_trace": self.trace, "noise_grad_sq": self.grad_sq,
                 "noise_windows": self.valid if isinstance(self.valid, Tensor) else None}
 
-    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        keys = ("beta", "windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
-        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in keys})
-        return out
+        return dict(clone_tree({k: getattr(self, k) for k in ("beta",) + _STATE_KEYS}))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
         self.validate_state_dict(state)
-
-        def c(x: Any) -> Any:
-            if isinstance(x, Tensor):
-                return x.detach().clone()
-            return None if x is None else float(x)
-
         self.windows = int(state["windows"])
-        self.valid = c(state["valid"])
-        self.trace = c(state["trace"])
-        self.grad_sq = c(state["grad_sq"])
-        self.small_sq = c(state["small_sq"])
-        self.small_n = c(state["small_n"])
-        self.small_inv_w = c(state["small_inv_w"])
+        for k in _STATE_KEYS[1:]:
+            v = state[k]
+            setattr(self, k, v.detach().clone() if isinstance(v, Tensor) else None if v is None else float(v))
 
     @staticmethod
     def validate_state_dict(state: Any, closed: int | None = None) -> None:
-        """Raise ``ValueError`` unless ``state`` looks like :meth:`state_dict` (before any change).
-
-        ``closed``: the windows closed so far by the wrapper (the estimator saw at most that many).
-        """
-        keys = ("windows", "valid", "trace", "grad_sq", "small_sq", "small_n", "small_inv_w")
-        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+        """Raise ``ValueError`` unless ``state`` fits :meth:`state_dict` after ``closed`` windows (changes nothing)."""
+        if not isinstance(state, Mapping) or any(k not in state for k in _STATE_KEYS):
             raise ValueError("Invalid state dict: the 'noise' entry is not a noise-scale estimator state")
         check_state_number("noise['windows']", state["windows"], integer=True, minimum=0)
         if closed is not None and state["windows"] > closed:
             raise ValueError(f"Invalid state dict: noise['windows'] is {state['windows']} after {closed} closed "
                              "windows (expected at most that many)")
-        for k in keys[1:]:
+        for k in _STATE_KEYS[1:]:
             v = state[k]
             if v is not None and not isinstance(v, (Tensor, float, int)) or isinstance(v, bool):
                 raise ValueError(f"Invalid state dict: noise entry {k!r} is a {type(v).__name__} "
@@ -270,7 +195,7 @@ class NoiseScaleEstimator:
             if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point()):
                 raise ValueError(f"Invalid state dict: noise entry {k!r} is a tensor of shape {tuple(v.shape)} and "
                                  f"dtype {v.dtype} (expected a floating-point scalar)")
-            x = float(v.detach().double().cpu().reshape(())) if isinstance(v, Tensor) else float(v)
+            x = host_float(v)
             signed = k in ("trace", "grad_sq")  # unbiased estimates: may be negative
             if not math.isfinite(x) or (not signed and x < 0):
                 raise ValueError(f"Invalid state dict: noise entry {k!r} is {x!r} (expected a finite number"

@@ -1,31 +1,7 @@
-"""The accumulation window, its size K, and the LR rule for a changing K.
+"""The accumulation window, its size K (``accumulation_steps``) and the LR rule for a changing K.
 
-``accumulation_steps`` may be:
-
-* an ``int``: a fixed K;
-* a list of ints: K by epoch (``[2, 4, 8]`` means K=2 in epoch 0, 4 in epoch 1,
-  8 from epoch 2 on), the configuration API's ``accumulation_schedule``;
-* a mapping ``{start: K}``: K from that epoch (or update) on, like Lightning's
-  ``GradientAccumulationScheduler``; must contain 0;
-* a callable ``f(n) -> int``: like optax's ``every_k_schedule``;
-* a :class:`Schedule` object, such as :class:`accumopt.AdaptiveK`, which decides
-  K itself each time a window closes.
-
-What the position counts (``schedule_by``):
-
-* ``"epoch"`` (default for lists and mappings): the epoch the wrapper was told
-  with ``opt.set_epoch(epoch)`` (0 until then).
-* ``"update"`` (default for callables): the number of windows closed so far,
-  i.e. real updates *including* windows skipped for non-finite gradients, so
-  that the schedule cannot stall on a run of skipped windows. ``flush()`` closes
-  a window too.
-
-K only changes when a window closes (or, through ``set_epoch``, while no
-micro-batch is pending): a window always runs with the K it started with.
-
-``lr_scaling`` (``None``, ``"linear"``, ``"sqrt"``) multiplies every group's
-learning rate by ``(K / K0)`` or ``sqrt(K / K0)``, ``K0`` being the first
-window's K, see :class:`LRScaling`.
+The accepted specifications, ``schedule_by`` and ``lr_scaling`` are described in docs/schedules.md.
+K only changes when a window closes (or, through ``set_epoch``, while no micro-batch is pending).
 """
 
 from __future__ import annotations
@@ -60,10 +36,8 @@ def _as_int(name: str, value: Any, minimum: int = 1) -> int:
 class Schedule:
     """Base class of schedule objects that decide K themselves (e.g. :class:`accumopt.AdaptiveK`).
 
-    :meth:`__call__` is invoked once when the wrapper is built (``updates=0``) and
-    then each time a window closes; it may be invoked again at the same boundary
-    (``set_epoch`` between windows), so it must return the same K for the same
-    ``updates``. Subclasses set ``schedule_by`` ("update" or "epoch").
+    :meth:`__call__` runs when the wrapper is built (``updates=0``), then at each window's close, maybe twice at
+    one boundary (``set_epoch``): the same ``updates`` must give the same K. ``schedule_by``: "update" or "epoch".
     """
 
     schedule_by = "update"
@@ -72,12 +46,10 @@ class Schedule:
         raise NotImplementedError
 
     def attach(self, estimate: NoiseSource | None) -> None:
-        """Called once before the wrapper is built, with the wrapper's noise-scale estimate
-        (``opt.noise_scale``; None when the wrapper estimates nothing)."""
+        """Receive the wrapper's noise-scale estimate (None when it estimates nothing), before it is built."""
 
     def request(self, read: HostRead, updates: int) -> None:
-        """Before the ``updates``-th window closes: ask the update's single host ``read`` for what the
-        decision at that boundary needs (nothing by default; no sync here)."""
+        """Before the ``updates``-th window closes, ask the update's host ``read`` for inputs (no sync)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for checkpoints."""
@@ -101,33 +73,26 @@ class KSchedule:
         self.spec: Any = spec
         self._points: list[tuple[int, int]] = []
         if isinstance(spec, Schedule):
-            self.kind = "object"
-            default_by = getattr(spec, "schedule_by", "update")
+            self.kind, default_by = "object", getattr(spec, "schedule_by", "update")
         elif isinstance(spec, Mapping):
             if not spec:
-                raise ValueError("Invalid accumulation_steps: {} (expected a non-empty mapping {start: K} containing 0)")
-            points = []
-            for start, k in spec.items():
-                points.append((_as_int("accumulation_steps key", start, minimum=0),
-                               _as_int(f"accumulation_steps[{start!r}]", k)))
-            if 0 not in dict(points):
+                raise ValueError("Invalid accumulation_steps: {} "
+                                 "(expected a non-empty mapping {start: K} containing 0)")
+            self._points = sorted((_as_int("accumulation_steps key", start, minimum=0),
+                                   _as_int(f"accumulation_steps[{start!r}]", k)) for start, k in spec.items())
+            if self._points[0][0] != 0:
                 raise ValueError(f"Invalid accumulation_steps: {dict(spec)!r} (a mapping must give K from 0 on)")
-            self._points = sorted(points)
-            self.kind = "mapping"
-            default_by = "epoch"
+            self.kind, default_by = "mapping", "epoch"
         elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
             if len(spec) == 0:
                 raise ValueError("Invalid accumulation_steps: [] (expected a non-empty list of ints >= 1)")
             self._points = [(i, _as_int(f"accumulation_steps[{i}]", k)) for i, k in enumerate(spec)]
-            self.kind = "list"
-            default_by = "epoch"
+            self.kind, default_by = "list", "epoch"
         elif callable(spec) and not isinstance(spec, (numbers.Number, Tensor)):
-            self.kind = "callable"
-            default_by = "update"
+            self.kind, default_by = "callable", "update"
         else:
             self.spec = _as_int("accumulation_steps", spec)
-            self.kind = "constant"
-            default_by = "epoch"
+            self.kind, default_by = "constant", "epoch"
         self.schedule_by = check_choice("schedule_by", schedule_by or default_by, ("epoch", "update"))
         if self.kind == "object" and schedule_by is not None and schedule_by != default_by:
             raise ValueError(f"Invalid schedule_by: {schedule_by!r} ({type(spec).__name__} counts {default_by!r})")
@@ -146,12 +111,7 @@ class KSchedule:
         position = epoch if self.schedule_by == "epoch" else updates
         if self.kind == "callable":
             return _as_int(f"accumulation_steps({position})", self.spec(position))
-        k = self._points[0][1]
-        for start, value in self._points:
-            if start > position:
-                break
-            k = value
-        return k
+        return [k for start, k in self._points if start <= position][-1]  # the points are sorted and start at 0
 
     def attach(self, estimate: NoiseSource | None) -> None:
         """Give a schedule object the wrapper's noise-scale estimate (it may refuse to run without one)."""
@@ -165,39 +125,28 @@ class KSchedule:
 
     def describe(self) -> dict[str, Any]:
         """The specification as plain data (what a checkpoint must match)."""
-        spec: Any = None
-        if self.kind == "constant":
-            spec = int(self.spec)
-        elif self.kind in ("list", "mapping"):
-            spec = [[int(a), int(b)] for a, b in self._points]
-        elif self.kind == "object":
-            spec = type(self.spec).__name__
+        spec = (int(self.spec) if self.kind == "constant"
+                else [[int(a), int(b)] for a, b in self._points] if self.kind in ("list", "mapping")
+                else type(self.spec).__name__ if self.kind == "object" else None)
         return {"kind": self.kind, "spec": spec, "by": self.schedule_by}
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.spec.state_dict() if self.kind == "object" else None
 
     def validate_window(self, k: int, count: int, epoch: int, closed: int) -> None:
-        """Raise ``ValueError`` unless a saved window's K can come from this schedule.
-
-        A constant K must be that K; a list or mapping must give one of its values, and,
-        between windows, the one for the saved position. Callables and schedule objects
-        are not called here (they may count their calls).
-        """
-        if self.kind == "constant":
-            if k != int(self.spec):
-                raise ValueError(f"Invalid state dict: window['k'] is {k} (expected the constant "
-                                 f"accumulation_steps {int(self.spec)})")
-        elif self.kind in ("list", "mapping"):
+        """Raise ``ValueError`` unless a saved window's K can come from this schedule."""
+        # Callables and schedule objects are not called here: they may count their calls.
+        if self.kind == "constant" and k != int(self.spec):
+            raise ValueError(f"Invalid state dict: window['k'] is {k} (expected the constant "
+                             f"accumulation_steps {int(self.spec)})")
+        if self.kind in ("list", "mapping"):
             values = sorted({v for _, v in self._points})
             if k not in values:
                 raise ValueError(f"Invalid state dict: window['k'] is {k} (expected one of the schedule's values "
                                  f"{values})")
-            if count == 0:
-                expected = self(epoch, closed)
-                if k != expected:
-                    raise ValueError(f"Invalid state dict: window['k'] is {k} at epoch {epoch} after {closed} "
-                                     f"windows (the schedule gives {expected})")
+            if count == 0 and k != (expected := self(epoch, closed)):  # between windows: the position's K
+                raise ValueError(f"Invalid state dict: window['k'] is {k} at epoch {epoch} after {closed} "
+                                 f"windows (the schedule gives {expected})")
 
     def validate_state_dict(self, state: Any) -> None:
         if self.kind == "object" and state is not None:
@@ -216,28 +165,11 @@ def _set_lr(group: dict[str, Any], value: float) -> None:
 
 
 class LRScaling:
-    """Scale the learning rate with the effective batch when K changes.
+    """Scale the learning rate with the effective batch when K changes (see docs/schedules.md).
 
-    ``factor(K) = K / K0`` (``"linear"``, Goyal et al. 2017) or ``sqrt(K / K0)``
-    (``"sqrt"``, Krizhevsky 2014; Malladi et al. 2022 for Adam), ``K0`` being the
-    first window's K. The wrapper keeps, per param group, the *unscaled* LR
-    (what the user and the scheduler see) and writes ``unscaled * factor`` into
-    ``param_groups``:
-
-    * at a boundary where K changes the factor is updated from the unscaled value
-      (no accumulated rounding: the previous factor is never divided out);
-    * around the step of a scheduler given to the wrapper (``scheduler=...``), the
-      groups hold the unscaled LR, so both chainable schedulers (StepLR,
-      ExponentialLR, ReduceLROnPlateau) and those that set the LR from
-      ``base_lrs`` (LambdaLR, OneCycleLR, CosineAnnealingWarmRestarts, ...)
-      compute the schedule as without ``lr_scaling``, and the factor is applied on
-      top; ``scheduler.get_last_lr()`` reports the unscaled LR;
-    * an LR written into ``param_groups`` by anything else (a scheduler stepped
-      outside the wrapper, the user) is taken as a *scaled* value: it is kept
-      and its unscaled value recomputed. This composes with chainable schedulers
-      only; give other schedulers to the wrapper.
-
-    A tensor LR is read on the host (a sync) at window boundaries, only with ``lr_scaling``.
+    Keeps each group's *unscaled* LR and writes ``unscaled * factor(K)`` into ``param_groups``, the factor
+    being ``K / K0`` (``"linear"``) or ``sqrt(K / K0)`` (``"sqrt"``), ``K0`` the first window's K; an LR
+    written there by anything else is taken as scaled. A tensor LR is read on the host at boundaries.
 
     Args:
         rule: ``"linear"`` or ``"sqrt"``.
@@ -253,8 +185,8 @@ class LRScaling:
         self.base = [float(g["lr"]) for g in param_groups]
         self.applied = list(self.base)
 
-    def factor_for(self, k: int) -> float:
-        ratio = k / self.k_ref
+    def factor_for(self, k: int, k_ref: int | None = None) -> float:
+        ratio = k / (self.k_ref if k_ref is None else k_ref)
         return ratio if self.rule == "linear" else math.sqrt(ratio)
 
     def _sync(self) -> None:
@@ -269,6 +201,7 @@ class LRScaling:
                 self.applied[i] = lr
 
     def _write(self) -> None:
+        # Always from the unscaled value: the previous factor is never divided out (no rounding drift).
         for i, g in enumerate(self.param_groups):
             value = self.base[i] * self.factor if self.factor != 1.0 else self.base[i]
             if value != self.applied[i] or float(g["lr"]) != value:
@@ -304,11 +237,10 @@ class LRScaling:
 
     def validate_state_dict(self, state: Any, k: int | None = None) -> None:
         """Raise ``ValueError`` unless ``state`` fits (and, given the window's ``k``, its factor is K's)."""
-        if not isinstance(state, Mapping) or any(k not in state for k in ("k_ref", "factor", "base", "applied")):
+        if not isinstance(state, Mapping) or any(key not in state for key in ("k_ref", "factor", "base", "applied")):
             raise ValueError("Invalid state dict: malformed window['lr_scaling'] entry")
         n = len(self.param_groups)
-        if not isinstance(state["base"], list) or not isinstance(state["applied"], list) or \
-                len(state["base"]) != n or len(state["applied"]) != n:
+        if not all(isinstance(state[key], list) and len(state[key]) == n for key in ("base", "applied")):
             got = len(state["base"]) if isinstance(state["base"], list) else state["base"]
             raise ValueError(f"Invalid state dict: window['lr_scaling'] has {got} groups (expected {n})")
         check_state_number("window['lr_scaling']['k_ref']", state["k_ref"], integer=True, minimum=1)
@@ -319,17 +251,19 @@ class LRScaling:
             raise ValueError(f"Invalid state dict: window['lr_scaling']['rule'] is {state['rule']!r} "
                              f"(expected {self.rule!r})")
         if k is not None:
-            ratio = k / state["k_ref"]
-            expected = ratio if self.rule == "linear" else math.sqrt(ratio)
+            expected = self.factor_for(k, state["k_ref"])
             if not math.isclose(state["factor"], expected, rel_tol=1e-12):
                 raise ValueError(f"Invalid state dict: window['lr_scaling']['factor'] is {state['factor']!r} "
                                  f"(expected {expected!r} for K={k} and k_ref={state['k_ref']})")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.k_ref = int(state["k_ref"])
-        self.factor = float(state["factor"])
-        self.base = [float(x) for x in state["base"]]
-        self.applied = [float(x) for x in state["applied"]]
+        self.k_ref, self.factor = int(state["k_ref"]), float(state["factor"])
+        self.base, self.applied = ([float(x) for x in state[key]] for key in ("base", "applied"))
+
+
+def host_float(x: "Tensor | float") -> float:
+    """A saved scalar as a Python float (a tensor is read on the host: loading only)."""
+    return float(x.detach().double().cpu().reshape(())) if isinstance(x, Tensor) else float(x)
 
 
 class Window:
@@ -385,9 +319,7 @@ class Window:
         """What the window's sum is multiplied by to give the applied gradient."""
         factor = self.inv_total() if self.reduction == "mean" else 1.0
         ref = self.ref
-        if ref is None or (not isinstance(ref, Tensor) and ref == 1.0):
-            return factor
-        return ref * factor
+        return factor if ref is None or (not isinstance(ref, Tensor) and ref == 1.0) else ref * factor
 
     def inv_total(self) -> "float | Tensor":
         if isinstance(self.total, Tensor):
@@ -395,17 +327,13 @@ class Window:
         return 1.0 / self.total if self.total > 0 else 0.0
 
     def close(self) -> None:
-        self.count = 0
-        self.total = 0.0
-        self.ref = None
+        self.discard()
         self.closed += 1
         self._set_k(self.schedule(self.epoch, self.closed))
 
     def discard(self) -> None:
         """Forget the pending micro-batches without closing the window (the caller resets the sums)."""
-        self.count = 0
-        self.total = 0.0
-        self.ref = None
+        self.count, self.total, self.ref = 0, 0.0, None
 
     def _set_k(self, k: int) -> None:
         self.k = k
@@ -413,8 +341,7 @@ class Window:
             self.lr_scaling.rescale(k)
 
     def set_epoch(self, epoch: int) -> None:
-        epoch = _as_int("epoch", epoch, minimum=0)
-        self.epoch = epoch
+        self.epoch = _as_int("epoch", epoch, minimum=0)
         if self.count == 0 and not self.open_ended:
             self._set_k(self.schedule(self.epoch, self.closed))
 
@@ -427,13 +354,11 @@ class Window:
         return None if self.lr_scaling is None else self.lr_scaling.rule
 
     def state_dict(self) -> dict[str, Any]:
-        total = self.total
+        total, ref = self.total, self.ref
         out: dict[str, Any] = {"epoch": self.epoch, "closed": self.closed, "count": self.count, "k": self.k,
-                               "total": total.detach().clone() if isinstance(total, Tensor) else float(total)}
-        ref = self.ref
-        out["ref"] = ref.detach().clone() if isinstance(ref, Tensor) else ref
-        schedule_state = self.schedule.state_dict()
-        if schedule_state is not None:
+                               "total": total.detach().clone() if isinstance(total, Tensor) else float(total),
+                               "ref": ref.detach().clone() if isinstance(ref, Tensor) else ref}
+        if (schedule_state := self.schedule.state_dict()) is not None:
             out["schedule"] = schedule_state
         if self.lr_scaling is not None:
             out["lr_scaling"] = self.lr_scaling.state_dict()
@@ -454,16 +379,15 @@ class Window:
                              "0 <= count < k: a full window is applied before the state is taken)")
         self.schedule.validate_window(k, count, state["epoch"], state["closed"])
         total = state["total"]
-        value = float(total.detach().double().cpu().reshape(())) if isinstance(total, Tensor) else float(total)
+        value = host_float(total)
         if isinstance(total, Tensor) and (total.is_complex() or not total.is_floating_point()):
             raise ValueError(f"Invalid state dict: window['total'] has dtype {total.dtype} (expected a float)")
         if not math.isfinite(value) or value < 0 or (count == 0 and value != 0):
             raise ValueError(f"Invalid state dict: window['total'] is {value!r} with {count} micro-batches pending "
                              "(expected the finite, non-negative sum of their weights; 0 with none pending)")
-        ref = state.get("ref")
-        if ref is not None:
+        if (ref := state.get("ref")) is not None:
             check_state_scalar("window['ref']", ref)
-            r = float(ref.detach().double().cpu().reshape(())) if isinstance(ref, Tensor) else float(ref)
+            r = host_float(ref)
             if not (math.isfinite(r) and r > 0):
                 raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference "
                                  "weight > 0)")

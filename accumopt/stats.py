@@ -1,19 +1,7 @@
-"""Accumulation statistics, kept on the device until :meth:`Statistics.snapshot`.
+"""Accumulation statistics, kept on the device until :meth:`Statistics.snapshot` (see docs/state.md).
 
-Counters that the host knows (micro-steps, updates, skipped updates) are Python
-ints; values the device produces (losses, gradient norms, non-finite flags,
-tensor weights) are accumulated as device tensors with out-of-place adds and read
-only when the user asks (``opt.stats()``): one host read per device, batched.
-
-Optional periodic logging (``log_every=N``) writes one INFO record through the
-``accumopt`` logger every N real updates (only while INFO is enabled for the
-logger); its device values are read within the update's single host read
-(:class:`~accumopt.hostread.HostRead`), together with whatever else that update
-reads, so logging adds no synchronisation of its own.
-
-With a data-parallel model the window's loss, its weight total and the sample
-count are global (summed over ranks, once per update); memory and the dropped
-micro-batch count are the rank's own (see ``docs/state.md``).
+Host counters are ints; device values are summed out of place and read only by ``opt.stats()`` (one host read
+per device) or, for the ``log_every`` record, within the update's single host read (no sync of its own).
 """
 
 from __future__ import annotations
@@ -21,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -41,45 +30,34 @@ _HOST_FIELDS = ("micro_steps", "updates", "skipped", "norm_count")
 
 
 def _add(acc: Tensor | float, value: Tensor | float) -> Tensor | float:
-    if isinstance(value, Tensor):
-        value = value.detach()
-    return acc + value
+    return acc + (value.detach() if isinstance(value, Tensor) else value)
 
 
 def _rss_bytes() -> tuple[int | None, int | None]:
     """(current, peak) resident set size of this process, in bytes (None where unknown)."""
     current = peak = None
-    try:
-        with open("/proc/self/statm") as f:
-            current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:
+    with suppress(OSError, ValueError, IndexError, AttributeError), open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with suppress(ImportError, OSError, AttributeError):
         import resource
         import sys
-
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-    except (ImportError, OSError, AttributeError):
-        pass
-    try:  # Linux: current and peak from one source (VmRSS, VmHWM), consistent with each other
+    # Linux: current and peak from one source (VmRSS, VmHWM), consistent with each other
+    with suppress(OSError, ValueError, KeyError):
         with open("/proc/self/status") as f:
             fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
         current = int(fields["VmRSS"].split()[0]) * 1024
         peak = int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, ValueError, KeyError):
-        pass
     if current is not None and peak is not None:
         peak = max(peak, current)
     return current, peak
 
 
 def memory_usage(device: torch.device | None) -> dict[str, Any]:
-    """Memory in bytes: CUDA allocated and peak for a CUDA ``device``, else the process RSS and peak RSS.
-
-    No device synchronisation (the CUDA caching allocator's counters are host values).
-    """
+    """Memory in bytes: CUDA allocated and peak on a CUDA ``device``, else the process RSS and its peak."""
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        # no device sync: the CUDA caching allocator's counters are host values
         return {"memory_kind": "cuda", "memory_bytes": torch.cuda.memory_allocated(device),
                 "memory_peak_bytes": torch.cuda.max_memory_allocated(device)}
     current, peak = _rss_bytes()
@@ -95,8 +73,7 @@ def read_values(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for device, keys in by_device.items():
         stacked = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in keys])
-        for k, x in zip(keys, stacked.tolist()):  # the sync
-            out[k] = x
+        out.update(zip(keys, stacked.tolist()))  # the sync
     return out
 
 
@@ -104,16 +81,12 @@ class Statistics:
     """Counts and sums for :meth:`AccumulatingOptimizer.stats`.
 
     Args:
-        log_every: log a summary every this many real updates (None: never), built from
-            the values of the update's single host read.
+        log_every: log a summary every this many real updates (None: never).
     """
 
     def __init__(self, log_every: int | None = None) -> None:
         self.log_every = None if log_every is None else check_int("log_every", log_every)
-        self.micro_steps = 0
-        self.updates = 0
-        self.skipped = 0
-        self.norm_count = 0
+        self.micro_steps = self.updates = self.skipped = self.norm_count = 0
         self.dropped: Tensor | float = 0.0
         self.nonfinite_events: Tensor | float = 0.0
         self.samples: Tensor | float = 0.0
@@ -127,7 +100,6 @@ class Statistics:
         self._rate_samples: Tensor | float = 0.0  # samples since _t0 (not checkpointed: time restarts)
         self._record: dict[str, Any] | None = None  # what the pending log record needs (see request)
 
-    # ------------------------------------------------------------------ events
     def on_micro_step(self, weight: Tensor | float, loss: Tensor | float | None, found: Tensor | None) -> None:
         """Count one micro-batch (``weight`` 0 when it was dropped). No sync."""
         self.micro_steps += 1
@@ -140,8 +112,7 @@ class Statistics:
             self.dropped = _add(self.dropped, found)
             self.nonfinite_events = _add(self.nonfinite_events, found)
         if loss is not None:
-            if isinstance(loss, Tensor):
-                loss = loss.detach()
+            loss = loss.detach() if isinstance(loss, Tensor) else loss
             weighted = loss * weight if isinstance(weight, Tensor) or weight != 1.0 else loss
             if found is not None:  # a dropped micro-batch's loss (often NaN) does not count: NaN * 0 is NaN
                 weighted = torch.where(found > 0, torch.zeros_like(found), weighted)
@@ -155,12 +126,7 @@ class Statistics:
         return self.window_loss / self.window_loss_weight
 
     def make_global(self, device: torch.device, group: Any, world_size: int) -> None:
-        """Sum the pending window's loss and loss weight over the ranks of ``group`` (data-parallel).
-
-        Called once per update, before anything reads the window's mean loss, so
-        that it (``last_loss``, ``ReduceLROnPlateau``'s metric) is the global
-        weighted mean on every rank. One 2-element ``all_reduce``, no host sync.
-        """
+        """Sum the window's loss and loss weight over the ranks, once per update before its mean is read. No sync."""
         weight = self.window_loss_weight
         if world_size <= 1 or (isinstance(weight, float) and weight == 0.0):
             return
@@ -177,30 +143,24 @@ class Statistics:
     def request(self, read: HostRead, norm: Tensor | None, total: "Tensor | float | None", *, k: int,
                 noise_scale: Tensor | None = None, world_size: int = 1,
                 local_total: "Tensor | float | None" = None) -> None:
-        """Ask ``read`` for the values of this update's log record (only when it logs). No sync.
-
-        Arguments as for :meth:`on_update`; ``k`` is the window's K.
-        """
+        """Ask ``read`` for this update's log record values, if it logs (arguments as :meth:`on_update`). No sync."""
         if not self.logs_next_update():
             return
         values = {"last_loss": self.window_mean_loss(), "last_grad_norm": norm, "rate_samples": self._rate_samples,
                   "effective_batch": total, "noise_scale": noise_scale,
                   "local_total": local_total if world_size > 1 else None}
-        keys = {}
-        for name, v in values.items():
-            if v is not None:
-                keys[name] = f"stats.{name}"
-                read.add(keys[name], v)
-        self._record = {"keys": keys, "k": k, "world_size": world_size}
+        present = {name: v for name, v in values.items() if v is not None}
+        for name, v in present.items():
+            read.add(f"stats.{name}", v)
+        self._record = {"keys": {name: f"stats.{name}" for name in present}, "k": k, "world_size": world_size}
 
     def on_update(self, applied: bool, norm: Tensor | None, found: Tensor | None,
                   total: "Tensor | float | None" = None, read: HostRead | None = None, *,
                   local_total: "Tensor | float | None" = None, world_size: int = 1) -> None:
         """Count a closed window (applied or skipped). No sync.
 
-        ``total`` is its summed weight (with a data-parallel model: the mean over
-        ``world_size`` ranks, this rank's own being ``local_total``); ``read``, after
-        it ran, holds what :meth:`request` asked for the log record.
+        ``total``: its summed weight (data-parallel: the mean over ``world_size`` ranks, this rank's
+        own being ``local_total``); ``read``, once run, holds what :meth:`request` asked for.
         """
         record, self._record = self._record, None
         if applied:
@@ -224,8 +184,7 @@ class Statistics:
                     self._rate_samples = _add(self._rate_samples, extra)
             self.last_batch = batch
         self.last_loss = self.window_mean_loss()
-        self.window_loss = 0.0
-        self.window_loss_weight = 0.0
+        self.window_loss = self.window_loss_weight = 0.0
         if applied and record is not None and read is not None and read.done:
             self._log(record, read)
 
@@ -247,52 +206,33 @@ class Statistics:
 
     def discard_window(self) -> None:
         """Forget the pending window's losses (the window was discarded)."""
-        self.window_loss = 0.0
-        self.window_loss_weight = 0.0
+        self.window_loss = self.window_loss_weight = 0.0
         self._record = None
 
-    # -------------------------------------------------------------------- read
     def device_values(self) -> dict[str, Any]:
         """The raw values (device tensors or numbers), for :func:`read_values`."""
-        return {
-            "dropped": self.dropped, "nonfinite": self.nonfinite_events, "samples": self.samples,
-            "rate_samples": self._rate_samples, "last_loss": self.last_loss,
-            "accumulated_loss": self.window_mean_loss(), "last_grad_norm": self.last_norm,
-            "norm_sum": self.norm_sum, "effective_batch": self.last_batch,
-        }
+        return {"dropped": self.dropped, "nonfinite": self.nonfinite_events, "samples": self.samples,
+                "rate_samples": self._rate_samples, "last_loss": self.last_loss,
+                "accumulated_loss": self.window_mean_loss(), "last_grad_norm": self.last_norm,
+                "norm_sum": self.norm_sum, "effective_batch": self.last_batch}
 
     def snapshot(self, extra: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any]:
         """Statistics as Python numbers. ``extra`` device values are read in the same sync."""
-        raw = self.device_values()
-        if extra:
-            raw.update(extra)
-        v = read_values(raw)
+        v = read_values({**self.device_values(), **(extra or {})})
         elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
-        out = {
-            "micro_steps": self.micro_steps,
-            "updates": self.updates,
-            "skipped_updates": self.skipped,
-            "dropped_micro_batches": int(round(v.pop("dropped"))),
-            "nonfinite_events": int(round(v.pop("nonfinite"))),
-            "samples": v.pop("samples"),
-            "samples_per_second": v["rate_samples"] / elapsed if elapsed > 0 else 0.0,
-            "effective_batch": v.pop("effective_batch"),
-            "last_loss": v.pop("last_loss"),
-            "accumulated_loss": v.pop("accumulated_loss"),
-            "last_grad_norm": v.pop("last_grad_norm"),
-            "mean_grad_norm": v["norm_sum"] / self.norm_count if self.norm_count else None,
-        }
-        v.pop("rate_samples")
-        v.pop("norm_sum")
-        out.update(v)
-        out.update(memory_usage(device))
-        return out
+        rate, norm_sum = v.pop("rate_samples"), v.pop("norm_sum")
+        out = {"micro_steps": self.micro_steps, "updates": self.updates, "skipped_updates": self.skipped,
+               "dropped_micro_batches": int(round(v.pop("dropped"))),
+               "nonfinite_events": int(round(v.pop("nonfinite"))), "samples": v.pop("samples"),
+               "samples_per_second": rate / elapsed if elapsed > 0 else 0.0,
+               "effective_batch": v.pop("effective_batch"), "last_loss": v.pop("last_loss"),
+               "accumulated_loss": v.pop("accumulated_loss"), "last_grad_norm": v.pop("last_grad_norm"),
+               "mean_grad_norm": norm_sum / self.norm_count if self.norm_count else None}
+        return {**out, **v, **memory_usage(device)}
 
-    # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors cloned)."""
-        out: dict[str, Any] = clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS})
-        return out
+        return dict(clone_tree({k: getattr(self, k) for k in _HOST_FIELDS + _DEVICE_FIELDS}))
 
     @staticmethod
     def validate_state_dict(state: Any) -> None:
@@ -311,12 +251,8 @@ class Statistics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors copied: the argument is not aliased)."""
         self.validate_state_dict(state)
-        for k in _HOST_FIELDS:
-            if k in state:
-                setattr(self, k, int(state[k]))
-        for k in _DEVICE_FIELDS:
-            if k in state:
-                setattr(self, k, clone_tree(state[k]))
+        for k in (f for f in _HOST_FIELDS + _DEVICE_FIELDS if f in state):
+            setattr(self, k, int(state[k]) if k in _HOST_FIELDS else clone_tree(state[k]))
         self._t0 = None
         self._rate_samples = 0.0
 
