@@ -87,9 +87,7 @@ class GradientAccumulationTrainer:
         device = self._device()
         model.to(device)
         for st in optimizer.state.values():  # state from an earlier run, if any
-            for k, v in list(st.items()):
-                if isinstance(v, Tensor) and v.ndim:
-                    st[k] = v.to(device)
+            st.update({k: v.to(device) for k, v in st.items() if isinstance(v, Tensor) and v.ndim})
         self.accumulator.setup(model, optimizer, scheduler)
         self.model, self.optimizer, self.scheduler = model, self.accumulator.optimizer, scheduler
         self.criterion, self.device = criterion, device
