@@ -139,7 +139,6 @@ class GradientAccumulator:
         if self.adaptive is not None and not isinstance(weight, Tensor):  # (a tensor: kept; reading it syncs)
             self.adaptive.micro_batch_size = 1.0 if weight is None or weight <= 0 else float(weight)
 
-    # ------------------------------------------------------------- micro-step
     def accumulate_gradients(self, loss: Tensor, backward: bool = True, *, weight: float | Tensor | None = None,
                              num_samples: int | None = None) -> dict[str, Any]:
         """Accumulate one micro-batch; the real update is applied when its window is complete.
@@ -152,9 +151,10 @@ class GradientAccumulator:
             num_samples: samples in this micro-batch, for ``effective_batch_size`` (default: a numeric
                 ``weight``, else ``config.effective_batch_size``).
 
-        Returns ``loss`` and ``accumulated_loss`` (the window's summed loss so far; detached 0-dim tensors on the
-        loss's device), ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
-        ``effective_batch_size`` (``docs/configuration.md``). Nothing is read from the device.
+        Returns:
+            ``loss``, ``accumulated_loss`` (the window's summed loss so far; both detached 0-dim tensors on the
+            loss's device), ``accumulation_step``, ``should_optimize``, ``applied``, ``accumulation_steps`` and
+            ``effective_batch_size`` (``docs/configuration.md``). Nothing is read from the device.
         """
         opt = self._require()
         if not isinstance(loss, Tensor):
@@ -209,9 +209,7 @@ class GradientAccumulator:
 
     def _effective_batch(self, k: int, micro: float | None) -> int | None:
         """Samples of the last closed window; before the first, K x the micro-batch size ``micro``."""
-        if self._last_samples is not None:
-            return round(self._last_samples)
-        return None if micro is None else round(k * micro)
+        return round(k * micro) if self._last_samples is None and micro is not None else self.effective_batch_size
 
     @property
     def effective_batch_size(self) -> int | None:
@@ -233,7 +231,6 @@ class GradientAccumulator:
                                     100 * frac, self.device, 100 * threshold)
             self._memory.append(frac)
 
-    # ------------------------------------------------------ memory-aware path
     @property
     def pending_batches(self) -> int:
         """Loader batches held for the open window by :meth:`accumulate_batch` (MEMORY_AWARE)."""
@@ -304,7 +301,6 @@ class GradientAccumulator:
         """Clear gradients outside the pending window (safe after every micro-batch)."""
         self._require().zero_grad()
 
-    # ------------------------------------------------------------------ state
     def _state(self, s: Mapping[str, Any]) -> AccumulationState:
         opt = self._require()
         skipped = int(s["skipped_updates"])

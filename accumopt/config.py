@@ -59,8 +59,8 @@ def _enum(name: str, value: Any, cls: type[_E]) -> _E:
         for member in cls:
             if value.lower() in (member.value, member.name.lower()):
                 return member
-    expected = ", ".join(f"{cls.__name__}.{m.name}" for m in cls)
-    raise (ValueError if isinstance(value, str) else TypeError)(f"Invalid {name}: {value!r} (expected one of {expected})")
+    error = ValueError if isinstance(value, str) else TypeError
+    raise error(f"Invalid {name}: {value!r} (expected one of {', '.join(f'{cls.__name__}.{m.name}' for m in cls)})")
 
 
 def _unused(what: str, why: str, level: int = 5) -> None:
@@ -110,7 +110,6 @@ class GradientAccumulationConfig:
     checkpoint_every: int | None = None
     checkpoint_path: str | None = None
 
-    # ------------------------------------------------------------------ checks
     def __post_init__(self) -> None:
         self.mode = _enum("mode", self.mode, AccumulationMode)
         self.strategy = _enum("strategy", self.strategy, AccumulationStrategy)
@@ -341,9 +340,9 @@ class GradientAccumulationConfig:
             if unmatched:
                 raise ValueError(f"Invalid {option}: {unmatched!r} match no parameter name "
                                  f"(names look like {names[:4]!r})")
-        gw, n = self.parameter_group_weights, len(optimizer.param_groups)
         if self.strategy is not AccumulationStrategy.PARAMETER_GROUPS:
             return
+        gw, n = self.parameter_group_weights, len(optimizer.param_groups)
         valid = set(range(n)) | {f"group_{i}" for i in range(n)}
         for key in gw if isinstance(gw, Mapping) else ():
             if isinstance(key, bool) or key not in valid:
@@ -353,7 +352,6 @@ class GradientAccumulationConfig:
             raise ValueError(f"Invalid parameter_group_weights: {list(gw)!r} (expected {n} weights, one per "
                              "param group)")
 
-    # -------------------------------------------------------------- mapping
     @property
     def k(self) -> int:
         """The (first) K: ``accumulation_steps`` once resolved."""

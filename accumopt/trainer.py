@@ -78,7 +78,6 @@ class GradientAccumulationTrainer:
         self._epoch_rng: dict[str, Any] | None = None  # the RNG state the epoch's data order is drawn from
         self._ep: dict[str, Any] = dict(_NEW_EPOCH)  # the open epoch's totals
 
-    # ------------------------------------------------------------------ setup
     def setup_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        criterion: Callable[[Any, Any], Tensor], scheduler: Any = None) -> None:
         """Move the model to the device, wrap the optimizer (the plain torch one) and clear its gradients; the
@@ -88,9 +87,7 @@ class GradientAccumulationTrainer:
         device = self._device()
         model.to(device)
         for st in optimizer.state.values():  # state from an earlier run, if any
-            for k, v in list(st.items()):
-                if isinstance(v, Tensor) and v.ndim:
-                    st[k] = v.to(device)
+            st.update({k: v.to(device) for k, v in st.items() if isinstance(v, Tensor) and v.ndim})
         self.accumulator.setup(model, optimizer, scheduler)
         self.model, self.optimizer, self.scheduler = model, self.accumulator.optimizer, scheduler
         self.criterion, self.device = criterion, device
@@ -123,23 +120,22 @@ class GradientAccumulationTrainer:
             output = model(data)
             return output, criterion(output, target)
 
-    # ------------------------------------------------------------------- step
     def train_step(self, data_batch: Any, target_batch: Any) -> dict[str, Any]:
         """One micro-batch weighted by its sample count; returns the accumulator's dict plus ``output_shape``,
         ``target_shape``, ``num_samples`` and ``loss_samples`` (the samples ``loss`` averages over)."""
         self._parts()
         n = batch_size_of(target_batch)
-        shape = getattr(target_batch, "shape", None)
         if self.config.strategy is AccumulationStrategy.MEMORY_AWARE:
             # The batches stay where the loader put them until the MicroBatcher moves each micro-batch.
             result = self.accumulator.accumulate_batch((data_batch, target_batch), self._micro_loss)
-            result.update(num_samples=n, loss_samples=result.pop("window_samples"), output_shape=None,
-                          target_shape=shape)
-            return result
-        output, loss = self._forward(_to(data_batch, self.device), _to(target_batch, self.device))
-        result = self.accumulator.accumulate_gradients(loss, weight=n, num_samples=n)
-        self.accumulator.zero_grad()
-        result.update(num_samples=n, loss_samples=n, output_shape=getattr(output, "shape", None), target_shape=shape)
+            loss_samples, output_shape = result.pop("window_samples"), None
+        else:
+            output, loss = self._forward(_to(data_batch, self.device), _to(target_batch, self.device))
+            result = self.accumulator.accumulate_gradients(loss, weight=n, num_samples=n)
+            self.accumulator.zero_grad()
+            loss_samples, output_shape = n, getattr(output, "shape", None)
+        result.update(num_samples=n, loss_samples=loss_samples, output_shape=output_shape,
+                      target_shape=getattr(target_batch, "shape", None))
         return result
 
     def _micro_loss(self, micro: Batch) -> Tensor:
@@ -147,7 +143,6 @@ class GradientAccumulationTrainer:
         data, target = micro
         return self._forward(_to(data, self.device), _to(target, self.device))[1]
 
-    # ------------------------------------------------------------------ epoch
     def train_epoch(self, train_loader: Iterable[Any]) -> dict[str, Any]:
         """Train one epoch and apply its last partial window; returns the epoch's record (``docs/configuration.md``)."""
         model, opt, _ = self._parts()
@@ -189,18 +184,15 @@ class GradientAccumulationTrainer:
         elapsed = time.perf_counter() - t0
         count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
         epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
-        record = {
-            "epoch": self.current_epoch, "epoch_loss": epoch_loss, "num_batches": self._pos,
-            "num_samples": ep["samples"], "optimization_steps": ep["updates"],
-            "accumulation_steps": opt.accumulation_steps, "effective_batch_size": ep["batch"],
-            "lr": float(opt.param_groups[0]["lr"]), "time": elapsed,
-            "samples_per_second": t_samples / elapsed if elapsed > 0 else 0.0,
-        }
+        record = {"epoch": self.current_epoch, "epoch_loss": epoch_loss, "num_batches": self._pos,
+                  "num_samples": ep["samples"], "optimization_steps": ep["updates"],
+                  "accumulation_steps": opt.accumulation_steps, "effective_batch_size": ep["batch"],
+                  "lr": float(opt.param_groups[0]["lr"]), "time": elapsed,
+                  "samples_per_second": t_samples / elapsed if elapsed > 0 else 0.0}
         if bar is not None:
             bar.set_postfix_str(self._postfix(epoch_loss, record["samples_per_second"]))
             bar.close()
-        self._pos = 0
-        self._ep = dict(_NEW_EPOCH)
+        self._pos, self._ep = 0, dict(_NEW_EPOCH)
         return record
 
     def _add_loss(self, ep: dict[str, Any], loss: Tensor, samples: int) -> None:
@@ -237,7 +229,6 @@ class GradientAccumulationTrainer:
         if applied and cfg.checkpoint_every and cfg.checkpoint_path and n % cfg.checkpoint_every == 0:
             self.save_checkpoint(cfg.checkpoint_path)
 
-    # ------------------------------------------------------------------ train
     def train(self, train_loader: Iterable[Any], num_epochs: int = 1, *,
               resume_from: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
         """Train ``num_epochs`` epochs (continuing from a checkpoint file if given); returns the history."""
@@ -253,7 +244,6 @@ class GradientAccumulationTrainer:
             self.current_epoch += 1
         return self.training_history
 
-    # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write model, optimizer, accumulation, scheduler, RNG and epoch position atomically (``opt.save``)."""
         model, _, _ = self._parts()
