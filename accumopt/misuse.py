@@ -1,28 +1,7 @@
-"""Misuse the wrapper can see for free, reported once per wrapper with what to do.
+"""Misuse the wrapper can see for free, reported once per wrapper with what to do (table: docs/core.md).
 
-Everything here is Python-side bookkeeping (object identity, counters, version
-counters): nothing reads a device value, so a micro-step that does not update
-stays free of host synchronisation.
-
-=====================================  ==========================================
-what happened                          what the wrapper does
-=====================================  ==========================================
-a pending window's ``.grad`` cleared   raises ``RuntimeError`` (mode="inplace":
-(``model.zero_grad()``)                the window is lost) naming ``opt.zero_grad()``
-                                       and ``mode="buffered"``
-an LR scheduler stepped more often     warns: for ``scheduler=``, its ``last_epoch``
-than real updates                      against the updates; for one built on the
-                                       wrapper or the inner optimizer, the LR changing
-                                       inside windows again and again
-``.grad`` changed in place between     warns (mode="inplace"): ``clip_grad_norm_``
-micro-steps (``clip_grad_norm_``)      clipped a partial sum
-a window pending when the wrapper      warns, naming ``flush()``
-is destroyed or the program ends
-a parameter's dtype or device          the storage is planned again at the next
-changed after wrapping                 window start (bf16 parameters get fp32 sums)
-``copy.deepcopy`` / pickle mid-window  the in-place sums (``.grad``) travel with
-                                       the copy (see the wrapper's ``__getstate__``)
-=====================================  ==========================================
+Everything here is Python-side bookkeeping (object identity, counters, version counters): nothing reads a
+device value, so a micro-step that does not update stays free of host synchronisation.
 """
 
 from __future__ import annotations
@@ -51,9 +30,8 @@ class _Gone:
     pass
 
 
-_gone = _Gone()
-_ABSENT: "weakref.ref[Any]" = weakref.ref(_gone)  # recorded for a parameter without a gradient
-del _gone  # dead from now on: calling it gives None, as for a gradient that was freed
+# Recorded for a parameter without a gradient: dead from the start, so calling it gives None, as for a freed gradient.
+_ABSENT: "weakref.ref[Any]" = weakref.ref(_Gone())
 
 
 def _ref(grad: Tensor | None) -> "weakref.ref[Any]":
@@ -66,8 +44,7 @@ class MisuseWarning(UserWarning):
 
 
 class _Counter:
-    """Counts gradient accumulations into one parameter's ``.grad`` (a post-accumulate-grad hook), and
-    whether one of them found ``.grad`` cleared (``None``) before adding into it."""
+    """Counts accumulations into one parameter's ``.grad``, and whether one found ``.grad`` cleared (None)."""
 
     __slots__ = ("n", "found_none", "_param")
 
@@ -131,17 +108,8 @@ def _lr_key(lr: Any) -> Any:
 class MisuseDetector:
     """Watches the loop around one wrapper; each check costs a few Python operations per micro-step.
 
-    The wrapper calls :meth:`on_micro_step` at the start of each ``step()`` (before it
-    changes anything), :meth:`after_micro_step` at its end, and :meth:`attach` once it
-    exists (and again in a copy).
-
-    Args:
-        optimizer: the wrapped optimizer (its ``param_groups`` and scheduler patch).
-        store: the gradient storage (which sums live in ``.grad``).
-        window: the accumulation window.
-        sync: the data-parallel synchronisation (whose reductions rewrite ``.grad``).
-        stats: the statistics (the count of real updates).
-        scheduler: the scheduler given as ``scheduler=`` (None: none).
+    The wrapper calls :meth:`on_micro_step` at the start of each ``step()`` (before it changes anything),
+    :meth:`after_micro_step` at its end, and :meth:`attach` once it exists (and again in a copy).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: GradientStore, window: Window, sync: GradSync,
@@ -199,9 +167,8 @@ class MisuseDetector:
         seen = self._seen
         if seen is not None and not all(map(is_, map(_grad_of, self._params), map(_deref, seen))):
             self._check_replaced(seen)
-        grad: Tensor | None = None if self._sentinel is None else self._sentinel.grad
-        same = grad is not None and grad is self._s_grad()
-        if same and grad is not None and not self.sync.distributed and \
+        grad = None if self._sentinel is None else self._sentinel.grad
+        if grad is not None and grad is self._s_grad() and not self.sync.distributed and \
                 grad._version - self._s_version > self._counter.n - self._s_count:
             self._report("clip", _CLIPPED)
         lr = _lr_key(self.optimizer.param_groups[0]["lr"])
@@ -285,10 +252,9 @@ class MisuseDetector:
 
     # ------------------------------------------------------------------ copies
     def carry(self) -> list[Tensor | None] | None:
-        """The pending in-place sums, which a copy of the wrapper must take along (None: none pending).
+        """The pending in-place sums, which a copy must take along (None: none pending).
 
-        They live in the parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a
-        parameter leave behind.
+        They live in the parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a parameter leave behind.
         """
         if not self.window.count or not self._params:
             return None
