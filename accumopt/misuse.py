@@ -26,12 +26,8 @@ _grad_of = attrgetter("grad")
 _deref = weakref.ref.__call__  # what a recorded reference points to now (None: gone)
 
 
-class _Gone:
-    pass
-
-
 # Recorded for a parameter without a gradient: dead from the start, so calling it gives None, as for a freed gradient.
-_ABSENT: "weakref.ref[Any]" = weakref.ref(_Gone())
+_ABSENT: "weakref.ref[Any]" = weakref.ref(set())
 
 
 def _ref(grad: Tensor | None) -> "weakref.ref[Any]":
@@ -62,12 +58,11 @@ class _Counter:
         if param is not None and param.grad is None:
             self.found_none = True
 
-
-def _count_accumulations(param: Tensor, counter: _Counter) -> list[RemovableHandle]:
-    counter._param = weakref.ref(param)  # weak: the hooks live on the parameter
-    before: RemovableHandle = param.register_hook(counter.before)  # type: ignore[no-untyped-call]
-    after: RemovableHandle = param.register_post_accumulate_grad_hook(counter)  # type: ignore[no-untyped-call]
-    return [before, after]
+    def hook(self, param: Tensor) -> list[RemovableHandle]:
+        """Count on ``param`` from now on; the handles of both hooks."""
+        self._param = weakref.ref(param)  # weak: the hooks live on the parameter
+        before: RemovableHandle = param.register_hook(self.before)  # type: ignore[no-untyped-call]
+        return [before, param.register_post_accumulate_grad_hook(self)]  # type: ignore[no-untyped-call]
 
 
 class _Pending:
@@ -90,8 +85,7 @@ def _release(pending: _Pending, hooks: list[RemovableHandle]) -> None:
     for handle in hooks:
         handle.remove()
     hooks.clear()
-    count = pending.lost()
-    if count:
+    if count := pending.lost():
         warnings.warn(
             f"An AccumulatingOptimizer was destroyed (or the program ended) with {count} micro-batch(es) "
             "pending in its accumulation window: their gradients were never applied. Call opt.flush() after the "
@@ -131,7 +125,6 @@ class MisuseDetector:
         self._record()
         self._offset: int | None = None  # a scheduler restored before the first micro-step is its own business
 
-    # ------------------------------------------------------------------ layout
     def _plan(self) -> None:
         """Which parameters sum in ``.grad``; the one whose accumulations are counted (hook moved to it)."""
         self._groups = len(self.store.groups)
@@ -144,13 +137,12 @@ class MisuseDetector:
             self._hooks.clear()
         self._sentinel = sentinel
         if sentinel is not None and not self._hooks:
-            self._hooks.extend(_count_accumulations(sentinel, self._counter))
+            self._hooks.extend(self._counter.hook(sentinel))
 
     def attach(self, owner: object) -> None:
         """Warn if ``owner`` (the wrapper) is destroyed, or the program ends, with its window pending."""
         weakref.finalize(owner, _release, self._pending, self._hooks)
 
-    # ------------------------------------------------------------------ the loop
     def on_micro_step(self, owner: Any) -> None:
         """Check what happened since the last micro-step (raise before the wrapper changes anything)."""
         if len(self.store.groups) != self._groups:  # add_param_group
@@ -168,11 +160,10 @@ class MisuseDetector:
         if seen is not None and not all(map(is_, map(_grad_of, self._params), map(_deref, seen))):
             self._check_replaced(seen)
         grad = None if self._sentinel is None else self._sentinel.grad
-        if grad is not None and grad is self._s_grad() and not self.sync.distributed and \
+        if grad is self._s_grad() and grad is not None and not self.sync.distributed and \
                 grad._version - self._s_version > self._counter.n - self._s_count:
             self._report("clip", _CLIPPED)
-        lr = _lr_key(self.optimizer.param_groups[0]["lr"])
-        if lr != self._lr:
+        if _lr_key(self.optimizer.param_groups[0]["lr"]) != self._lr:
             self._lr_changed(owner)
 
     def after_micro_step(self) -> None:
@@ -203,7 +194,6 @@ class MisuseDetector:
         self._lr = _lr_key(self.optimizer.param_groups[0]["lr"])
         self._offset = 0 if self.scheduler is None else self.scheduler.last_epoch - self.stats.updates
 
-    # ------------------------------------------------------------------ checks
     def _check_replaced(self, seen: list[weakref.ref[Any]]) -> None:
         """Some ``.grad`` is not the tensor of the last micro-step: legitimate, or the window is lost."""
         lost = []
@@ -250,12 +240,9 @@ class MisuseDetector:
             self.reported.add(kind)
             warnings.warn(message, MisuseWarning, stacklevel=5)
 
-    # ------------------------------------------------------------------ copies
     def carry(self) -> list[Tensor | None] | None:
-        """The pending in-place sums, which a copy must take along (None: none pending).
-
-        They live in the parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a parameter leave behind.
-        """
+        """The pending in-place sums, which a copy must take along (None: none pending): they live in the
+        parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a parameter leave behind."""
         if not self.window.count or not self._params:
             return None
         return [p.grad for p in self._params]
@@ -267,19 +254,15 @@ class MisuseDetector:
                 p.grad = g
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_hooks"] = []  # the hook and its handle belong to the original's parameter
-        state["_counter"] = _Counter()
-        state["_seen"] = None  # weak references: the copy records its own at its next micro-step
-        state["_s_grad"] = None  # set again below
-        return state
+        # The hooks belong to the original's parameter; weak references (set again on arrival) are not copied:
+        # the copy records its own at its next micro-step.
+        return {**self.__dict__, "_hooks": [], "_counter": _Counter(), "_seen": None, "_s_grad": None, "_s_count": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._s_grad = _ABSENT
         if self._sentinel is not None:
-            self._hooks.extend(_count_accumulations(self._sentinel, self._counter))
-        self._s_count = 0
+            self._hooks.extend(self._counter.hook(self._sentinel))
 
 
 _SCHEDULER_GIVEN = (

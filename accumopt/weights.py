@@ -1,10 +1,9 @@
 """Per-parameter accumulation weights: layer patterns, param-group weights, exclusions (docs/weights.md).
 
 A parameter's weight multiplies its averaged gradient before clipping and the optimizer step: the product of its
-``layer_weights`` entry (exact name first, then the pattern with the most literal characters, then the first
-listed), its ``group_weights`` entry and its group's ``accumulation_weight`` key, each 1 by default. A weight of 0
-or an ``exclude`` entry excludes the parameter: no buffer, its ``.grad`` released at every ``step()``, never seen
-by the wrapped optimizer. Weights are fixed when the wrapper is built (or the group added).
+``layer_weights`` entry, its ``group_weights`` entry and its group's ``accumulation_weight`` (each 1 by default);
+0 or ``exclude`` keeps it out of the wrapped optimizer entirely. Weights are fixed when the wrapper is built (or
+the group added).
 """
 
 from __future__ import annotations
@@ -39,12 +38,9 @@ class ParamNames(Mapping[int, str]):
     """
 
     def __init__(self, pairs: Iterable[tuple[Tensor, str]]) -> None:
-        self._build(list(pairs))
-
-    def _build(self, pairs: list[tuple[Tensor, str]]) -> None:
-        self._pairs = pairs
-        self._index = {id(p): n for p, n in pairs}
-        self._objects = {id(p): p for p, _ in pairs}
+        self._pairs = list(pairs)
+        self._index = {id(p): n for p, n in self._pairs}
+        self._objects = {id(p): p for p, _ in self._pairs}
 
     def __getitem__(self, key: int) -> str:
         return self._index[key]
@@ -63,16 +59,15 @@ class ParamNames(Mapping[int, str]):
         return {"pairs": self._pairs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._build(list(state["pairs"]))
+        ParamNames.__init__(self, state["pairs"])
 
 
 def parameter_names(model: torch.nn.Module) -> ParamNames:
     """``{id(param): name}`` for ``model``, without the names' wrapper components (DDP's ``module.``,
     ``torch.compile``'s ``_orig_mod.``, FSDP1 and checkpoint wrappers)."""
     inner = model
-    while isinstance(getattr(inner, "module", None), torch.nn.Module) and (
-        hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)
-    ):
+    while isinstance(getattr(inner, "module", None), torch.nn.Module) and \
+            (hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)):
         inner = getattr(inner, "module")
     return ParamNames((p, clean_name(n)) for n, p in inner.named_parameters())
 
@@ -89,15 +84,10 @@ def pattern_specificity(pattern: str) -> int:
         if c in "*?":
             continue
         if c == "[":
-            j = i
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j < n:  # a complete class: one wildcard position
-                i = j + 1
+            j = i + pattern.startswith("!", i)  # past a negation
+            end = pattern.find("]", j + pattern.startswith("]", j))  # a "]" first in the class is literal
+            if end >= 0:  # a complete class: one wildcard position
+                i = end + 1
                 continue
         count += 1
     return count
@@ -162,9 +152,7 @@ class WeightResolver:
         check_group_weight(group, len(self._param_groups))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_layer"]  # keyed by id: rebuilt from the (copied) parameters
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != "_layer"}  # keyed by id: rebuilt from the copies
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -39,8 +39,7 @@ def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
         target = getattr(obj, "optimizer", None)
         if target is not None and not isinstance(obj, AccumulatingOptimizer) and hasattr(obj, "get_last_lr") \
                 and (id(target) in owners or isinstance(target, AccumulatingOptimizer)):
-            raise ValueError(
-                f"Invalid prepare({type(obj).__name__}) of a scheduler on an AccumulatingOptimizer (Accelerate "
-                "would step it on every micro-batch): pass it as AccumulatingOptimizer(..., scheduler=...), which "
-                "steps it once per real update")
+            raise ValueError(f"Invalid prepare({type(obj).__name__}) of a scheduler on an AccumulatingOptimizer "
+                             "(Accelerate would step it on every micro-batch): pass it as "
+                             "AccumulatingOptimizer(..., scheduler=...), which steps it once per real update")
     return accelerator.prepare(*objects, **kwargs)

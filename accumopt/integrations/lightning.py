@@ -24,17 +24,6 @@ def accumulating_optimizers(trainer: Any) -> list[AccumulatingOptimizer]:
     return [o for o in map(unwrap_optimizer, trainer.optimizers) if isinstance(o, AccumulatingOptimizer)]
 
 
-def _zero_grad_keeping_windows(pl_module: Any, optimizers: list[AccumulatingOptimizer]) -> None:
-    """``model.zero_grad()`` that keeps the pending windows: each wrapper clears what is not part of its window."""
-    kept: set[int] = set()
-    for opt in optimizers:
-        opt.zero_grad()  # keeps in-place sums in .grad
-        kept.update(id(p) for group in opt.param_groups for p in group["params"])
-    for p in pl_module.parameters():
-        if id(p) not in kept:
-            p.grad = None
-
-
 class AccumulationCallback(Callback):
     """Checks the Trainer's settings for accumopt and applies the partial window at each epoch's end.
 
@@ -62,21 +51,18 @@ class AccumulationCallback(Callback):
                 f"Invalid Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) with accumopt "
                 "(expected 1: the AccumulatingOptimizer accumulates; Lightning would accumulate on top of it)")
         if trainer.gradient_clip_val:
-            raise ValueError(
-                f"Invalid Trainer(gradient_clip_val={trainer.gradient_clip_val}) with accumopt (it clips every "
-                "micro-batch's partial sum): pass max_grad_norm= to the AccumulatingOptimizer, which clips the "
-                "whole window once")
+            raise ValueError(f"Invalid Trainer(gradient_clip_val={trainer.gradient_clip_val}) with accumopt (it clips "
+                             "every micro-batch's partial sum): pass max_grad_norm= to the AccumulatingOptimizer, "
+                             "which clips the whole window once")
         optimizers = accumulating_optimizers(trainer)
         if not optimizers:
             raise ValueError("AccumulationCallback: configure_optimizers returned no AccumulatingOptimizer")
         for config in trainer.lr_scheduler_configs:
-            target = unwrap_optimizer(config.scheduler.optimizer)
-            if config.interval == "step" and any(target is o for o in optimizers):
-                raise ValueError(
-                    f"Invalid lr scheduler {type(config.scheduler).__name__} with interval='step' on an "
-                    "AccumulatingOptimizer (Lightning would step it on every micro-batch): build it on the "
-                    "wrapped optimizer and pass it as AccumulatingOptimizer(..., scheduler=...), which steps it "
-                    "once per real update")
+            if config.interval == "step" and any(unwrap_optimizer(config.scheduler.optimizer) is o for o in optimizers):
+                raise ValueError(f"Invalid lr scheduler {type(config.scheduler).__name__} with interval='step' on an "
+                                 "AccumulatingOptimizer (Lightning would step it on every micro-batch): build it on "
+                                 "the wrapped optimizer and pass it as AccumulatingOptimizer(..., scheduler=...), "
+                                 "which steps it once per real update")
         self._patch_module_hooks(trainer, pl_module)
 
     def _patch_module_hooks(self, trainer: Any, pl_module: Any) -> None:
@@ -88,10 +74,16 @@ class AccumulationCallback(Callback):
 
         def on_validation_model_zero_grad() -> None:
             optimizers = accumulating_optimizers(trainer)
-            if any(opt.pending for opt in optimizers):
-                _zero_grad_keeping_windows(pl_module, optimizers)
-            else:
+            if not any(opt.pending for opt in optimizers):
                 zero_grad()
+                return
+            kept: set[int] = set()  # keep the pending windows: each wrapper clears what is not part of its window
+            for opt in optimizers:
+                opt.zero_grad()  # keeps in-place sums in .grad
+                kept.update(id(p) for group in opt.param_groups for p in group["params"])
+            for p in pl_module.parameters():
+                if id(p) not in kept:
+                    p.grad = None
 
         def optimizer_step_then_flush(epoch: int, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
             result = optimizer_step(epoch, batch_idx, *args, **kwargs)
@@ -136,9 +128,7 @@ class AccumulationCallback(Callback):
         # training: in mode="inplace" that wipes a restored mid-window sum (it lives in .grad).
         # Restore those optimizers once more, now that nothing else clears gradients.
         states, self._optimizer_states = self._optimizer_states, None
-        if not states:
-            return
-        for optimizer, state in zip(trainer.optimizers, states):
+        for optimizer, state in zip(trainer.optimizers, states or []):
             opt = unwrap_optimizer(optimizer)
             if isinstance(opt, AccumulatingOptimizer) and opt.pending:
                 opt.load_state_dict(state)

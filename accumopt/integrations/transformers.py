@@ -1,11 +1,8 @@
 """Hugging Face ``Trainer`` with accumopt doing the gradient accumulation (docs/integrations.md).
 
 ``AccumulatingTrainer`` is a drop-in ``transformers.Trainer`` that hands ``gradient_accumulation_steps`` to an
-:class:`~accumopt.AccumulatingOptimizer`: micro-batches weighted by their ``num_items_in_batch``, the scheduler
-stepped, the window clipped and ``global_step`` counted once per real update, mid-window checkpoints resumed
-bit-identically. The Trainer itself runs on a copy of the arguments with ``gradient_accumulation_steps=1`` and
-``max_grad_norm=0``; windows never span epochs. Refused: a train dataloader without a length, fp16 loss scaling
-through Accelerate's ``GradScaler``, DeepSpeed.
+:class:`~accumopt.AccumulatingOptimizer`; the Trainer itself runs on a copy of the arguments with
+``gradient_accumulation_steps=1`` and ``max_grad_norm=0``. Windows never span epochs.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import math
 from typing import Any, cast
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, __version__ as transformers_version
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
 from .._checks import weight_dtype
@@ -41,12 +38,6 @@ class _PerUpdateScheduler:
         if self._accumulating.stepped:
             self.scheduler.step(*args, **kwargs)
 
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.scheduler.state_dict())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
-
     def __getattr__(self, name: str) -> Any:
         if name == "scheduler":  # not set yet (unpickling): do not recurse
             raise AttributeError(name)
@@ -65,15 +56,12 @@ class _WindowCallbackHandler(CallbackHandler):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> Any:
         opt = self.trainer.accumulating_optimizer
-        if opt is None or opt.pending == 0:  # the first micro-batch of a window
-            return super().on_step_begin(args, state, control)
-        return control
+        first = opt is None or opt.pending == 0  # the first micro-batch of a window
+        return super().on_step_begin(args, state, control) if first else control
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> Any:
-        if self.trainer._closing:
-            return super().on_pre_optimizer_step(args, state, control)
-        return control
+        return super().on_pre_optimizer_step(args, state, control) if self.trainer._closing else control
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> Any:
@@ -116,30 +104,26 @@ class AccumulatingTrainer(Trainer):
                  accumulation_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         missing = [name for name in _REQUIRED if not hasattr(Trainer, name)]
         if missing:
-            import transformers
-
             raise ImportError(f"AccumulatingTrainer needs the transformers 5 Trainer (missing {missing} in "
-                              f"transformers {transformers.__version__})")
+                              f"transformers {transformers_version})")
         positional = list(args)
         training_args = positional[1] if len(positional) > 1 else kwargs.get("args")
         if training_args is None:
             training_args = TrainingArguments(output_dir="trainer_output")
         if not isinstance(training_args, TrainingArguments):
             raise TypeError(f"Invalid args: {type(training_args).__name__} (expected transformers.TrainingArguments)")
-        k = _resolve_k(accumulation_steps, training_args.gradient_accumulation_steps)
-        extra = dict(accumulation_kwargs or {})
-        extra.setdefault("track_grad_norm", True)  # the Trainer logs grad_norm: the window's, here
+        self._k = _resolve_k(accumulation_steps, training_args.gradient_accumulation_steps)
+        # The Trainer logs grad_norm: the window's, here.
+        self._accumulation_kwargs = {"track_grad_norm": True, **(accumulation_kwargs or {})}
         for key in ("mode", "max_grad_norm", "scheduler", "model"):
-            if key in extra:
+            if key in self._accumulation_kwargs:
                 raise ValueError(f"Invalid accumulation_kwargs: {key!r} is set by AccumulatingTrainer "
                                  f"({_SET_BY_TRAINER[key]})")
         optimizers = kwargs.get("optimizers", (None, None))
         if optimizers and isinstance(optimizers[0], AccumulatingOptimizer):
             raise TypeError("Invalid optimizers: an AccumulatingOptimizer (expected the plain torch optimizer; "
                             "AccumulatingTrainer wraps it itself)")
-        self._k = k
-        self._accumulation_kwargs = extra
-        self._max_grad_norm = training_args.max_grad_norm if training_args.max_grad_norm else None
+        self._max_grad_norm = training_args.max_grad_norm or None
         # The Trainer itself runs one micro-batch per "step" and never clips: a copy, yours is unchanged.
         inner_args = dataclasses.replace(training_args, gradient_accumulation_steps=1, max_grad_norm=0.0)
         if len(positional) > 1:
@@ -165,16 +149,14 @@ class AccumulatingTrainer(Trainer):
         self._grad_norm_out: torch.Tensor | None = None  # handed to the Trainer, filled after the update
         self._grad_norm_before: Any = None
 
-    # ------------------------------------------------------------- optimizer, scheduler
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the Trainer's optimizer (or take ``optimizers[0]``) and wrap it in accumopt."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         if isinstance(unwrap_optimizer(optimizer), AccumulatingOptimizer):  # Accelerate's wrapper, earlier train()
             return optimizer
-        self.accumulating_optimizer = AccumulatingOptimizer(
+        self.optimizer = self.accumulating_optimizer = AccumulatingOptimizer(
             optimizer, self._k, mode="buffered", max_grad_norm=self._max_grad_norm, model=self.model,
             **self._accumulation_kwargs)
-        self.optimizer = self.accumulating_optimizer
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
@@ -190,7 +172,6 @@ class AccumulatingTrainer(Trainer):
         self.lr_scheduler = _PerUpdateScheduler(scheduler, opt)  # type: ignore[assignment]
         return self.lr_scheduler
 
-    # ------------------------------------------------------------- counting in updates
     def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[Any, ...]:
         """The Trainer's training values with ``max_steps`` (and so the scheduler) counted in real updates."""
         (num_train_epochs, micro_per_epoch, num_examples, num_train_samples, total_batch,
@@ -222,8 +203,7 @@ class AccumulatingTrainer(Trainer):
         self._resume_micro = 0
         if resume_from_checkpoint is not None and self.state.epoch:
             # global_step counts updates; the micro-batches seen are in state.epoch = e + seen / per_epoch.
-            done = round(self.state.epoch * self._steps_in_epoch)
-            epochs_trained, skip = divmod(done, self._steps_in_epoch)
+            epochs_trained, skip = divmod(round(self.state.epoch * self._steps_in_epoch), self._steps_in_epoch)
             if self.args.ignore_data_skip:
                 skip = 0
             self._resume_micro = skip
@@ -238,7 +218,6 @@ class AccumulatingTrainer(Trainer):
                              f"(K={self._k}); resume with the same accumulation steps and data")
         return super()._run_epoch(*args, **kwargs)  # type: ignore[no-untyped-call]
 
-    # ------------------------------------------------------------- one micro-batch
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Forward and backward of one micro-batch, weighted by its ``num_items_in_batch``.
 
