@@ -1,28 +1,7 @@
-"""Misuse the wrapper can see for free, reported once per wrapper with what to do.
+"""Misuse the wrapper can see for free, reported once per wrapper with what to do (table: docs/core.md).
 
-Everything here is Python-side bookkeeping (object identity, counters, version
-counters): nothing reads a device value, so a micro-step that does not update
-stays free of host synchronisation.
-
-=====================================  ==========================================
-what happened                          what the wrapper does
-=====================================  ==========================================
-a pending window's ``.grad`` cleared   raises ``RuntimeError`` (mode="inplace":
-(``model.zero_grad()``)                the window is lost) naming ``opt.zero_grad()``
-                                       and ``mode="buffered"``
-an LR scheduler stepped more often     warns: for ``scheduler=``, its ``last_epoch``
-than real updates                      against the updates; for one built on the
-                                       wrapper or the inner optimizer, the LR changing
-                                       inside windows again and again
-``.grad`` changed in place between     warns (mode="inplace"): ``clip_grad_norm_``
-micro-steps (``clip_grad_norm_``)      clipped a partial sum
-a window pending when the wrapper      warns, naming ``flush()``
-is destroyed or the program ends
-a parameter's dtype or device          the storage is planned again at the next
-changed after wrapping                 window start (bf16 parameters get fp32 sums)
-``copy.deepcopy`` / pickle mid-window  the in-place sums (``.grad``) travel with
-                                       the copy (see the wrapper's ``__getstate__``)
-=====================================  ==========================================
+Everything here is Python-side bookkeeping (object identity, counters, version counters): nothing reads a
+device value, so a micro-step that does not update stays free of host synchronisation.
 """
 
 from __future__ import annotations
@@ -47,13 +26,8 @@ _grad_of = attrgetter("grad")
 _deref = weakref.ref.__call__  # what a recorded reference points to now (None: gone)
 
 
-class _Gone:
-    pass
-
-
-_gone = _Gone()
-_ABSENT: "weakref.ref[Any]" = weakref.ref(_gone)  # recorded for a parameter without a gradient
-del _gone  # dead from now on: calling it gives None, as for a gradient that was freed
+# Recorded for a parameter without a gradient: dead from the start, so calling it gives None, as for a freed gradient.
+_ABSENT: "weakref.ref[Any]" = weakref.ref(set())
 
 
 def _ref(grad: Tensor | None) -> "weakref.ref[Any]":
@@ -66,8 +40,7 @@ class MisuseWarning(UserWarning):
 
 
 class _Counter:
-    """Counts gradient accumulations into one parameter's ``.grad`` (a post-accumulate-grad hook), and
-    whether one of them found ``.grad`` cleared (``None``) before adding into it."""
+    """Counts accumulations into one parameter's ``.grad``, and whether one found ``.grad`` cleared (None)."""
 
     __slots__ = ("n", "found_none", "_param")
 
@@ -85,12 +58,11 @@ class _Counter:
         if param is not None and param.grad is None:
             self.found_none = True
 
-
-def _count_accumulations(param: Tensor, counter: _Counter) -> list[RemovableHandle]:
-    counter._param = weakref.ref(param)  # weak: the hooks live on the parameter
-    before: RemovableHandle = param.register_hook(counter.before)  # type: ignore[no-untyped-call]
-    after: RemovableHandle = param.register_post_accumulate_grad_hook(counter)  # type: ignore[no-untyped-call]
-    return [before, after]
+    def hook(self, param: Tensor) -> list[RemovableHandle]:
+        """Count on ``param`` from now on; the handles of both hooks."""
+        self._param = weakref.ref(param)  # weak: the hooks live on the parameter
+        before: RemovableHandle = param.register_hook(self.before)  # type: ignore[no-untyped-call]
+        return [before, param.register_post_accumulate_grad_hook(self)]  # type: ignore[no-untyped-call]
 
 
 class _Pending:
@@ -113,8 +85,7 @@ def _release(pending: _Pending, hooks: list[RemovableHandle]) -> None:
     for handle in hooks:
         handle.remove()
     hooks.clear()
-    count = pending.lost()
-    if count:
+    if count := pending.lost():
         warnings.warn(
             f"An AccumulatingOptimizer was destroyed (or the program ended) with {count} micro-batch(es) "
             "pending in its accumulation window: their gradients were never applied. Call opt.flush() after the "
@@ -131,17 +102,8 @@ def _lr_key(lr: Any) -> Any:
 class MisuseDetector:
     """Watches the loop around one wrapper; each check costs a few Python operations per micro-step.
 
-    The wrapper calls :meth:`on_micro_step` at the start of each ``step()`` (before it
-    changes anything), :meth:`after_micro_step` at its end, and :meth:`attach` once it
-    exists (and again in a copy).
-
-    Args:
-        optimizer: the wrapped optimizer (its ``param_groups`` and scheduler patch).
-        store: the gradient storage (which sums live in ``.grad``).
-        window: the accumulation window.
-        sync: the data-parallel synchronisation (whose reductions rewrite ``.grad``).
-        stats: the statistics (the count of real updates).
-        scheduler: the scheduler given as ``scheduler=`` (None: none).
+    The wrapper calls :meth:`on_micro_step` at the start of each ``step()`` (before it changes anything),
+    :meth:`after_micro_step` at its end, and :meth:`attach` once it exists (and again in a copy).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: GradientStore, window: Window, sync: GradSync,
@@ -163,7 +125,6 @@ class MisuseDetector:
         self._record()
         self._offset: int | None = None  # a scheduler restored before the first micro-step is its own business
 
-    # ------------------------------------------------------------------ layout
     def _plan(self) -> None:
         """Which parameters sum in ``.grad``; the one whose accumulations are counted (hook moved to it)."""
         self._groups = len(self.store.groups)
@@ -176,13 +137,12 @@ class MisuseDetector:
             self._hooks.clear()
         self._sentinel = sentinel
         if sentinel is not None and not self._hooks:
-            self._hooks.extend(_count_accumulations(sentinel, self._counter))
+            self._hooks.extend(self._counter.hook(sentinel))
 
     def attach(self, owner: object) -> None:
         """Warn if ``owner`` (the wrapper) is destroyed, or the program ends, with its window pending."""
         weakref.finalize(owner, _release, self._pending, self._hooks)
 
-    # ------------------------------------------------------------------ the loop
     def on_micro_step(self, owner: Any) -> None:
         """Check what happened since the last micro-step (raise before the wrapper changes anything)."""
         if len(self.store.groups) != self._groups:  # add_param_group
@@ -199,13 +159,11 @@ class MisuseDetector:
         seen = self._seen
         if seen is not None and not all(map(is_, map(_grad_of, self._params), map(_deref, seen))):
             self._check_replaced(seen)
-        grad: Tensor | None = None if self._sentinel is None else self._sentinel.grad
-        same = grad is not None and grad is self._s_grad()
-        if same and grad is not None and not self.sync.distributed and \
+        grad = None if self._sentinel is None else self._sentinel.grad
+        if grad is self._s_grad() and grad is not None and not self.sync.distributed and \
                 grad._version - self._s_version > self._counter.n - self._s_count:
             self._report("clip", _CLIPPED)
-        lr = _lr_key(self.optimizer.param_groups[0]["lr"])
-        if lr != self._lr:
+        if _lr_key(self.optimizer.param_groups[0]["lr"]) != self._lr:
             self._lr_changed(owner)
 
     def after_micro_step(self) -> None:
@@ -236,7 +194,6 @@ class MisuseDetector:
         self._lr = _lr_key(self.optimizer.param_groups[0]["lr"])
         self._offset = 0 if self.scheduler is None else self.scheduler.last_epoch - self.stats.updates
 
-    # ------------------------------------------------------------------ checks
     def _check_replaced(self, seen: list[weakref.ref[Any]]) -> None:
         """Some ``.grad`` is not the tensor of the last micro-step: legitimate, or the window is lost."""
         lost = []
@@ -283,13 +240,9 @@ class MisuseDetector:
             self.reported.add(kind)
             warnings.warn(message, MisuseWarning, stacklevel=5)
 
-    # ------------------------------------------------------------------ copies
     def carry(self) -> list[Tensor | None] | None:
-        """The pending in-place sums, which a copy of the wrapper must take along (None: none pending).
-
-        They live in the parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a
-        parameter leave behind.
-        """
+        """The pending in-place sums, which a copy must take along (None: none pending): they live in the
+        parameters' ``.grad``, which ``copy.deepcopy`` and pickle of a parameter leave behind."""
         if not self.window.count or not self._params:
             return None
         return [p.grad for p in self._params]
@@ -301,19 +254,15 @@ class MisuseDetector:
                 p.grad = g
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_hooks"] = []  # the hook and its handle belong to the original's parameter
-        state["_counter"] = _Counter()
-        state["_seen"] = None  # weak references: the copy records its own at its next micro-step
-        state["_s_grad"] = None  # set again below
-        return state
+        # The hooks belong to the original's parameter; weak references (set again on arrival) are not copied:
+        # the copy records its own at its next micro-step.
+        return {**self.__dict__, "_hooks": [], "_counter": _Counter(), "_seen": None, "_s_grad": None, "_s_count": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._s_grad = _ABSENT
         if self._sentinel is not None:
-            self._hooks.extend(_count_accumulations(self._sentinel, self._counter))
-        self._s_count = 0
+            self._hooks.extend(self._counter.hook(self._sentinel))
 
 
 _SCHEDULER_GIVEN = (

@@ -1,26 +1,8 @@
-"""Per-parameter accumulation weights: layer patterns, param-group weights, exclusions.
+"""Per-parameter accumulation weights: layer patterns, param-group weights, exclusions (docs/weights.md).
 
-A parameter's accumulation weight multiplies its accumulated (averaged) gradient
-before clipping and the optimizer step. It is the product of
-
-* its **layer weight**: ``layer_weights={"encoder.*": 1.0, "head.weight": 0.5}``,
-  names or glob patterns (:func:`fnmatch.fnmatchcase`) over the names of
-  ``model.named_parameters()`` (wrapper prefixes such as DDP's ``module.`` and
-  ``torch.compile``'s ``_orig_mod.`` removed); default 1;
-* its **group weight**: ``group_weights`` (a sequence with one weight per param
-  group, or a mapping by group index or ``"group_<i>"``); default 1;
-* the **``accumulation_weight`` key** of its param group, if present (also for
-  groups added later with ``add_param_group``); default 1.
-
-Precedence among ``layer_weights`` entries: an exact name wins; otherwise the
-matching pattern with the most literal characters (characters other than ``*``,
-``?`` and ``[...]`` classes) wins; on a tie, the one listed first. Every entry
-must match at least one parameter name.
-
-A weight of 0, or a name/pattern/parameter in ``exclude``, *excludes* the
-parameter: no buffer, its ``.grad`` is released at every ``step()``, and the
-wrapped optimizer never sees a gradient for it, so it never moves (not even
-through AdamW's weight decay). Weights are fixed when the wrapper is built (or
+A parameter's weight multiplies its averaged gradient before clipping and the optimizer step: the product of its
+``layer_weights`` entry, its ``group_weights`` entry and its group's ``accumulation_weight`` (each 1 by default);
+0 or ``exclude`` keeps it out of the wrapped optimizer entirely. Weights are fixed when the wrapper is built (or
 the group added).
 """
 
@@ -39,9 +21,8 @@ from ._checks import check_real, weight_dtype
 __all__ = ["ParamNames", "WeightResolver", "check_micro_weight", "parameter_names", "pattern_specificity",
            "resolve_weights"]
 
-# Name components that wrappers insert into parameter names (torch.compile,
-# FSDP1, activation checkpointing; DDP's "module." is removed by unwrapping); users write
-# names of their own module.
+# Name components that wrappers insert into parameter names (torch.compile, FSDP1, activation checkpointing;
+# DDP's "module." is removed by unwrapping): users write names of their own module.
 _WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
@@ -53,17 +34,13 @@ def clean_name(name: str) -> str:
 class ParamNames(Mapping[int, str]):
     """``{id(param): name}`` that survives ``copy.deepcopy`` and pickle.
 
-    Ids change when parameters are copied; this holds the parameters themselves
-    and rebuilds the ids from them, so a copy maps onto the copied parameters.
+    It holds the parameters themselves and rebuilds the ids from them, so a copy maps onto the copied parameters.
     """
 
     def __init__(self, pairs: Iterable[tuple[Tensor, str]]) -> None:
-        self._build(list(pairs))
-
-    def _build(self, pairs: list[tuple[Tensor, str]]) -> None:
-        self._pairs = pairs
-        self._index = {id(p): n for p, n in pairs}
-        self._objects = {id(p): p for p, _ in pairs}
+        self._pairs = list(pairs)
+        self._index = {id(p): n for p, n in self._pairs}
+        self._objects = {id(p): p for p, _ in self._pairs}
 
     def __getitem__(self, key: int) -> str:
         return self._index[key]
@@ -82,19 +59,15 @@ class ParamNames(Mapping[int, str]):
         return {"pairs": self._pairs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._build(list(state["pairs"]))
+        ParamNames.__init__(self, state["pairs"])
 
 
 def parameter_names(model: torch.nn.Module) -> ParamNames:
-    """``{id(param): name}`` for ``model``, with wrapper prefixes removed.
-
-    DDP/DataParallel are unwrapped (their ``module.`` prefix disappears), as are
-    ``torch.compile``'s ``_orig_mod.`` and FSDP1/checkpoint-wrapper components.
-    """
+    """``{id(param): name}`` for ``model``, without the names' wrapper components (DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``, FSDP1 and checkpoint wrappers)."""
     inner = model
-    while isinstance(getattr(inner, "module", None), torch.nn.Module) and (
-        hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)
-    ):
+    while isinstance(getattr(inner, "module", None), torch.nn.Module) and \
+            (hasattr(inner, "require_backward_grad_sync") or isinstance(inner, torch.nn.DataParallel)):
         inner = getattr(inner, "module")
     return ParamNames((p, clean_name(n)) for n, p in inner.named_parameters())
 
@@ -102,7 +75,7 @@ def parameter_names(model: torch.nn.Module) -> ParamNames:
 def pattern_specificity(pattern: str) -> int:
     """Number of literal characters of a glob pattern (``*``, ``?`` and ``[...]`` count 0).
 
-    Follows :func:`fnmatch.translate`: a ``[`` without its closing ``]`` is literal.
+    As in :func:`fnmatch.translate`, a ``[`` without its closing ``]`` is literal.
     """
     count, i, n = 0, 0, len(pattern)
     while i < n:
@@ -111,15 +84,10 @@ def pattern_specificity(pattern: str) -> int:
         if c in "*?":
             continue
         if c == "[":
-            j = i
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j < n:  # a complete class: one wildcard position
-                i = j + 1
+            j = i + pattern.startswith("!", i)  # past a negation
+            end = pattern.find("]", j + pattern.startswith("]", j))  # a "]" first in the class is literal
+            if end >= 0:  # a complete class: one wildcard position
+                i = end + 1
                 continue
         count += 1
     return count
@@ -144,25 +112,20 @@ def _group_overrides(n: int, group_weights: Any) -> list[float]:
         return out
     if isinstance(group_weights, Mapping):
         for key, w in group_weights.items():
-            index = key
-            if isinstance(key, str) and key.startswith("group_") and key[6:].isdigit():
-                index = int(key[6:])
+            named = isinstance(key, str) and key.startswith("group_") and key[6:].isdigit()
+            index = int(key[6:]) if named else key
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
                 raise ValueError(
-                    f"Invalid group_weights key: {key!r} (expected a group index 0..{n - 1} or 'group_<i>')"
-                )
+                    f"Invalid group_weights key: {key!r} (expected a group index 0..{n - 1} or 'group_<i>')")
             out[index] = _check_weight(f"group_weights[{key!r}]", w)
         return out
     if isinstance(group_weights, Sequence) and not isinstance(group_weights, (str, bytes)):
         if len(group_weights) != n:
             raise ValueError(
-                f"Invalid group_weights: {list(group_weights)!r} (expected {n} weights, one per param group)"
-            )
+                f"Invalid group_weights: {list(group_weights)!r} (expected {n} weights, one per param group)")
         return [_check_weight(f"group_weights[{i}]", w) for i, w in enumerate(group_weights)]
-    raise TypeError(
-        f"Invalid group_weights: {group_weights!r} (expected a sequence with one weight per param group, "
-        "or a mapping by group index or 'group_<i>')"
-    )
+    raise TypeError(f"Invalid group_weights: {group_weights!r} (expected a sequence with one weight per param group, "
+                    "or a mapping by group index or 'group_<i>')")
 
 
 class WeightResolver:
@@ -189,9 +152,7 @@ class WeightResolver:
         check_group_weight(group, len(self._param_groups))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_layer"]  # keyed by id: rebuilt from the (copied) parameters
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != "_layer"}  # keyed by id: rebuilt from the copies
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -200,31 +161,23 @@ class WeightResolver:
     def __call__(self, group_index: int, p: Tensor) -> float:
         w = self._layer.get(id(p), 1.0) * self.group_weight(group_index)
         if not math.isfinite(w):
-            raise ValueError(
-                f"Invalid accumulation weight: {w} for a parameter of group {group_index} "
-                "(the product of its layer and group weights overflows; expected a finite number)"
-            )
+            raise ValueError(f"Invalid accumulation weight: {w} for a parameter of group {group_index} "
+                             "(the product of its layer and group weights overflows; expected a finite number)")
         return w
 
 
-def resolve_weights(
-    param_groups: list[dict[str, Any]],
-    names: ParamNames | None,
-    layer_weights: Mapping[str, float] | None = None,
-    group_weights: Any = None,
-    exclude: Iterable[str | Tensor] | str | None = None,
-) -> WeightResolver:
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatchcase(name, pattern)
+
+
+def resolve_weights(param_groups: list[dict[str, Any]], names: ParamNames | None,
+                    layer_weights: Mapping[str, float] | None = None, group_weights: Any = None,
+                    exclude: Iterable[str | Tensor] | str | None = None) -> WeightResolver:
     """Validate the weight arguments and return the per-parameter weight function.
 
-    Args:
-        param_groups: the wrapped optimizer's param groups.
-        names: ``{id(param): name}`` (see :func:`parameter_names`), or None without a model.
-        layer_weights: ``{name or glob pattern: weight >= 0}``.
-        group_weights: one weight per param group (sequence), or a mapping by index / ``"group_<i>"``.
-        exclude: names, glob patterns or parameters to exclude (weight 0).
-
-    Raises:
-        TypeError, ValueError: naming the offending entry; nothing is changed.
+    ``names`` is ``{id(param): name}`` (see :func:`parameter_names`), or None without a model; ``exclude`` holds
+    names, glob patterns or parameters. Raises ``TypeError``/``ValueError`` naming the offending entry, with
+    nothing changed.
     """
     overrides = _group_overrides(len(param_groups), group_weights)
     for i, g in enumerate(param_groups):
@@ -234,19 +187,13 @@ def resolve_weights(
     if layer_weights is not None:
         if not isinstance(layer_weights, Mapping):
             raise TypeError(
-                f"Invalid layer_weights: {layer_weights!r} (expected a mapping of parameter name or pattern to weight)"
-            )
+                f"Invalid layer_weights: {layer_weights!r} (expected a mapping of parameter name or pattern to weight)")
         for k, v in layer_weights.items():
             if not isinstance(k, str):
                 raise TypeError(f"Invalid layer_weights key: {k!r} (expected a parameter name or glob pattern)")
             patterns[k] = _check_weight(f"layer_weights[{k!r}]", v)
 
-    if exclude is None:
-        excluded: list[Any] = []
-    elif isinstance(exclude, (str, Tensor)):
-        excluded = [exclude]
-    else:
-        excluded = list(exclude)
+    excluded: list[Any] = [] if exclude is None else [exclude] if isinstance(exclude, (str, Tensor)) else list(exclude)
     excluded_names = [e for e in excluded if isinstance(e, str)]
     for e in excluded:
         if not isinstance(e, (str, Tensor)):
@@ -254,61 +201,46 @@ def resolve_weights(
 
     in_optimizer = {id(p): p for g in param_groups for p in g["params"]}
     layer: dict[int, float] = {}
-    if (patterns or excluded_names) and names is None:
-        raise ValueError(
-            "Invalid layer_weights/exclude: parameter names are needed to resolve "
-            f"{list(patterns) + excluded_names!r}; pass model=... (the module whose named_parameters() they refer to)"
-        )
-    if names is not None and (patterns or excluded_names):
+    named = list(patterns) + excluded_names
+    if named and names is None:
+        raise ValueError(f"Invalid layer_weights/exclude: parameter names are needed to resolve {named!r}; "
+                         "pass model=... (the module whose named_parameters() they refer to)")
+    if names is not None and named:
         by_name = {name: pid for pid, name in names.items()}
-        unmatched = [p for p in list(patterns) + excluded_names if p not in by_name and not any(fnmatchcase(n, p) for n in by_name)]
+        unmatched = [p for p in named if not any(_matches(n, p) for n in by_name)]
         if unmatched:
-            raise ValueError(
-                f"Invalid layer_weights/exclude: {unmatched!r} match no parameter name "
-                f"(names look like {sorted(by_name)[:4]!r})"
-            )
+            raise ValueError(f"Invalid layer_weights/exclude: {unmatched!r} match no parameter name "
+                             f"(names look like {sorted(by_name)[:4]!r})")
         order = {p: i for i, p in enumerate(patterns)}
         for name, pid in by_name.items():
-            if name in patterns:
-                layer[pid] = patterns[name]
-                continue
-            hits = [p for p in patterns if fnmatchcase(name, p)]
-            if hits:
-                best = max(hits, key=lambda p: (pattern_specificity(p), -order[p]))
-                layer[pid] = patterns[best]
-        for pattern in excluded_names:
-            for name, pid in by_name.items():
-                if name == pattern or fnmatchcase(name, pattern):
-                    layer[pid] = 0.0
+            hits = [p for p in patterns if _matches(name, p)]
+            if hits:  # an exact name wins, then the most literal characters, then the first listed
+                layer[pid] = patterns[max(hits, key=lambda p: (p == name, pattern_specificity(p), -order[p]))]
+            if any(_matches(name, p) for p in excluded_names):
+                layer[pid] = 0.0
     for e in excluded:
         if isinstance(e, Tensor):
             if id(e) not in in_optimizer:
-                raise ValueError(
-                    f"Invalid exclude entry: a tensor of shape {tuple(e.shape)} that is not a parameter of the optimizer"
-                )
+                raise ValueError(f"Invalid exclude entry: a tensor of shape {tuple(e.shape)} "
+                                 "that is not a parameter of the optimizer")
             layer[id(e)] = 0.0
 
-    def obj(pid: int) -> Tensor:
-        return in_optimizer[pid] if pid in in_optimizer else names.param(pid)  # type: ignore[union-attr]
-
-    resolver = WeightResolver(param_groups, overrides, [(obj(pid), w) for pid, w in layer.items()])
+    resolver = WeightResolver(param_groups, overrides, [
+        (in_optimizer[pid] if pid in in_optimizer else names.param(pid), w)  # type: ignore[union-attr]
+        for pid, w in layer.items()])
     weights = [resolver(i, p) for i, g in enumerate(param_groups) for p in g["params"]]
     if weights and all(w == 0.0 for w in weights):
-        raise ValueError(
-            "Invalid weights: every parameter of the optimizer has accumulation weight 0 or is excluded "
-            "(expected at least one parameter to train)"
-        )
+        raise ValueError("Invalid weights: every parameter of the optimizer has accumulation weight 0 or is excluded "
+                         "(expected at least one parameter to train)")
     return resolver
 
 
 def check_micro_weight(weight: Any) -> "float | Tensor":
     """Validate one micro-batch weight (``step(weight=)`` / ``backward(weight=)``) without a host sync.
 
-    A Python number must be finite and >= 0; it is returned as a float. A
-    one-element tensor is returned as a 0-dim float64 tensor on its device
-    (float32 on MPS), so that integer token counts and long sums stay exact.
-    CPU tensors are checked like numbers (no device involved); values of
-    accelerator tensors cannot be checked without a sync and are trusted.
+    A number must be finite and >= 0 (returned as a float). A one-element tensor is returned as a 0-dim float64
+    tensor on its device (float32 on MPS), so that token counts and long sums stay exact; CPU tensors are checked
+    like numbers, accelerator tensors cannot be checked without a sync and are trusted.
     """
     if isinstance(weight, Tensor):
         if weight.numel() != 1:

@@ -10,8 +10,8 @@ __all__ = ["unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer under a framework's single wrappers (Lightning's ``LightningOptimizer``,
-    Accelerate's ``AcceleratedOptimizer``): stops at an ``AccumulatingOptimizer``."""
+    """The optimizer under framework wrappers (``LightningOptimizer``, ``AcceleratedOptimizer``), down to an
+    ``AccumulatingOptimizer``."""
     seen = 0
     while not isinstance(optimizer, AccumulatingOptimizer) and seen < 4:
         inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)

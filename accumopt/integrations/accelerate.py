@@ -1,31 +1,8 @@
-"""Hugging Face Accelerate with accumopt doing the gradient accumulation.
+"""Hugging Face Accelerate with accumopt doing the gradient accumulation (docs/integrations.md).
 
-The working combination: an ``Accelerator`` with ``gradient_accumulation_steps=1``
-(the default), ``accelerator.prepare`` of the :class:`~accumopt.AccumulatingOptimizer`,
-and the LR scheduler given to the wrapper (``scheduler=``), not to ``prepare``::
-
-    accelerator = Accelerator()
-    model, loader = accelerator.prepare(model, loader)
-    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt = AccumulatingOptimizer(inner, 8, scheduler=LambdaLR(inner, f), max_grad_norm=1.0, model=model)
-    prepared = prepare(accelerator, opt)    # accelerator.prepare(opt), after the checks below
-    for x, y in loader:
-        accelerator.backward(loss_fn(model(x), y))   # or opt.backward(loss, weight=n_tokens)
-        prepared.step()
-        prepared.zero_grad()
-    opt.flush()
-
-``accelerator.accumulate(model)`` is then harmless (with one accumulation step it
-synchronises on every micro-batch and changes nothing), but not needed.
-
-What goes wrong otherwise, and is refused by :func:`prepare` / :func:`check_accelerator`:
-
-* ``Accelerator(gradient_accumulation_steps=n)`` with n > 1: ``accelerator.backward``
-  divides every loss by n, and under ``accumulate()`` the prepared optimizer calls
-  the wrapper's ``step()`` only every n-th micro-batch: two accumulations on top of
-  each other.
-* an LR scheduler passed to ``prepare``: Accelerate steps it on every micro-batch
-  (every ``opt.step()`` call). Give it to the wrapper, which steps it once per real update.
+Keep ``Accelerator(gradient_accumulation_steps=1)`` and give the LR scheduler to the wrapper (``scheduler=``),
+not to ``prepare``: otherwise Accelerate accumulates on top of accumopt, or steps the scheduler on every
+micro-batch. :func:`prepare` is ``accelerator.prepare`` with both checks.
 """
 
 from __future__ import annotations
@@ -38,11 +15,7 @@ __all__ = ["check_accelerator", "prepare"]
 
 
 def check_accelerator(accelerator: Any) -> None:
-    """Raise ``ValueError`` when ``accelerator`` would accumulate gradients itself.
-
-    Args:
-        accelerator: an ``accelerate.Accelerator``.
-    """
+    """Raise ``ValueError`` when ``accelerator`` (an ``accelerate.Accelerator``) would accumulate gradients itself."""
     steps = getattr(accelerator, "gradient_accumulation_steps", None)
     if steps is None:
         raise TypeError(f"Invalid accelerator: {type(accelerator).__name__} (expected an accelerate.Accelerator)")
@@ -56,11 +29,8 @@ def check_accelerator(accelerator: Any) -> None:
 def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
     """``accelerator.prepare(*objects, **kwargs)`` after checking the combination with accumopt.
 
-    Raises ``ValueError`` for an accumulating ``accelerator`` (see
-    :func:`check_accelerator`) and for an LR scheduler attached to an
-    ``AccumulatingOptimizer`` or to the optimizer it wraps (Accelerate would step it on
-    every micro-batch: pass it as ``AccumulatingOptimizer(..., scheduler=...)``).
-    Nothing is prepared when a check fails.
+    Raises ``ValueError`` for an accumulating ``accelerator`` (see :func:`check_accelerator`) and for an LR
+    scheduler on an ``AccumulatingOptimizer`` or the optimizer it wraps; nothing is prepared then.
     """
     check_accelerator(accelerator)
     wrapped = [o for o in objects if isinstance(o, AccumulatingOptimizer)]
@@ -69,8 +39,7 @@ def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
         target = getattr(obj, "optimizer", None)
         if target is not None and not isinstance(obj, AccumulatingOptimizer) and hasattr(obj, "get_last_lr") \
                 and (id(target) in owners or isinstance(target, AccumulatingOptimizer)):
-            raise ValueError(
-                f"Invalid prepare({type(obj).__name__}) of a scheduler on an AccumulatingOptimizer (Accelerate "
-                "would step it on every micro-batch): pass it as AccumulatingOptimizer(..., scheduler=...), which "
-                "steps it once per real update")
+            raise ValueError(f"Invalid prepare({type(obj).__name__}) of a scheduler on an AccumulatingOptimizer "
+                             "(Accelerate would step it on every micro-batch): pass it as "
+                             "AccumulatingOptimizer(..., scheduler=...), which steps it once per real update")
     return accelerator.prepare(*objects, **kwargs)

@@ -1,36 +1,8 @@
-"""Hugging Face ``Trainer`` with accumopt doing the gradient accumulation.
+"""Hugging Face ``Trainer`` with accumopt doing the gradient accumulation (docs/integrations.md).
 
-``AccumulatingTrainer`` is a drop-in ``transformers.Trainer``: set
-``gradient_accumulation_steps`` in ``TrainingArguments`` as usual (or pass
-``accumulation_steps=``) and the Trainer hands the accumulation to an
-:class:`~accumopt.AccumulatingOptimizer` around the optimizer it builds (or the
-one you give in ``optimizers=``). Compared with the Trainer's own accumulation:
-
-* each micro-batch is weighted by its own ``num_items_in_batch`` (its label
-  tokens) through ``opt.backward(loss, weight=n)``: the update is the sum of the
-  token losses of the window divided by the window's tokens, exactly, without
-  fetching the window's K batches ahead to count them;
-* the learning-rate scheduler steps once per real update (the last, partial
-  window of an epoch included); ``num_training_steps`` counts real updates;
-* ``TrainingArguments.max_grad_norm`` clips the whole accumulated window, once;
-* ``global_step``, ``max_steps``, ``logging_steps``, ``save_steps``,
-  ``eval_steps``, ``on_step_begin``/``on_step_end`` and the other per-step
-  callback events count real updates; the logged loss is the window's
-  token-weighted mean loss, the logged ``grad_norm`` the window's pre-clip norm;
-* a checkpoint saved mid-window (for example by a callback setting
-  ``control.should_save`` in ``on_substep_end``) holds the pending sums, and
-  ``trainer.train(resume_from_checkpoint=...)`` continues bit-identically (the loss
-  logged for the interrupted window covers its micro-batches after the resume only).
-
-Internally the Trainer runs with ``gradient_accumulation_steps=1`` and
-``max_grad_norm=0`` (a copy of your arguments). Windows never span epochs: the
-last micro-batch of an epoch closes its window (a partial one is averaged over
-the tokens it saw), as in the Trainer's own accumulation.
-
-Limits: the train dataloader needs a length; fp16 loss scaling through
-Accelerate's ``GradScaler`` and DeepSpeed are refused (use bf16, or a plain loop
-with ``scaler=`` on the wrapper); with several processes every micro-batch
-all-reduces its gradient (correct, but without ``no_sync``).
+``AccumulatingTrainer`` is a drop-in ``transformers.Trainer`` that hands ``gradient_accumulation_steps`` to an
+:class:`~accumopt.AccumulatingOptimizer`; the Trainer itself runs on a copy of the arguments with
+``gradient_accumulation_steps=1`` and ``max_grad_norm=0``. Windows never span epochs.
 """
 
 from __future__ import annotations
@@ -40,9 +12,10 @@ import math
 from typing import Any, cast
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, __version__ as transformers_version
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
+from .._checks import weight_dtype
 from ..optimizer import AccumulatingOptimizer
 from ._common import unwrap_optimizer
 
@@ -54,12 +27,8 @@ _REQUIRED = ("_init_training_state", "_run_epoch", "set_initial_training_values"
 
 
 class _PerUpdateScheduler:
-    """The Trainer's ``lr_scheduler``: steps the real scheduler only after a real update.
-
-    The Trainer calls ``lr_scheduler.step()`` after every micro-batch; this passes the call
-    on only when the wrapper has just applied an update. Everything else (``get_last_lr``,
-    ``state_dict``, ``load_state_dict``, ...) is the real scheduler's.
-    """
+    """The Trainer's ``lr_scheduler``, called after every micro-batch: steps the real scheduler only after a real
+    update; everything else (``get_last_lr``, ``state_dict``, ...) is the real scheduler's."""
 
     def __init__(self, scheduler: Any, optimizer: AccumulatingOptimizer) -> None:
         self.scheduler = scheduler
@@ -68,12 +37,6 @@ class _PerUpdateScheduler:
     def step(self, *args: Any, **kwargs: Any) -> None:
         if self._accumulating.stepped:
             self.scheduler.step(*args, **kwargs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.scheduler.state_dict())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
 
     def __getattr__(self, name: str) -> Any:
         if name == "scheduler":  # not set yet (unpickling): do not recurse
@@ -84,10 +47,8 @@ class _PerUpdateScheduler:
 class _WindowCallbackHandler(CallbackHandler):
     """Dispatches the per-step callback events once per window, not once per micro-batch.
 
-    ``on_step_begin`` runs at the first micro-batch of a window, ``on_pre_optimizer_step``,
-    ``on_optimizer_step`` and ``on_step_end`` at the one that closes it; the other
-    micro-batches get ``on_substep_end``, and the Trainer's ``global_step`` increment for
-    them is taken back, so that ``global_step`` counts real updates.
+    ``on_step_begin`` runs at a window's first micro-batch, the other step events at the one that closes it; the
+    other micro-batches get ``on_substep_end``, and their ``global_step`` increment is taken back.
     """
 
     trainer: "AccumulatingTrainer"
@@ -95,26 +56,23 @@ class _WindowCallbackHandler(CallbackHandler):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> Any:
         opt = self.trainer.accumulating_optimizer
-        if opt is None or opt.pending == 0:  # the first micro-batch of a window
-            return super().on_step_begin(args, state, control)
-        return control
+        first = opt is None or opt.pending == 0  # the first micro-batch of a window
+        return super().on_step_begin(args, state, control) if first else control
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> Any:
-        if self.trainer._closing:
-            return super().on_pre_optimizer_step(args, state, control)
-        return control
+        return super().on_pre_optimizer_step(args, state, control) if self.trainer._closing else control
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> Any:
         trainer = self.trainer
+        if not trainer._closing:
+            return control
         opt = trainer.accumulating_optimizer
-        if trainer._closing and opt is not None and opt.pending:
+        if opt is not None and opt.pending:
             opt.flush()  # the last, partial window of the epoch
-        if trainer._closing:
-            trainer._fill_grad_norm()
-            return super().on_optimizer_step(args, state, control)
-        return control
+        trainer._fill_grad_norm()
+        return super().on_optimizer_step(args, state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> Any:
@@ -129,51 +87,43 @@ class AccumulatingTrainer(Trainer):
 
     Args:
         *args: the ``Trainer``'s positional arguments (``model``, ``args``, ...).
-        accumulation_steps: K, the micro-batches per real update. Default: the
-            ``gradient_accumulation_steps`` of the ``TrainingArguments``.
-        accumulation_kwargs: further keyword arguments for
-            :class:`~accumopt.AccumulatingOptimizer` (``nonfinite=``, ``track_grad_norm=``,
-            ...). ``track_grad_norm`` defaults to True here, so the logged ``grad_norm`` is
-            the window's pre-clip norm, as the Trainer logs it (False: no ``grad_norm``
-            without ``max_grad_norm``). ``mode`` is always ``"buffered"`` here (the Trainer calls
-            ``model.zero_grad()`` after every optimizer step, which buffered storage
-            survives); clipping comes from ``TrainingArguments.max_grad_norm``.
-        **kwargs: the ``Trainer``'s keyword arguments. ``optimizers=(optimizer,
-            scheduler)`` takes a plain torch optimizer and a scheduler built on it.
+        accumulation_steps: K, the micro-batches per real update. Default: the ``TrainingArguments``'
+            ``gradient_accumulation_steps``.
+        accumulation_kwargs: further :class:`~accumopt.AccumulatingOptimizer` arguments (``nonfinite=``, ...).
+            ``track_grad_norm`` defaults to True (the logged ``grad_norm`` is the window's pre-clip norm);
+            ``mode`` is always ``"buffered"`` (the Trainer calls ``model.zero_grad()`` after every optimizer
+            step); clipping comes from ``TrainingArguments.max_grad_norm``.
+        **kwargs: the ``Trainer``'s keyword arguments; ``optimizers=(optimizer, scheduler)`` takes a plain torch
+            optimizer and a scheduler built on it.
 
     Attributes:
-        accumulating_optimizer: the :class:`~accumopt.AccumulatingOptimizer` (after
-            ``create_optimizer``, i.e. once training started).
+        accumulating_optimizer: the :class:`~accumopt.AccumulatingOptimizer` (once training started).
     """
 
     def __init__(self, *args: Any, accumulation_steps: int | None = None,
                  accumulation_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         missing = [name for name in _REQUIRED if not hasattr(Trainer, name)]
         if missing:
-            import transformers
-
             raise ImportError(f"AccumulatingTrainer needs the transformers 5 Trainer (missing {missing} in "
-                              f"transformers {transformers.__version__})")
+                              f"transformers {transformers_version})")
         positional = list(args)
         training_args = positional[1] if len(positional) > 1 else kwargs.get("args")
         if training_args is None:
             training_args = TrainingArguments(output_dir="trainer_output")
         if not isinstance(training_args, TrainingArguments):
             raise TypeError(f"Invalid args: {type(training_args).__name__} (expected transformers.TrainingArguments)")
-        k = _resolve_k(accumulation_steps, training_args.gradient_accumulation_steps)
-        extra = dict(accumulation_kwargs or {})
-        extra.setdefault("track_grad_norm", True)  # the Trainer logs grad_norm: the window's, here
+        self._k = _resolve_k(accumulation_steps, training_args.gradient_accumulation_steps)
+        # The Trainer logs grad_norm: the window's, here.
+        self._accumulation_kwargs = {"track_grad_norm": True, **(accumulation_kwargs or {})}
         for key in ("mode", "max_grad_norm", "scheduler", "model"):
-            if key in extra:
+            if key in self._accumulation_kwargs:
                 raise ValueError(f"Invalid accumulation_kwargs: {key!r} is set by AccumulatingTrainer "
                                  f"({_SET_BY_TRAINER[key]})")
         optimizers = kwargs.get("optimizers", (None, None))
         if optimizers and isinstance(optimizers[0], AccumulatingOptimizer):
             raise TypeError("Invalid optimizers: an AccumulatingOptimizer (expected the plain torch optimizer; "
                             "AccumulatingTrainer wraps it itself)")
-        self._k = k
-        self._accumulation_kwargs = extra
-        self._max_grad_norm = training_args.max_grad_norm if training_args.max_grad_norm else None
+        self._max_grad_norm = training_args.max_grad_norm or None
         # The Trainer itself runs one micro-batch per "step" and never clips: a copy, yours is unchanged.
         inner_args = dataclasses.replace(training_args, gradient_accumulation_steps=1, max_grad_norm=0.0)
         if len(positional) > 1:
@@ -199,16 +149,14 @@ class AccumulatingTrainer(Trainer):
         self._grad_norm_out: torch.Tensor | None = None  # handed to the Trainer, filled after the update
         self._grad_norm_before: Any = None
 
-    # ------------------------------------------------------------- optimizer, scheduler
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the Trainer's optimizer (or take ``optimizers[0]``) and wrap it in accumopt."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         if isinstance(unwrap_optimizer(optimizer), AccumulatingOptimizer):  # Accelerate's wrapper, earlier train()
             return optimizer
-        self.accumulating_optimizer = AccumulatingOptimizer(
+        self.optimizer = self.accumulating_optimizer = AccumulatingOptimizer(
             optimizer, self._k, mode="buffered", max_grad_norm=self._max_grad_norm, model=self.model,
             **self._accumulation_kwargs)
-        self.optimizer = self.accumulating_optimizer
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
@@ -224,7 +172,6 @@ class AccumulatingTrainer(Trainer):
         self.lr_scheduler = _PerUpdateScheduler(scheduler, opt)  # type: ignore[assignment]
         return self.lr_scheduler
 
-    # ------------------------------------------------------------- counting in updates
     def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[Any, ...]:
         """The Trainer's training values with ``max_steps`` (and so the scheduler) counted in real updates."""
         (num_train_epochs, micro_per_epoch, num_examples, num_train_samples, total_batch,
@@ -256,8 +203,7 @@ class AccumulatingTrainer(Trainer):
         self._resume_micro = 0
         if resume_from_checkpoint is not None and self.state.epoch:
             # global_step counts updates; the micro-batches seen are in state.epoch = e + seen / per_epoch.
-            done = round(self.state.epoch * self._steps_in_epoch)
-            epochs_trained, skip = divmod(done, self._steps_in_epoch)
+            epochs_trained, skip = divmod(round(self.state.epoch * self._steps_in_epoch), self._steps_in_epoch)
             if self.args.ignore_data_skip:
                 skip = 0
             self._resume_micro = skip
@@ -272,12 +218,11 @@ class AccumulatingTrainer(Trainer):
                              f"(K={self._k}); resume with the same accumulation steps and data")
         return super()._run_epoch(*args, **kwargs)  # type: ignore[no-untyped-call]
 
-    # ------------------------------------------------------------- one micro-batch
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Forward and backward of one micro-batch, weighted by its ``num_items_in_batch``.
 
-        Returns the loss to log: the window's token-weighted mean on the micro-batch that
-        closes the window, zero on the others (the Trainer sums them per update).
+        Returns the loss to log: the window's token-weighted mean on the micro-batch that closes the window, zero
+        on the others (the Trainer sums them per update).
         """
         opt = self.accumulating_optimizer
         if opt is None:
@@ -313,9 +258,8 @@ class AccumulatingTrainer(Trainer):
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         """The window's pre-clip norm for the Trainer's log (None on micro-batches that do not close a window).
 
-        The Trainer asks before ``optimizer.step()``, and the window's norm exists only after
-        it: the Trainer gets a 0-dim device tensor now, which is filled on the device once the
-        window closed (no host read; the Trainer reads it only when it logs).
+        The Trainer asks before ``optimizer.step()``, which computes the norm: it gets a 0-dim device tensor now,
+        filled on the device after the update (no host read; the Trainer reads it only when it logs).
         """
         opt = self.accumulating_optimizer
         self._grad_norm_out = None
@@ -323,8 +267,7 @@ class AccumulatingTrainer(Trainer):
         if opt is None or not self._closing or not tracked:
             return None
         device = opt.param_groups[0]["params"][0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self._grad_norm_out = torch.full((), float("nan"), dtype=dtype, device=device)
+        self._grad_norm_out = torch.full((), float("nan"), dtype=weight_dtype(device), device=device)
         self._grad_norm_before = opt.last_grad_norm
         return self._grad_norm_out
 
