@@ -13,17 +13,12 @@ from .adaptive import AdaptiveK
 from .splitting import MemoryMonitor, MicroBatcher
 from .noise import NoiseScaleEstimator
 
-__all__ = [
-    "AccumulatingOptimizer", "MisuseWarning", "NonFiniteGradientError",
-    "AccumulationMode", "AccumulationStrategy", "AccumulationState", "GradientAccumulationConfig",
-    "GradientAccumulator", "GradientAccumulationTrainer",
-    "CapturedMicroStep", "capture_micro_step",
-    "AdaptiveK", "MemoryMonitor", "MicroBatcher",
-    "NoiseScaleEstimator",
-]
+__all__ = ["AccumulatingOptimizer", "MisuseWarning", "NonFiniteGradientError",
+           "AccumulationMode", "AccumulationStrategy", "AccumulationState", "GradientAccumulationConfig",
+           "GradientAccumulator", "GradientAccumulationTrainer", "CapturedMicroStep", "capture_micro_step",
+           "AdaptiveK", "MemoryMonitor", "MicroBatcher", "NoiseScaleEstimator"]
 try:  # the installed distribution's version (pyproject.toml); a plain source tree has none
     from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
-
     __version__: str = _version("accumopt")
 except _NotFound:  # pragma: no cover - running from a checkout that was never installed
     __version__ = "0.0.0+unknown"

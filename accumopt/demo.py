@@ -1,13 +1,13 @@
-"""``accumopt demo``: one large batch vs accumopt (K micro-batches) vs plain small batches.
+"""``accumopt demo``: one large batch vs accumopt (K micro-batches) vs plain small batches (README.md).
 
-A small MLP on synthetic data (a fixed random teacher labels Gaussian inputs), trained the three ways on the same
-samples in the same order; prints a table and plots the loss curves when matplotlib is installed (README.md).
+A small MLP on synthetic data, trained the three ways on the same samples in the same order.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import io
 import math
 import multiprocessing as mp
@@ -15,35 +15,29 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._checks import check_choice, check_cuda_present, check_int
 from .optimizer import AccumulatingOptimizer
 
 __all__ = ["build_parser", "main", "run_demo"]
 
-_RUNS = ("large batch", "accumopt", "small batches")
 
-DESCRIPTION = "Train a small MLP three ways on the same samples: one large batch, accumopt (K micro-batches), \
-and plain small batches; print a table and plot the loss curves."
-
-
-def _data(n: int, features: int, classes: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _data_and_model(cfg: dict[str, Any], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, nn.Module]:
+    """The data set (a fixed random teacher labels Gaussian inputs) and the initial MLP, the same in every run."""
+    n, features, hidden, classes = cfg["samples"], cfg["features"], cfg["hidden"], cfg["classes"]
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, features, generator=g, dtype=torch.float64)
     teacher = torch.randn(features, classes, generator=g, dtype=torch.float64)
     noise = torch.randn(n, classes, generator=g, dtype=torch.float64)
-    logits = torch.tanh(x @ teacher / math.sqrt(features)) * 3 + 0.5 * noise
-    return x.to(dtype), logits.argmax(1)
-
-
-def _model(features: int, hidden: int, classes: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    y = (torch.tanh(x @ teacher / math.sqrt(features)) * 3 + 0.5 * noise).argmax(1)
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, classes)).to(device=device, dtype=dtype)
+    model = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                          nn.Linear(hidden, classes)).to(device=device, dtype=dtype)
+    return x.to(dtype).to(device), y.to(device), model
 
 
 def _rss(field: str = "VmRSS") -> int:
@@ -59,15 +53,12 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one way; returns losses per update, final parameters, final loss, peak memory, time."""
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    dtype = getattr(torch, cfg["dtype"])
-    x, y = (t.to(device) for t in _data(cfg["samples"], cfg["features"], cfg["classes"], dtype))
-    model = _model(cfg["features"], cfg["hidden"], cfg["classes"], dtype, device)
+    x, y, model = _data_and_model(cfg, getattr(torch, cfg["dtype"]), device)
     loss_fn = nn.CrossEntropyLoss()
     inner = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    k, mb = cfg["k"], cfg["micro_batch_size"]
-    acc = AccumulatingOptimizer(inner, k) if kind == "accumopt" else None
-    batch = k * mb if kind == "large batch" else mb
-    curve: list[tuple[int, torch.Tensor]] = []  # (samples seen, loss), kept on the device until the end
+    acc = AccumulatingOptimizer(inner, cfg["k"]) if kind == "accumopt" else None
+    batch = cfg["micro_batch_size"] * (cfg["k"] if kind == "large batch" else 1)
+    curve: list[tuple[int, Tensor]] = []  # (samples seen, loss), kept on the device until the end
     window: list[Any] = [0.0, 0]  # (loss x samples, samples) of the open window
     seen = 0
     if device.type == "cuda":
@@ -88,22 +79,20 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
             idx = order[a:a + batch]
             loss, n = loss_fn(model(x[idx]), y[idx]), len(idx)
             seen += n
-            if acc is not None:
-                acc.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
-                acc.step()
-                acc.zero_grad()
-                window = [window[0] + loss.detach() * n, window[1] + n]
-                if acc.pending == 0:
-                    curve.append((seen, window[0] / window[1]))
-                    window = [0.0, 0]
-            else:
+            if acc is None:
                 loss.backward()
                 inner.step()
                 inner.zero_grad()
                 curve.append((seen, loss.detach()))
-        if acc is not None and acc.flush():  # the epoch's last, partial window
-            curve.append((seen, window[0] / window[1]))
-            window = [0.0, 0]
+                continue
+            acc.backward(loss, weight=n)  # weighted by sample count: exact for a short last batch
+            acc.step()
+            acc.zero_grad()
+            window = [window[0] + loss.detach() * n, window[1] + n]
+            # a full window, or the epoch's last, partial one (flushed)
+            if acc.pending == 0 or (a + batch >= cfg["samples"] and acc.flush()):
+                curve.append((seen, window[0] / window[1]))
+                window = [0.0, 0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")) - base
@@ -115,20 +104,13 @@ def _train(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
             "final_loss": float(final), "peak_bytes": max(peak, 0), "time": elapsed}
 
 
-def _fix_malloc() -> None:
-    """Fixed glibc mmap threshold: freed tensors leave RSS, so the RSS high-water mark tracks live memory."""
-    try:
-        import ctypes
-
+def _child(kind: str, cfg: dict[str, Any], conn: Any) -> None:
+    try:  # a fixed glibc mmap threshold: freed tensors leave RSS, so its high-water mark tracks live memory
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
         libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         pass
-
-
-def _child(kind: str, cfg: dict[str, Any], conn: Any) -> None:
-    _fix_malloc()
     try:
         result = _train(kind, cfg)
         buf = io.BytesIO()
@@ -158,29 +140,24 @@ def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _deviation(params: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+def _deviation(params: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
     """Largest over parameters of max|p - p_ref| / max|p_ref|."""
     return max([0.0, *((p.double() - r.double()).abs().max().item() / (r.abs().max().item() or 1.0)
                        for p, r in zip(params, ref))])
 
 
-def _image_formats() -> list[str] | None:
-    """The file extensions matplotlib can write (None without matplotlib)."""
+def check_output(path: str) -> None:
+    """Refuse (ValueError, one line) an output path the plot could not be written to, before any training."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
-
-
-def check_output(path: str) -> None:
-    """Refuse (ValueError, one line) an output path the plot could not be written to, before any training."""
-    formats = _image_formats()
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if formats is not None and ext not in formats:
-        raise ValueError(f"Invalid output: {path!r} (expected a file name ending in one of "
-                         f"{', '.join('.' + f for f in formats)})")
+    except ImportError:  # no plot without matplotlib: any extension will do
+        pass
+    else:
+        formats = sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+        if os.path.splitext(path)[1].lower().lstrip(".") not in formats:
+            raise ValueError(f"Invalid output: {path!r} (expected a file name ending in one of "
+                             f"{', '.join('.' + f for f in formats)})")
     if os.path.isdir(path):
         raise ValueError(f"Invalid output: {path!r} is a folder (expected a file name, e.g. {path}/demo.png)")
     existing = folder = os.path.dirname(os.path.abspath(path))
@@ -205,7 +182,6 @@ def check_output(path: str) -> None:
 def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -218,8 +194,7 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     }
     for r in results:
         ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], label=r["kind"], **styles[r["kind"]])
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel("training loss (per update)")
+    ax.set(xlabel="samples seen", ylabel="training loss (per update)")
     ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -250,13 +225,10 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
              output: str | None = "accumopt_demo.png", samples: int = 4096, epochs: int = 3,
              features: int = 64, hidden: int = 256, classes: int = 10, lr: float = 3e-3,
              fork: bool = True, threads: int | None = None, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run the three trainings and print the table.
+    """Run the three trainings and print the table; every argument is checked first (ValueError, TypeError).
 
     Returns:
         The figures per run, the deviations from the large batch and the plot's path (None when none was written).
-
-    Raises:
-        ValueError, TypeError: a bad argument or output path (all checked before training starts).
     """
     for name, value in (("k", k), ("micro_batch_size", micro_batch_size), ("samples", samples), ("epochs", epochs)):
         check_int(name, value)
@@ -278,7 +250,7 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     try:
         if cfg["fork"] and dev.type == "cpu":  # initialise torch's kernels once, before the children fork
             _train("accumopt", dict(cfg, samples=2 * k * micro_batch_size, epochs=1))
-        results = [_run(kind, cfg) for kind in _RUNS]
+        results = [_run(kind, cfg) for kind in ("large batch", "accumopt", "small batches")]
     finally:
         torch.set_num_threads(threads_before)
     for r in results:
@@ -304,13 +276,12 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
               "large-batch reduction (~1e-7 relative), and AdamW's division by sqrt(v) amplifies that for "
               "weights with tiny gradients over the updates; --dtype float64 shows the same run equal to "
               "~1e-13.", file=out)
-    png = None
-    if output:
-        if _plot(results, output, f"accumopt demo: K={k}, micro-batch {micro_batch_size}, {dtype}"):
-            png = output
-            print(f"loss curves written to {output}", file=out)
-        else:
-            print("(install matplotlib for a PNG of the loss curves: pip install matplotlib)", file=out)
+    title = f"accumopt demo: K={k}, micro-batch {micro_batch_size}, {dtype}"
+    png = output if output and _plot(results, output, title) else None
+    if png:
+        print(f"loss curves written to {output}", file=out)
+    elif output:
+        print("(install matplotlib for a PNG of the loss curves: pip install matplotlib)", file=out)
     print(f"total time {time.perf_counter() - t0:.1f}s", file=out)
     return {"results": [{k_: v for k_, v in r.items() if k_ != "params"} for r in results],
             "deviation": acc_dev, "small_deviation": results[2]["deviation"], "png": png}
@@ -319,12 +290,12 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
 def build_parser(prog: str = "accumopt") -> argparse.ArgumentParser:
     """The command line, named ``prog`` (``accumopt`` or ``python -m accumopt``); every option has a help text."""
     from . import __version__
-
     parser = argparse.ArgumentParser(prog=prog, description="accumopt: gradient accumulation for any torch optimizer.")
     parser.add_argument("--version", action="version", version=f"accumopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="large batch vs accumopt vs small batches, with a table and a PNG",
-                       description=DESCRIPTION)
+                       description="Train a small MLP three ways on the same samples: one large batch, accumopt "
+                       "(K micro-batches), and plain small batches; print a table and plot the loss curves.")
     d.add_argument("--k", type=int, default=8, help="micro-batches per update (default 8)")
     d.add_argument("--micro-batch-size", type=int, default=32, help="samples per micro-batch (default 32)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<index>")
@@ -339,28 +310,21 @@ def build_parser(prog: str = "accumopt") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "accumopt") -> int:
-    """Entry point of ``accumopt`` and ``python -m accumopt``.
-
-    Bad arguments and output paths: one line, exit status 2; an I/O error while writing: one line, exit status 1.
-    Warnings are printed as ``<prog>: warning: ...``.
-    """
+    """Entry point of ``accumopt`` and ``python -m accumopt``; errors (exit status 2, or 1 on I/O) are one line."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: TextIO | None = None, line: str | None = None) -> None:
         print(f"{prog}: warning: {message}", file=sys.stderr)
-
-    show_before: Callable[..., None] = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
-                 output=args.output or None, samples=args.samples, epochs=args.epochs)
-    except (ValueError, TypeError) as e:
-        parser.exit(2, f"{prog}: error: {e}\n")
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        parser.exit(1, f"{prog}: error: {e.strerror or e}{where}\n")
-    finally:
-        warnings.showwarning = show_before
+    with warnings.catch_warnings():  # restores showwarning on the way out
+        warnings.showwarning = show
+        try:
+            run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
+                     output=args.output or None, samples=args.samples, epochs=args.epochs)
+        except (ValueError, TypeError) as e:
+            parser.exit(2, f"{prog}: error: {e}\n")
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            parser.exit(1, f"{prog}: error: {e.strerror or e}{where}\n")
     return 0

@@ -1,8 +1,6 @@
 """Check that accumulation equals large-batch training, on your own model (docs/core.md).
 
-:func:`check_equivalence` trains the plain optimizer on each large batch and the wrapped one on its micro-batches,
-side by side, and compares parameters and optimizer state after every update. The hypothesis strategies
-(:func:`micro_batch_splits`, :func:`optimizer_configs`) need the optional ``hypothesis`` package.
+The hypothesis strategies (:func:`micro_batch_splits`, :func:`optimizer_configs`) need the ``hypothesis`` package.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -123,35 +121,30 @@ class EquivalenceReport:
         table[key] = value if (math.isnan(value) or value > old) else old
 
     def __str__(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [f"Equivalence {verdict}: max relative deviation {self.max_deviation:.3e} "
-                 f"(rtol {self.rtol:.1e}) over {self.updates} update(s)"]
+        lines = [f"Equivalence {'PASSED' if self.passed else 'FAILED'}: max relative deviation "
+                 f"{self.max_deviation:.3e} (rtol {self.rtol:.1e}) over {self.updates} update(s)"]
         lines += [f"  problem: {p}" for p in self.problems]
         rows = [("param", k, v) for k, v in self.parameters.items()] + [("state", k, v) for k, v in self.state.items()]
-        if rows:
-            width = max(len(k) for _, k, _ in rows)
-            for kind, key, value in sorted(rows, key=lambda r: -r[2] if not math.isnan(r[2]) else -math.inf):
-                flag = "  <-- over" if not value <= self.rtol else ""
-                lines.append(f"  {kind:5} {key:<{width}}  {value:.3e}{flag}")
+        width = max((len(k) for _, k, _ in rows), default=0)
+        for kind, key, value in sorted(rows, key=lambda r: -r[2] if not math.isnan(r[2]) else -math.inf):
+            flag = "  <-- over" if not value <= self.rtol else ""
+            lines.append(f"  {kind:5} {key:<{width}}  {value:.3e}{flag}")
         return "\n".join(lines)
 
 
-def _state_items(opt: torch.optim.Optimizer, params: list[Tensor], names: list[str]) -> Iterator[tuple[str, Any]]:
-    for p, name in zip(params, names):
-        for key, value in sorted(opt.state.get(p, {}).items(), key=lambda kv: str(kv[0])):
-            yield f"{name}.{key}", value
+def _state(opt: torch.optim.Optimizer, params: list[Tensor], names: list[str]) -> dict[str, Any]:
+    return {f"{name}.{key}": value for p, name in zip(params, names)
+            for key, value in sorted(opt.state.get(p, {}).items(), key=lambda kv: str(kv[0]))}
 
 
 def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt: torch.optim.Optimizer,
              names: list[str], check_state: bool) -> None:
-    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
-    acc_params = [p for g in acc_opt.param_groups for p in g["params"]]
+    ref_params, acc_params = ([p for g in o.param_groups for p in g["params"]] for o in (ref_opt, acc_opt))
     for name, a, e in zip(names, acc_params, ref_params):
         report._note(report.parameters, name, relative_deviation(a, e))
     if not check_state:
         return
-    ref_state = dict(_state_items(ref_opt, ref_params, names))
-    acc_state = dict(_state_items(acc_opt, acc_params, names))
+    ref_state, acc_state = _state(ref_opt, ref_params, names), _state(acc_opt, acc_params, names)
     for key in sorted(set(ref_state) | set(acc_state)):
         if key not in ref_state or key not in acc_state:
             report._note(report.state, key, math.inf)
@@ -172,32 +165,13 @@ def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt:
 def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
     """Names of the layers whose output depends on the other samples of the batch, in the mode they are in.
 
-    These are the BatchNorm layers (lazy and ``SyncBatchNorm`` too) in training mode, or in eval mode without
-    running statistics: each normalises by the statistics of the batch it sees, so K micro-batches are normalised
-    differently from one large batch.
-
-    Args:
-        model: the model, in the mode it trains in.
-
-    Returns:
-        The module names (``"<root>"`` for the model itself), in ``named_modules`` order.
+    These are the BatchNorm layers (lazy and ``SyncBatchNorm`` too) that use the batch's statistics (training mode,
+    or eval mode without running statistics), so K micro-batches are normalised differently from one large batch.
+    Pass ``model`` in the mode it trains in; names come in ``named_modules`` order (``"<root>"``: the model itself).
     """
     norm = torch.nn.modules.batchnorm._BatchNorm
     return [name or "<root>" for name, m in model.named_modules()
             if isinstance(m, norm) and (m.training or m.running_mean is None)]
-
-
-def _batch_problem(layers: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
-    return (f"BatchNorm using batch statistics ({shown}): it normalises each micro-batch by its own mean and variance, "
-            "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
-            "with running statistics (e.g. from a pre-trained model)")
-
-
-def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
-            for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])]
 
 
 # ------------------------------------------------------------ the check
@@ -246,14 +220,20 @@ def check_equivalence(
         model = model.to(dtype)
     ref_model, acc_model = copy.deepcopy(model), copy.deepcopy(model)
     ref_opt = optimizer_fn(ref_model)
-    names = _param_names(ref_model, ref_opt)
+    by_id = {id(p): n for n, p in ref_model.named_parameters()}
+    names = [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
+             for gi, g in enumerate(ref_opt.param_groups) for pi, p in enumerate(g["params"])]
     sizes0 = _sizes(micro_batches, _batch_size(batches[0]))
     opt = AccumulatingOptimizer(optimizer_fn(acc_model), len(sizes0), mode=mode, **(wrapper_kwargs or {}))
     cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
     report = EquivalenceReport(rtol=rtol)
-    batch_layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
-    if batch_layers:
-        report.problems.append(_batch_problem(batch_layers))
+    layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
+    if layers:
+        shown = ", ".join(repr(n) for n in layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        report.problems.append(
+            f"BatchNorm using batch statistics ({shown}): it normalises each micro-batch by its own mean and variance, "
+            "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
+            "with running statistics (e.g. from a pre-trained model)")
     for update, batch in enumerate(batches):
         batch = _map_tensors(batch, cast)
         sizes = _sizes(micro_batches, _batch_size(batch))
@@ -266,11 +246,10 @@ def check_equivalence(
         ref_opt.step()
         # accumulated: one step() per micro-batch
         before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-        even = len(set(sizes)) == 1
         for i, micro in enumerate(split_batch(batch, sizes)):
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
-            if even:
+            if len(set(sizes)) == 1:  # even micro-batches: the plain backward
                 torch.autograd.backward(loss)
             else:
                 opt.backward(loss, weight=float(sizes[i]))
@@ -305,8 +284,7 @@ class OptimizerConfig:
         return self.cls(params, **dict(self.kwargs))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"{self.cls.__name__}({args})"
+        return f"{self.cls.__name__}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
 
 
 def _hypothesis() -> Any:
@@ -323,8 +301,7 @@ def micro_batch_splits(*, max_parts: int = 8, max_size: int = 4, equal: bool | N
     Args:
         max_parts: largest K.
         max_size: largest micro-batch.
-        equal: True: all sizes equal; False: at least two differ (needs
-            ``max_parts >= 2`` and ``max_size >= 2``); None: either.
+        equal: True: all sizes equal; False: at least two differ (needs both maxima >= 2); None: either.
     """
     check_int("max_parts", max_parts)
     check_int("max_size", max_size)
@@ -339,7 +316,15 @@ def micro_batch_splits(*, max_parts: int = 8, max_size: int = 4, equal: bool | N
     return st.lists(st.integers(1, max_size), min_size=1, max_size=max_parts)
 
 
-def _configs(st: Any) -> dict[str, Any]:
+OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
+
+
+def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
+    """A hypothesis strategy for :class:`OptimizerConfig` s of the named torch optimizers (``OPTIMIZER_NAMES``).
+
+    Each is drawn over its main options: lr, weight decay, momentum/nesterov/dampening, amsgrad, betas, maximize, ...
+    """
+    st = _hypothesis()
     lr = st.sampled_from([1e-3, 1e-2, 0.1])
     wd = st.sampled_from([0.0, 0.0, 1e-2])
     maximize = st.booleans()
@@ -352,8 +337,7 @@ def _configs(st: Any) -> dict[str, Any]:
 
     def config(cls: type[torch.optim.Optimizer], **strategies: Any) -> Any:
         return st.builds(lambda **kw: OptimizerConfig(cls, kw), **strategies)
-
-    return {
+    table = {
         "SGD": st.builds(sgd, momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
                          dampening=st.sampled_from([0.0, 0.1]), lr=lr, weight_decay=wd, maximize=maximize),
         "Adam": config(torch.optim.Adam, lr=lr, weight_decay=wd, amsgrad=st.booleans(),
@@ -370,18 +354,6 @@ def _configs(st: Any) -> dict[str, Any]:
         "Adadelta": config(torch.optim.Adadelta, lr=st.sampled_from([0.1, 1.0]), rho=st.sampled_from([0.9, 0.95]),
                            weight_decay=wd),
     }
-
-
-OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
-
-
-def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
-    """A hypothesis strategy for :class:`OptimizerConfig` s of the named torch optimizers (``OPTIMIZER_NAMES``).
-
-    Each is drawn over its main options: lr, weight decay, momentum/nesterov/dampening, amsgrad, betas, maximize, ...
-    """
-    st = _hypothesis()
-    table = _configs(st)
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         raise ValueError(f"Invalid names: {unknown or list(names)!r} (expected some of {list(table)})")
