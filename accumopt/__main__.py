@@ -1,8 +1,6 @@
-"""``python -m accumopt demo``: the same command line as the ``accumopt`` script (see :mod:`accumopt.demo`)."""
-
-import sys
+"""``python -m accumopt``: the same command line as the ``accumopt`` script (see :mod:`accumopt.demo`)."""
 
 from .demo import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m accumopt"))
+    raise SystemExit(main(prog="python -m accumopt"))

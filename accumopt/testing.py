@@ -1,48 +1,15 @@
-"""Check that accumulation equals large-batch training, on your own model.
+"""Check that accumulation equals large-batch training, on your own model (docs/core.md).
 
-:func:`check_equivalence` trains two copies of the same model side by side:
-
-* the *reference*: the plain torch optimizer, one step per large batch;
-* the *accumulated run*: the same optimizer wrapped in
-  :class:`~accumopt.AccumulatingOptimizer`, each large batch split into
-  micro-batches (equal or uneven), one ``step()`` per micro-batch;
-
-and compares every parameter and every optimizer-state tensor after each real
-update. It raises ``AssertionError`` with a readable report when the largest
-relative deviation is over the tolerance, and returns the report otherwise::
-
-    from accumopt.testing import check_equivalence
-
-    report = check_equivalence(
-        model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)),
-        loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]),
-        optimizer_fn=lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2),
-        batches=[(torch.randn(12, 8), torch.randn(12, 1)) for _ in range(3)],
-        micro_batches=[5, 4, 3],          # or an int: that many equal micro-batches
-    )
-    print(report)
-
-``loss_fn`` must return the *mean* loss of the batch it is given (the usual
-reduction): uneven micro-batches are then weighted by their size, so the
-accumulated update is exactly the large batch's.
-
-Some models cannot be equal to the large batch under any accumulation: layers
-that depend on the whole batch (BatchNorm in training mode normalises each
-micro-batch by its own statistics) and losses that are not a mean of
-per-sample terms (contrastive losses with in-batch negatives). The check names
-BatchNorm layers in training mode in its report instead of only failing on
-tolerance (see :func:`batch_dependent_layers`).
-
-Hypothesis strategies (:func:`micro_batch_splits`, :func:`optimizer_configs`)
-need the optional ``hypothesis`` package; the rest of this module does not.
+The hypothesis strategies (:func:`micro_batch_splits`, :func:`optimizer_configs`) need the ``hypothesis`` package.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -50,16 +17,8 @@ from torch import Tensor
 from ._checks import check_int
 from .optimizer import AccumulatingOptimizer
 
-__all__ = [
-    "EquivalenceReport",
-    "OptimizerConfig",
-    "batch_dependent_layers",
-    "check_equivalence",
-    "micro_batch_splits",
-    "optimizer_configs",
-    "relative_deviation",
-    "split_batch",
-]
+__all__ = ["EquivalenceReport", "OptimizerConfig", "batch_dependent_layers", "check_equivalence", "micro_batch_splits",
+           "optimizer_configs", "relative_deviation", "split_batch"]
 
 Batch = Any  # a tensor, or a tuple/list/dict of tensors sharing their first dimension
 
@@ -80,9 +39,10 @@ def _batch_size(batch: Batch) -> int:
         return batch.shape[0]
     values = batch.values() if isinstance(batch, Mapping) else batch
     for v in values:
-        if isinstance(v, Tensor) or isinstance(v, (tuple, list, Mapping)):
+        if isinstance(v, (Tensor, tuple, list, Mapping)):
             return _batch_size(v)
-    raise TypeError(f"Invalid batch: {type(batch).__name__} holds no tensor (expected a tensor or a tuple/dict of tensors)")
+    raise TypeError(f"Invalid batch: {type(batch).__name__} holds no tensor "
+                    "(expected a tensor or a tuple/dict of tensors)")
 
 
 def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
@@ -95,15 +55,9 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     sizes = [int(s) for s in sizes]
     if any(s < 1 for s in sizes) or sum(sizes) != n:
         raise ValueError(f"Invalid micro_batches: {sizes} (expected sizes >= 1 adding up to the batch size {n})")
-    out, start = [], 0
-    for s in sizes:
-        out.append(_map_tensors(batch, _rows(start, start + s)))
-        start += s
-    return out
-
-
-def _rows(a: int, b: int) -> Callable[[Tensor], Tensor]:
-    return lambda t: t[a:b]
+    ends = list(itertools.accumulate(sizes))
+    # _map_tensors applies the lambda at once, so each one slices with its own bounds
+    return [_map_tensors(batch, lambda t: t[a:b]) for a, b in zip([0, *ends], ends)]
 
 
 def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
@@ -111,10 +65,8 @@ def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
         raise TypeError(f"Invalid micro_batches: {micro_batches!r} (expected an int or a list of sizes)")
     if isinstance(micro_batches, int):
         if micro_batches < 1 or n % micro_batches:
-            raise ValueError(
-                f"Invalid micro_batches: {micro_batches} (expected a divisor of the batch size {n}, "
-                "or a list of sizes for uneven micro-batches)"
-            )
+            raise ValueError(f"Invalid micro_batches: {micro_batches} (expected a divisor of the batch size {n}, "
+                             "or a list of sizes for uneven micro-batches)")
         return [n // micro_batches] * micro_batches
     return list(micro_batches)
 
@@ -142,8 +94,7 @@ class EquivalenceReport:
 
     Attributes:
         parameters: ``{parameter name: deviation}``.
-        state: ``{"<parameter name>.<state key>": deviation}`` (non-tensor
-            entries count ``0`` when equal, ``inf`` otherwise).
+        state: ``{"<parameter name>.<state key>": deviation}`` (non-tensor entries: ``0`` if equal, else ``inf``).
         updates: real updates compared.
         rtol: the tolerance checked against.
         problems: anything structural (an update applied too early or not at all).
@@ -170,35 +121,30 @@ class EquivalenceReport:
         table[key] = value if (math.isnan(value) or value > old) else old
 
     def __str__(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [f"Equivalence {verdict}: max relative deviation {self.max_deviation:.3e} "
-                 f"(rtol {self.rtol:.1e}) over {self.updates} update(s)"]
+        lines = [f"Equivalence {'PASSED' if self.passed else 'FAILED'}: max relative deviation "
+                 f"{self.max_deviation:.3e} (rtol {self.rtol:.1e}) over {self.updates} update(s)"]
         lines += [f"  problem: {p}" for p in self.problems]
         rows = [("param", k, v) for k, v in self.parameters.items()] + [("state", k, v) for k, v in self.state.items()]
-        if rows:
-            width = max(len(k) for _, k, _ in rows)
-            for kind, key, value in sorted(rows, key=lambda r: -r[2] if not math.isnan(r[2]) else -math.inf):
-                flag = "  <-- over" if not value <= self.rtol else ""
-                lines.append(f"  {kind:5} {key:<{width}}  {value:.3e}{flag}")
+        width = max((len(k) for _, k, _ in rows), default=0)
+        for kind, key, value in sorted(rows, key=lambda r: -r[2] if not math.isnan(r[2]) else -math.inf):
+            flag = "  <-- over" if not value <= self.rtol else ""
+            lines.append(f"  {kind:5} {key:<{width}}  {value:.3e}{flag}")
         return "\n".join(lines)
 
 
-def _state_items(opt: torch.optim.Optimizer, params: list[Tensor], names: list[str]) -> Iterator[tuple[str, Any]]:
-    for p, name in zip(params, names):
-        for key, value in sorted(opt.state.get(p, {}).items(), key=lambda kv: str(kv[0])):
-            yield f"{name}.{key}", value
+def _state(opt: torch.optim.Optimizer, params: list[Tensor], names: list[str]) -> dict[str, Any]:
+    return {f"{name}.{key}": value for p, name in zip(params, names)
+            for key, value in sorted(opt.state.get(p, {}).items(), key=lambda kv: str(kv[0]))}
 
 
 def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt: torch.optim.Optimizer,
              names: list[str], check_state: bool) -> None:
-    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
-    acc_params = [p for g in acc_opt.param_groups for p in g["params"]]
+    ref_params, acc_params = ([p for g in o.param_groups for p in g["params"]] for o in (ref_opt, acc_opt))
     for name, a, e in zip(names, acc_params, ref_params):
         report._note(report.parameters, name, relative_deviation(a, e))
     if not check_state:
         return
-    ref_state = dict(_state_items(ref_opt, ref_params, names))
-    acc_state = dict(_state_items(acc_opt, acc_params, names))
+    ref_state, acc_state = _state(ref_opt, ref_params, names), _state(acc_opt, acc_params, names)
     for key in sorted(set(ref_state) | set(acc_state)):
         if key not in ref_state or key not in acc_state:
             report._note(report.state, key, math.inf)
@@ -219,35 +165,13 @@ def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt:
 def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
     """Names of the layers whose output depends on the other samples of the batch, in the mode they are in.
 
-    These are the BatchNorm layers (``BatchNorm1d/2d/3d``, their lazy variants
-    and ``SyncBatchNorm``) in training mode: each normalises its input by the
-    statistics of the batch it sees, so K micro-batches are normalised
-    differently from one large batch. In eval mode with running statistics
-    they are per-sample and accumulation is exact (without running statistics,
-    ``track_running_stats=False``, they use the batch's in eval mode too).
-
-    Args:
-        model: the model, in the mode it trains in.
-
-    Returns:
-        The module names (``"<root>"`` for the model itself), in ``named_modules`` order.
+    These are the BatchNorm layers (lazy and ``SyncBatchNorm`` too) that use the batch's statistics (training mode,
+    or eval mode without running statistics), so K micro-batches are normalised differently from one large batch.
+    Pass ``model`` in the mode it trains in; names come in ``named_modules`` order (``"<root>"``: the model itself).
     """
     norm = torch.nn.modules.batchnorm._BatchNorm
     return [name or "<root>" for name, m in model.named_modules()
             if isinstance(m, norm) and (m.training or m.running_mean is None)]
-
-
-def _batch_problem(layers: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
-    return (f"BatchNorm using batch statistics ({shown}): it normalises each micro-batch by its own mean and variance, "
-            "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
-            "with running statistics (e.g. from a pre-trained model)")
-
-
-def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
-            for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])]
 
 
 # ------------------------------------------------------------ the check
@@ -268,19 +192,13 @@ def check_equivalence(
     """Train the large-batch reference and the accumulated run side by side and compare them.
 
     Args:
-        model_fn: builds the model (called once, under ``torch.manual_seed(seed)``;
-            both runs start from copies of that one model).
+        model_fn: builds the model, once, under ``torch.manual_seed(seed)``; both runs start from copies of it.
         loss_fn: ``loss_fn(model, batch)``: the *mean* loss of ``batch``.
-        optimizer_fn: ``optimizer_fn(model)``: the plain torch optimizer, e.g.
-            ``lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)``.
-        batches: one large batch per real update (a tensor, or a tuple/list/dict
-            of tensors sharing their first dimension).
-        micro_batches: K equal micro-batches (an int dividing the batch size) or
-            the list of micro-batch sizes (uneven; weighted by size).
-        dtype: floating dtype both models and the floating batch tensors are cast
-            to (``None``: leave them as they are).
-        rtol: largest relative deviation allowed (per tensor:
-            ``max|acc - ref| / max|ref|``).
+        optimizer_fn: ``optimizer_fn(model)``: the plain torch optimizer.
+        batches: one large batch per update (a tensor, or a tuple/list/dict of tensors sharing their first dimension).
+        micro_batches: K equal micro-batches (an int dividing the batch size) or the sizes (uneven: weighted by size).
+        dtype: dtype the models and floating batch tensors are cast to (``None``: leave them as they are).
+        rtol: largest relative deviation ``max|acc - ref| / max|ref|`` allowed per tensor.
         mode: the wrapper's ``mode`` (``"inplace"`` or ``"buffered"``).
         wrapper_kwargs: more keyword arguments for the wrapper.
         check_state: also compare the optimizer state (moments, step counts, ...).
@@ -290,10 +208,8 @@ def check_equivalence(
         The :class:`EquivalenceReport` (deviations over all updates).
 
     Raises:
-        AssertionError: with the report, when a deviation is over ``rtol`` or an
-            update was applied at the wrong micro-batch. A model with BatchNorm
-            layers in training mode (which no accumulation can make equal to the
-            large batch) is reported as such, naming the layers.
+        AssertionError: with the report, when a deviation is over ``rtol``, an update came at the wrong micro-batch,
+            or BatchNorm layers use batch statistics (no accumulation can equal the large batch; named).
     """
     if not batches:
         raise ValueError("Invalid batches: empty (expected at least one large batch)")
@@ -304,21 +220,23 @@ def check_equivalence(
         model = model.to(dtype)
     ref_model, acc_model = copy.deepcopy(model), copy.deepcopy(model)
     ref_opt = optimizer_fn(ref_model)
-    inner = optimizer_fn(acc_model)
-    names = _param_names(ref_model, ref_opt)
+    by_id = {id(p): n for n, p in ref_model.named_parameters()}
+    names = [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
+             for gi, g in enumerate(ref_opt.param_groups) for pi, p in enumerate(g["params"])]
     sizes0 = _sizes(micro_batches, _batch_size(batches[0]))
-    kwargs = dict(wrapper_kwargs or {})
-    opt = AccumulatingOptimizer(inner, len(sizes0), mode=mode, **kwargs)
+    opt = AccumulatingOptimizer(optimizer_fn(acc_model), len(sizes0), mode=mode, **(wrapper_kwargs or {}))
     cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
-
     report = EquivalenceReport(rtol=rtol)
-    batch_layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
-    if batch_layers:
-        report.problems.append(_batch_problem(batch_layers))
+    layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
+    if layers:
+        shown = ", ".join(repr(n) for n in layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        report.problems.append(
+            f"BatchNorm using batch statistics ({shown}): it normalises each micro-batch by its own mean and variance, "
+            "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
+            "with running statistics (e.g. from a pre-trained model)")
     for update, batch in enumerate(batches):
         batch = _map_tensors(batch, cast)
-        n = _batch_size(batch)
-        sizes = _sizes(micro_batches, n)
+        sizes = _sizes(micro_batches, _batch_size(batch))
         if len(sizes) != len(sizes0):
             raise ValueError(f"Invalid micro_batches: batch {update} splits into {len(sizes)} micro-batches, "
                              f"the first into {len(sizes0)} (expected the same K for every batch)")
@@ -328,11 +246,10 @@ def check_equivalence(
         ref_opt.step()
         # accumulated: one step() per micro-batch
         before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-        even = len(set(sizes)) == 1
         for i, micro in enumerate(split_batch(batch, sizes)):
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
-            if even:
+            if len(set(sizes)) == 1:  # even micro-batches: the plain backward
                 torch.autograd.backward(loss)
             else:
                 opt.backward(loss, weight=float(sizes[i]))
@@ -343,7 +260,8 @@ def check_equivalence(
             if not last:
                 after = [p.detach() for g in opt.param_groups for p in g["params"]]
                 if any(not torch.equal(a, b) for a, b in zip(after, before)):
-                    report.problems.append(f"update {update}: parameters changed before the window closed (micro-batch {i})")
+                    report.problems.append(f"update {update}: parameters changed before the window closed "
+                                           f"(micro-batch {i})")
         report.updates += 1
         _compare(report, ref_opt, opt, names, check_state)
     if opt.num_updates != len(batches):
@@ -366,8 +284,7 @@ class OptimizerConfig:
         return self.cls(params, **dict(self.kwargs))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"{self.cls.__name__}({args})"
+        return f"{self.cls.__name__}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
 
 
 def _hypothesis() -> Any:
@@ -384,8 +301,7 @@ def micro_batch_splits(*, max_parts: int = 8, max_size: int = 4, equal: bool | N
     Args:
         max_parts: largest K.
         max_size: largest micro-batch.
-        equal: True: all sizes equal; False: at least two differ (needs
-            ``max_parts >= 2`` and ``max_size >= 2``); None: either.
+        equal: True: all sizes equal; False: at least two differ (needs both maxima >= 2); None: either.
     """
     check_int("max_parts", max_parts)
     check_int("max_size", max_size)
@@ -400,7 +316,15 @@ def micro_batch_splits(*, max_parts: int = 8, max_size: int = 4, equal: bool | N
     return st.lists(st.integers(1, max_size), min_size=1, max_size=max_parts)
 
 
-def _configs(st: Any) -> dict[str, Any]:
+OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
+
+
+def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
+    """A hypothesis strategy for :class:`OptimizerConfig` s of the named torch optimizers (``OPTIMIZER_NAMES``).
+
+    Each is drawn over its main options: lr, weight decay, momentum/nesterov/dampening, amsgrad, betas, maximize, ...
+    """
+    st = _hypothesis()
     lr = st.sampled_from([1e-3, 1e-2, 0.1])
     wd = st.sampled_from([0.0, 0.0, 1e-2])
     maximize = st.booleans()
@@ -411,39 +335,25 @@ def _configs(st: Any) -> dict[str, Any]:
         return OptimizerConfig(torch.optim.SGD, dict(momentum=momentum, nesterov=nesterov,
                                                      dampening=0.0 if nesterov else dampening, **kw))
 
-    return {
+    def config(cls: type[torch.optim.Optimizer], **strategies: Any) -> Any:
+        return st.builds(lambda **kw: OptimizerConfig(cls, kw), **strategies)
+    table = {
         "SGD": st.builds(sgd, momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
                          dampening=st.sampled_from([0.0, 0.1]), lr=lr, weight_decay=wd, maximize=maximize),
-        "Adam": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adam, kw), lr=lr, weight_decay=wd,
-                          amsgrad=st.booleans(), betas=st.sampled_from([(0.9, 0.999), (0.8, 0.99)]), maximize=maximize),
-        "AdamW": st.builds(lambda **kw: OptimizerConfig(torch.optim.AdamW, kw), lr=lr,
-                           weight_decay=st.sampled_from([0.0, 1e-2, 0.1]), amsgrad=st.booleans(), maximize=maximize),
-        "RMSprop": st.builds(lambda **kw: OptimizerConfig(torch.optim.RMSprop, kw), lr=lr, weight_decay=wd,
-                             momentum=st.sampled_from([0.0, 0.9]), centered=st.booleans(), alpha=st.sampled_from([0.99, 0.9])),
-        "Adagrad": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adagrad, kw), lr=lr, weight_decay=wd,
-                             lr_decay=st.sampled_from([0.0, 1e-3]), initial_accumulator_value=st.sampled_from([0.0, 0.1])),
-        "Adamax": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adamax, kw), lr=lr, weight_decay=wd),
-        "NAdam": st.builds(lambda **kw: OptimizerConfig(torch.optim.NAdam, kw), lr=lr, weight_decay=wd,
-                           decoupled_weight_decay=st.booleans()),
-        "RAdam": st.builds(lambda **kw: OptimizerConfig(torch.optim.RAdam, kw), lr=lr, weight_decay=wd,
-                           decoupled_weight_decay=st.booleans()),
-        "Adadelta": st.builds(lambda **kw: OptimizerConfig(torch.optim.Adadelta, kw), lr=st.sampled_from([0.1, 1.0]),
-                              rho=st.sampled_from([0.9, 0.95]), weight_decay=wd),
+        "Adam": config(torch.optim.Adam, lr=lr, weight_decay=wd, amsgrad=st.booleans(),
+                       betas=st.sampled_from([(0.9, 0.999), (0.8, 0.99)]), maximize=maximize),
+        "AdamW": config(torch.optim.AdamW, lr=lr, weight_decay=st.sampled_from([0.0, 1e-2, 0.1]),
+                        amsgrad=st.booleans(), maximize=maximize),
+        "RMSprop": config(torch.optim.RMSprop, lr=lr, weight_decay=wd, momentum=st.sampled_from([0.0, 0.9]),
+                          centered=st.booleans(), alpha=st.sampled_from([0.99, 0.9])),
+        "Adagrad": config(torch.optim.Adagrad, lr=lr, weight_decay=wd, lr_decay=st.sampled_from([0.0, 1e-3]),
+                          initial_accumulator_value=st.sampled_from([0.0, 0.1])),
+        "Adamax": config(torch.optim.Adamax, lr=lr, weight_decay=wd),
+        "NAdam": config(torch.optim.NAdam, lr=lr, weight_decay=wd, decoupled_weight_decay=st.booleans()),
+        "RAdam": config(torch.optim.RAdam, lr=lr, weight_decay=wd, decoupled_weight_decay=st.booleans()),
+        "Adadelta": config(torch.optim.Adadelta, lr=st.sampled_from([0.1, 1.0]), rho=st.sampled_from([0.9, 0.95]),
+                           weight_decay=wd),
     }
-
-
-OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
-
-
-def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
-    """A hypothesis strategy for :class:`OptimizerConfig` s of the named torch optimizers.
-
-    Covers SGD (momentum, nesterov, dampening, weight decay, maximize), Adam and
-    AdamW (amsgrad, betas, weight decay), RMSprop (momentum, centered), Adagrad
-    (lr_decay, initial accumulator), Adamax, NAdam, RAdam and Adadelta.
-    """
-    st = _hypothesis()
-    table = _configs(st)
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         raise ValueError(f"Invalid names: {unknown or list(names)!r} (expected some of {list(table)})")
