@@ -1,6 +1,5 @@
 """``GradientAccumulationConfig`` and its enums: options checked once (errors name the option), then mapped to
-:class:`~accumopt.AccumulatingOptimizer` arguments by :meth:`GradientAccumulationConfig.optimizer_kwargs`.
-"""
+:class:`~accumopt.AccumulatingOptimizer` arguments by :meth:`GradientAccumulationConfig.optimizer_kwargs`."""
 
 from __future__ import annotations
 
@@ -8,8 +7,9 @@ import dataclasses
 import enum
 import fnmatch
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -49,6 +49,12 @@ _PRECISIONS = ("float16", "bfloat16")
 _FLAGS = ("gradient_scaling", "loss_scaling", "memory_monitoring", "progressive_scaling", "gradient_clipping",
           "nan_handling")
 _OPTIONAL_FLAGS = ("adaptive_scaling", "selective_accumulation", "progress_bar")
+_POSITIVE = partial(check_real, positive=True)
+# Optional numbers (None: unset), checked before anything reads them and stored as the checked int / float.
+_NUMBERS: dict[str, Callable[[str, Any], Any]] = {
+    "accumulation_steps": check_int, "effective_batch_size": check_int, "target_batch_size": check_int,
+    "min_accumulation_steps": check_int, "max_accumulation_steps": check_int, "checkpoint_every": check_int,
+    "memory_threshold": check_real, "clipping_norm": _POSITIVE, "agc_clip_factor": _POSITIVE}
 _E = TypeVar("_E", AccumulationMode, AccumulationStrategy)
 
 
@@ -122,6 +128,9 @@ class GradientAccumulationConfig:
                               ("lr_scaling_rule", LR_SCALING_RULES)):
             if getattr(self, name) is not None:
                 check_choice(name, getattr(self, name), choices)
+        for name, check in _NUMBERS.items():
+            if getattr(self, name) is not None:
+                setattr(self, name, check(name, getattr(self, name)))
         self._check_schedule()
         self._check_batch_sizes()
         self._check_weights()
@@ -151,9 +160,6 @@ class GradientAccumulationConfig:
 
     def _check_batch_sizes(self) -> None:
         k, e, t = self.accumulation_steps, self.effective_batch_size, self.target_batch_size
-        for name, value in (("accumulation_steps", k), ("effective_batch_size", e), ("target_batch_size", t)):
-            if value is not None:
-                check_int(name, value)
         if self.mode is AccumulationMode.PROGRESSIVE:  # K by epoch (see _check_schedule): nothing to derive
             return
         if self.mode is AccumulationMode.ADAPTIVE and t is not None:
@@ -176,7 +182,7 @@ class GradientAccumulationConfig:
             raise ValueError(f"Invalid target_batch_size: {t} with mode=ADAPTIVE and no effective_batch_size (it is "
                              "the largest batch per update, effective_batch_size x max K: give effective_batch_size)")
         k_max, hi = _divide(t, e, "effective_batch_size"), self.max_accumulation_steps
-        if hi is not None and check_int("max_accumulation_steps", hi) != k_max:
+        if hi is not None and hi != k_max:
             raise ValueError(f"Invalid max_accumulation_steps: {hi} with target_batch_size={t} (under mode=ADAPTIVE "
                              f"the target is the largest batch per update, so max K = {t} / effective_batch_size {e} "
                              f"= {k_max}; expected {k_max}, or give only one of the two)")
@@ -255,10 +261,8 @@ class GradientAccumulationConfig:
     def _check_options(self) -> None:
         """Options that depend on a flag, a mode or a strategy."""
         memory_aware = self.strategy is AccumulationStrategy.MEMORY_AWARE
-        if self.memory_threshold is not None:
-            t = check_real("memory_threshold", self.memory_threshold)
-            if not 0.0 < t <= 1.0:
-                raise ValueError(f"Invalid memory_threshold: {t} (expected a fraction of device memory in (0, 1])")
+        if (t := self.memory_threshold) is not None and not 0.0 < t <= 1.0:
+            raise ValueError(f"Invalid memory_threshold: {t} (expected a fraction of device memory in (0, 1])")
         self._option("memory_threshold", memory_aware or self.memory_monitoring, 0.9,
                      "it is read by memory_monitoring=True and strategy=MEMORY_AWARE")
         if memory_aware and not self.loss_scaling:
@@ -268,9 +272,6 @@ class GradientAccumulationConfig:
             warnings.warn("GradientAccumulationConfig: mode=EFFICIENT with strategy=MEMORY_AWARE accumulates in "
                           "buffers (mode='buffered'), not in .grad: out-of-memory recovery keeps the window's sum "
                           "apart from a micro-batch that fails (UNIFORM sums in place).", UserWarning, stacklevel=4)
-        for name in ("clipping_norm", "agc_clip_factor"):  # optional; None: unset
-            if getattr(self, name) is not None:
-                setattr(self, name, check_real(name, getattr(self, name), positive=True))
         self._option("clipping_norm", self.gradient_clipping, 1.0,
                      "gradient_clipping=False (expected gradient_clipping=True, or no clipping_norm)", strict=True)
         self._option("agc_clip_factor", self.strategy is AccumulationStrategy.ADAPTIVE_LAYERS, 0.01,
@@ -289,10 +290,8 @@ class GradientAccumulationConfig:
         except RuntimeError:
             raise ValueError(f"Invalid device: {self.device!r} (expected a torch device string such as 'cpu', "
                              "'cuda' or 'cuda:1')") from None
-        if self.checkpoint_every is not None:
-            check_int("checkpoint_every", self.checkpoint_every)
-            if self.checkpoint_path is None:
-                raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file to write)")
+        if self.checkpoint_every is not None and self.checkpoint_path is None:
+            raise ValueError("Invalid checkpoint_every: set without checkpoint_path (expected a file to write)")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
             raise TypeError(f"Invalid checkpoint_path: {self.checkpoint_path!r} (expected a str path)")
         self._option("checkpoint_path", self.checkpoint_every is not None, None,
@@ -317,9 +316,7 @@ class GradientAccumulationConfig:
                          strict=True)
         if not adaptive_mode:
             return
-        lo, hi, k = self.min_accumulation_steps, self.max_accumulation_steps, self.k
-        lo = 1 if lo is None else check_int("min_accumulation_steps", lo)
-        hi = max(64, k) if hi is None else check_int("max_accumulation_steps", hi)
+        k, lo, hi = self.k, self.min_accumulation_steps or 1, self.max_accumulation_steps or max(64, self.k)
         if lo > hi:
             raise ValueError(f"Invalid min_accumulation_steps: {lo} > max_accumulation_steps={hi} "
                              "(expected min_accumulation_steps <= max_accumulation_steps)")
@@ -335,8 +332,7 @@ class GradientAccumulationConfig:
         names = sorted(parameter_names(model).values())
         layers = list(self.layer_accumulation_weights or ()) if self.uses_layer_weights else []
         for option, given in (("layer_accumulation_weights", layers), ("exclude_parameters", self.exclude_parameters)):
-            given = given or []
-            unmatched = [p for p in given if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
+            unmatched = [p for p in given or [] if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
             if unmatched:
                 raise ValueError(f"Invalid {option}: {unmatched!r} match no parameter name "
                                  f"(names look like {names[:4]!r})")
