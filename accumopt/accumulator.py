@@ -1,8 +1,6 @@
-"""``GradientAccumulator`` and ``AccumulationState``: the configuration API over one AccumulatingOptimizer.
-
-The wrapper (built from :meth:`GradientAccumulationConfig.optimizer_kwargs`) does the work; this layer adds the
-documented calls, host sample counts, memory readings and the memory-aware path (``MicroBatcher``).
-"""
+"""``GradientAccumulator`` and ``AccumulationState``: the configuration API (``docs/configuration.md``) over one
+AccumulatingOptimizer built from :meth:`GradientAccumulationConfig.optimizer_kwargs`, which does the work; this layer
+adds host sample counts, memory readings and the memory-aware path (``MicroBatcher``)."""
 
 from __future__ import annotations
 
@@ -87,7 +85,6 @@ class GradientAccumulator:
         self.scaler: torch.amp.GradScaler | None = None
         self.device = torch.device("cpu")
         self.adaptive: AdaptiveK | None = None
-        self.batcher: MicroBatcher | None = None
         self._reset()
         if (model is None) != (optimizer is None):
             raise ValueError("Invalid arguments: give both model and optimizer, or neither (then call setup())")
@@ -95,6 +92,7 @@ class GradientAccumulator:
             self.setup(model, optimizer, scheduler)
 
     def _reset(self) -> None:
+        self.batcher: MicroBatcher | None = None  # MEMORY_AWARE: built by the first window
         self._window_samples: float | None = 0.0  # samples in the open window (None: a size was unknown)
         self._last_samples: float | None = None  # samples of the last closed window
         self._size_checked = False  # the first micro-batch's size was compared with effective_batch_size
@@ -108,9 +106,8 @@ class GradientAccumulator:
 
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
               scaler: torch.amp.GradScaler | None = None) -> GradientAccumulator:
-        """Wrap ``optimizer`` (the plain torch one) as configured and clear its gradients (``set_to_none``).
-
-        A GradScaler is made for ``mixed_precision="float16"`` with ``gradient_scaling`` unless ``scaler`` is given."""
+        """Wrap ``optimizer`` (the plain torch one) as configured and clear its gradients (``set_to_none``); a
+        GradScaler is made for ``mixed_precision="float16"`` with ``gradient_scaling`` unless ``scaler`` is given."""
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
@@ -123,9 +120,7 @@ class GradientAccumulator:
         self.optimizer = AccumulatingOptimizer(optimizer, model=model, scheduler=scheduler, scaler=scaler, **kwargs)
         optimizer.zero_grad(set_to_none=True)  # a .grad from before never enters the first update
         self.scaler, self.device, self.scheduler = scaler, device, scheduler
-        steps = kwargs["accumulation_steps"]
-        self.adaptive = steps if isinstance(steps, AdaptiveK) else None
-        self.batcher = None  # MEMORY_AWARE: built by the first window
+        self.adaptive = steps if isinstance(steps := kwargs["accumulation_steps"], AdaptiveK) else None
         self._reset()
         return self
 
@@ -237,8 +232,7 @@ class GradientAccumulator:
         return len(self._pending)
 
     def accumulate_batch(self, batch: Batch, loss_fn: Callable[[Batch], Tensor]) -> dict[str, Any]:
-        """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``.
-
+        """``MEMORY_AWARE``: hold one loader batch; at the K-th, run the window through the ``MicroBatcher``;
         ``loss_fn(micro_batch)`` returns a micro-batch's mean loss. Returns the keys of :meth:`accumulate_gradients`
         plus ``window_samples``; ``loss`` and ``accumulated_loss`` are None until the window runs, then its mean."""
         opt = self._require()

@@ -61,10 +61,8 @@ _E = TypeVar("_E", AccumulationMode, AccumulationStrategy)
 def _enum(name: str, value: Any, cls: type[_E]) -> _E:
     if isinstance(value, cls):
         return value
-    if isinstance(value, str):
-        for member in cls:
-            if value.lower() in (member.value, member.name.lower()):
-                return member
+    if isinstance(value, str) and value.lower() in {m.value for m in cls}:  # each value is the lower-case name
+        return cls(value.lower())
     error = ValueError if isinstance(value, str) else TypeError
     raise error(f"Invalid {name}: {value!r} (expected one of {', '.join(f'{cls.__name__}.{m.name}' for m in cls)})")
 
@@ -189,8 +187,7 @@ class GradientAccumulationConfig:
         if k is not None and k > k_max:
             raise ValueError(f"Invalid accumulation_steps: {k} with target_batch_size={t} (under mode=ADAPTIVE the "
                              f"target is the largest batch per update; expected a starting K <= {t} / {e} = {k_max})")
-        self.max_accumulation_steps = k_max
-        self.accumulation_steps = k_max if k is None else k
+        self.max_accumulation_steps, self.accumulation_steps = k_max, k or k_max
 
     def _check_weights(self) -> None:
         lw, gw, ex = self.layer_accumulation_weights, self.parameter_group_weights, self.exclude_parameters

@@ -1,6 +1,5 @@
 """``GradientAccumulationTrainer``: a training loop over :class:`GradientAccumulator` (device, mixed precision,
-progress, sample weights, history, resumable checkpoints). Host syncs: one per displayed update and per epoch.
-"""
+progress, sample weights, history, resumable checkpoints). Host syncs: one per displayed update and per epoch."""
 
 from __future__ import annotations
 
@@ -54,12 +53,8 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 class GradientAccumulationTrainer:
-    """Train a model with gradient accumulation configured by a :class:`GradientAccumulationConfig`.
-
-    Args:
-        config: the configuration.
-        progress_stream: where the progress bar goes (default ``sys.stderr``).
-    """
+    """Train a model with gradient accumulation configured by a :class:`GradientAccumulationConfig`; the progress
+    bar goes to ``progress_stream`` (default ``sys.stderr``)."""
 
     def __init__(self, config: GradientAccumulationConfig, *, progress_stream: TextIO | None = None) -> None:
         self.config = config
@@ -112,7 +107,9 @@ class GradientAccumulationTrainer:
         return self.model, self.optimizer, self.criterion
 
     def _forward(self, data: Any, target: Any) -> tuple[Any, Tensor]:
+        """The output and loss of a batch (moved to the device here), under autocast with ``mixed_precision``."""
         model, _, criterion = self._parts()
+        data, target = _to(data, self.device), _to(target, self.device)
         mp = self.config.mixed_precision
         autocast: ContextManager[Any] = contextlib.nullcontext() if mp is None \
             else torch.autocast(self.device.type, dtype=getattr(torch, mp))
@@ -130,7 +127,7 @@ class GradientAccumulationTrainer:
             result = self.accumulator.accumulate_batch((data_batch, target_batch), self._micro_loss)
             loss_samples, output_shape = result.pop("window_samples"), None
         else:
-            output, loss = self._forward(_to(data_batch, self.device), _to(target_batch, self.device))
+            output, loss = self._forward(data_batch, target_batch)
             result = self.accumulator.accumulate_gradients(loss, weight=n, num_samples=n)
             self.accumulator.zero_grad()
             loss_samples, output_shape = n, getattr(output, "shape", None)
@@ -139,9 +136,8 @@ class GradientAccumulationTrainer:
         return result
 
     def _micro_loss(self, micro: Batch) -> Tensor:
-        """MEMORY_AWARE: the mean loss of one micro-batch ``(data, target)`` (moved to the device here)."""
-        data, target = micro
-        return self._forward(_to(data, self.device), _to(target, self.device))[1]
+        """MEMORY_AWARE: the mean loss of one micro-batch ``(data, target)``."""
+        return self._forward(*micro)[1]
 
     def train_epoch(self, train_loader: Iterable[Any]) -> dict[str, Any]:
         """Train one epoch and apply its last partial window; returns the epoch's record (``docs/configuration.md``)."""
@@ -264,9 +260,8 @@ class GradientAccumulationTrainer:
                              "(expected a file of GradientAccumulationTrainer.save_checkpoint() with the same model)")
         self.accumulator.load_state_dict(acc_state)  # checks the configuration, then the wrapper's part
         model.load_state_dict(theirs)
-        self.current_epoch = int(state["epoch"])
+        self.current_epoch, self._pos = int(state["epoch"]), int(state["position"])
         self.training_history = list(state["history"])
-        self._pos = int(state["position"])
         if self._pos:  # mid-epoch: draw the epoch's data order again, then continue from the saved RNG state
             self._epoch_rng = state["epoch_rng"]
             _set_rng(state["epoch_rng"])
