@@ -263,8 +263,5 @@ class GradientAccumulationTrainer:
         self.current_epoch, self._pos = int(state["epoch"]), int(state["position"])
         self.training_history = list(state["history"])
         if self._pos:  # mid-epoch: draw the epoch's data order again, then continue from the saved RNG state
-            self._epoch_rng = state["epoch_rng"]
-            _set_rng(state["epoch_rng"])
-            self._resume = {"rng": state["rng"], **state["epoch_progress"]}
-        else:
-            _set_rng(state["rng"])
+            self._epoch_rng, self._resume = state["epoch_rng"], {"rng": state["rng"], **state["epoch_progress"]}
+        _set_rng(state["epoch_rng"] if self._pos else state["rng"])
