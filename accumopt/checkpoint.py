@@ -33,14 +33,11 @@ STATE_VERSION = 2
 def clone_tree(x: Any, device: torch.device | None = None) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor cloned (onto ``device``); never aliases ``x``."""
     if isinstance(x, Tensor):
-        t = x.detach()
-        return t.to(device).clone() if device is not None else t.clone()
+        return (x.detach() if device is None else x.detach().to(device)).clone()
     if isinstance(x, Mapping):
         return {k: clone_tree(v, device) for k, v in x.items()}
-    if isinstance(x, list):
-        return [clone_tree(v, device) for v in x]
-    if isinstance(x, tuple):
-        return tuple(clone_tree(v, device) for v in x)
+    if isinstance(x, (list, tuple)):  # subclasses (named tuples) come back as plain lists and tuples
+        return (list if isinstance(x, list) else tuple)(clone_tree(v, device) for v in x)
     return x
 
 
@@ -226,16 +223,12 @@ def _digest(obj: Any) -> int:
     def walk(x: Any) -> None:
         nonlocal crc
         if isinstance(x, Tensor):
-            t = x.detach()
+            t = x.detach().coalesce() if x.is_sparse else x.detach()
+            feed(b"P" if t.is_sparse else b"T", f"{t.dtype}{tuple(t.shape)}".encode())
             if t.is_sparse:
-                t = t.coalesce()
-                feed(b"P", f"{t.dtype}{tuple(t.shape)}".encode())
                 walk(t.indices())
                 walk(t.values())
-                return
-            feed(b"T", f"{t.dtype}{tuple(t.shape)}".encode())
-            flat = t.reshape(-1).contiguous().cpu()
-            if flat.numel():
+            elif (flat := t.reshape(-1).contiguous().cpu()).numel():
                 crc = zlib.crc32(flat.view(torch.uint8).numpy().data, crc)
         elif isinstance(x, Mapping):
             feed(b"D", str(len(x)).encode())

@@ -140,12 +140,6 @@ def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _deviation(params: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
-    """Largest over parameters of max|p - p_ref| / max|p_ref|."""
-    return max([0.0, *((p.double() - r.double()).abs().max().item() / (r.abs().max().item() or 1.0)
-                       for p, r in zip(params, ref))])
-
-
 def check_output(path: str) -> None:
     """Refuse (ValueError, one line) an output path the plot could not be written to, before any training."""
     try:
@@ -253,8 +247,9 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
         results = [_run(kind, cfg) for kind in ("large batch", "accumopt", "small batches")]
     finally:
         torch.set_num_threads(threads_before)
-    for r in results:
-        r["deviation"] = _deviation(r["params"], results[0]["params"])
+    for r in results:  # the largest over parameters of max|p - p_ref| / max|p_ref|
+        r["deviation"] = max([0.0, *((p.double() - q.double()).abs().max().item() / (q.abs().max().item() or 1.0)
+                                     for p, q in zip(r["params"], results[0]["params"]))])
     mem = "peak GPU memory" if dev.type == "cuda" else "peak RSS (+)"
     print(f"accumopt demo: {samples} samples, {epochs} epoch{'' if epochs == 1 else 's'}, {dtype} on {dev}; AdamW; "
           f"large batch {k * micro_batch_size} = K {k} x micro-batch {micro_batch_size}", file=out)
@@ -313,12 +308,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "accumopt") -> int:
     """Entry point of ``accumopt`` and ``python -m accumopt``; errors (exit status 2, or 1 on I/O) are one line."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: TextIO | None = None, line: str | None = None) -> None:
-        print(f"{prog}: warning: {message}", file=sys.stderr)
     with warnings.catch_warnings():  # restores showwarning on the way out
-        warnings.showwarning = show
+        warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
             run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
                      output=args.output or None, samples=args.samples, epochs=args.epochs)
