@@ -44,14 +44,12 @@ def clone_tree(x: Any, device: torch.device | None = None) -> Any:
 def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any], scaler: bool,
               scheduler: Any, lr_scaling: str | None, names: list[str] | None = None) -> dict[str, Any]:
     """What a state dict must match to be loaded (plain data); ``names``: model names in optimizer order, or None."""
-    return {
-        "names": names, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "mode": mode, "k": k, "groups": [len(g["params"]) for g in optimizer.param_groups],
-        "params": [[list(p.shape), str(p.dtype).replace("torch.", "")]
-                   for g in optimizer.param_groups for p in g["params"]],
-        "scaler": scaler, "scheduler": None if scheduler is None else type(scheduler).__name__,
-        "lr_scaling": lr_scaling,
-    }
+    groups = optimizer.param_groups
+    return {"names": names, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            "mode": mode, "k": k, "groups": [len(g["params"]) for g in groups],
+            "params": [[list(p.shape), str(p.dtype).replace("torch.", "")] for g in groups for p in g["params"]],
+            "scaler": scaler, "scheduler": None if scheduler is None else type(scheduler).__name__,
+            "lr_scaling": lr_scaling}
 
 
 def check_header(acc: Mapping[str, Any]) -> None:

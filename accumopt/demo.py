@@ -181,11 +181,9 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    styles: dict[str, dict[str, Any]] = {
-        "large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
-        "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
-        "small batches": dict(lw=0.8, alpha=0.8, color="tab:green"),
-    }
+    styles: dict[str, dict[str, Any]] = {"large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
+                                         "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
+                                         "small batches": dict(lw=0.8, alpha=0.8, color="tab:green")}
     for r in results:
         ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], label=r["kind"], **styles[r["kind"]])
     ax.set(xlabel="samples seen", ylabel="training loss (per update)")

@@ -382,8 +382,7 @@ class Window:
             check_state_scalar("window['ref']", ref)
             r = host_float(ref)
             if not (math.isfinite(r) and r > 0):
-                raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference "
-                                 "weight > 0)")
+                raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference weight > 0)")
         self.schedule.validate_state_dict(state.get("schedule"))
         if self.lr_scaling is not None:
             if state.get("lr_scaling") is None:

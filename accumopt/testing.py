@@ -175,20 +175,11 @@ def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------ the check
-def check_equivalence(
-    model_fn: Callable[[], torch.nn.Module],
-    loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
-    optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer],
-    batches: Sequence[Batch],
-    micro_batches: int | Sequence[int] = 4,
-    *,
-    dtype: torch.dtype | None = torch.float64,
-    rtol: float = 1e-10,
-    mode: str = "inplace",
-    wrapper_kwargs: Mapping[str, Any] | None = None,
-    check_state: bool = True,
-    seed: int = 0,
-) -> EquivalenceReport:
+def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
+                      optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer], batches: Sequence[Batch],
+                      micro_batches: int | Sequence[int] = 4, *, dtype: torch.dtype | None = torch.float64,
+                      rtol: float = 1e-10, mode: str = "inplace", wrapper_kwargs: Mapping[str, Any] | None = None,
+                      check_state: bool = True, seed: int = 0) -> EquivalenceReport:
     """Train the large-batch reference and the accumulated run side by side and compare them.
 
     Args:
@@ -245,7 +236,8 @@ def check_equivalence(
         torch.autograd.backward(loss_fn(ref_model, batch))
         ref_opt.step()
         # accumulated: one step() per micro-batch
-        before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
         for i, micro in enumerate(split_batch(batch, sizes)):
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
@@ -257,11 +249,9 @@ def check_equivalence(
             last = i == len(sizes) - 1
             if opt.stepped != last:
                 report.problems.append(f"update {update}, micro-batch {i}: stepped={opt.stepped} (expected {last})")
-            if not last:
-                after = [p.detach() for g in opt.param_groups for p in g["params"]]
-                if any(not torch.equal(a, b) for a, b in zip(after, before)):
-                    report.problems.append(f"update {update}: parameters changed before the window closed "
-                                           f"(micro-batch {i})")
+            if not last and any(not torch.equal(p.detach(), b) for p, b in zip(params, before)):
+                report.problems.append(f"update {update}: parameters changed before the window closed "
+                                       f"(micro-batch {i})")
         report.updates += 1
         _compare(report, ref_opt, opt, names, check_state)
     if opt.num_updates != len(batches):
@@ -330,10 +320,8 @@ def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
     maximize = st.booleans()
 
     def sgd(momentum: float, nesterov: bool, dampening: float, **kw: Any) -> OptimizerConfig:
-        if nesterov and momentum == 0.0:
-            momentum = 0.9
-        return OptimizerConfig(torch.optim.SGD, dict(momentum=momentum, nesterov=nesterov,
-                                                     dampening=0.0 if nesterov else dampening, **kw))
+        return OptimizerConfig(torch.optim.SGD, dict(momentum=0.9 if nesterov and momentum == 0.0 else momentum,
+                                                     nesterov=nesterov, dampening=0.0 if nesterov else dampening, **kw))
 
     def config(cls: type[torch.optim.Optimizer], **strategies: Any) -> Any:
         return st.builds(lambda **kw: OptimizerConfig(cls, kw), **strategies)
