@@ -1,9 +1,7 @@
 """State-dict helpers and checkpoint files of :class:`~accumopt.AccumulatingOptimizer` (see docs/state.md).
 
-The ``"accumulation"`` entry of ``opt.state_dict()`` (one sub-entry per component, plus a ``"signature"`` of the
-setup) is plain data that ``weights_only=True`` reads. Loading validates everything before anything changes.
-:func:`save_checkpoint` writes atomically (temp file, fsync, ``os.replace``, fsync of the folder): a crash, even
-SIGKILL, leaves the previous file intact; :func:`load_checkpoint` turns every failure to read into a ``ValueError``.
+The ``"accumulation"`` entry is plain data (``weights_only=True``), validated whole before anything changes. Files are
+written atomically (a crash, even SIGKILL, leaves the previous one intact); a failure to read one is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -126,18 +124,12 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
     Same shape, or one broadcasting to it (Adafactor's factors): another model's state is refused here, not at the
     first step. ``label(i, j)`` names parameter ``j`` of group ``i``. Call after :func:`validate_optimizer_state`.
     """
-    state = sd["state"]
     for gi, (theirs, ours) in enumerate(zip(sd["param_groups"], param_groups)):
         for pi, (key, p) in enumerate(zip(theirs["params"], ours["params"])):
-            for name, t in (state.get(key) or {}).items():
+            for name, t in (sd["state"].get(key) or {}).items():
                 if not isinstance(t, Tensor) or t.dim() == 0:
                     continue
-                try:
-                    fits = t.dim() == p.dim() and torch.broadcast_shapes(  # type: ignore[no-untyped-call]
-                        t.shape, p.shape) == p.shape
-                except RuntimeError:
-                    fits = False
-                if not fits:
+                if t.dim() != p.dim() or any(a not in (1, b) for a, b in zip(t.shape, p.shape)):
                     raise ValueError(f"Invalid state dict: state {name!r} of parameter {label(gi, pi)} has shape "
                                      f"{tuple(t.shape)}, which does not fit the parameter's shape {tuple(p.shape)} "
                                      "(expected the state dict of this model's optimizer)")

@@ -30,9 +30,8 @@ def _data_and_model(cfg: dict[str, Any], dtype: torch.dtype, device: torch.devic
     """The data set (a fixed random teacher labels Gaussian inputs) and the initial MLP, the same in every run."""
     n, features, hidden, classes = cfg["samples"], cfg["features"], cfg["hidden"], cfg["classes"]
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(n, features, generator=g, dtype=torch.float64)
-    teacher = torch.randn(features, classes, generator=g, dtype=torch.float64)
-    noise = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    x, teacher, noise = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((n, features), (features, classes), (n, classes)))
     y = (torch.tanh(x @ teacher / math.sqrt(features)) * 3 + 0.5 * noise).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
@@ -197,22 +196,6 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     return True
 
 
-def _check_device(device: str) -> torch.device:
-    """``device`` as a torch device the demo can run on (cpu, or cuda when available), else ValueError."""
-    expected = f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')"
-    if not isinstance(device, str):
-        raise TypeError(expected)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(expected) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
-    if dev.type == "cuda":
-        check_cuda_present(device, dev)
-    return dev
-
-
 def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
              output: str | None = "accumopt_demo.png", samples: int = 4096, epochs: int = 3,
              features: int = 64, hidden: int = 256, classes: int = 10, lr: float = 3e-3,
@@ -225,7 +208,17 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     for name, value in (("k", k), ("micro_batch_size", micro_batch_size), ("samples", samples), ("epochs", epochs)):
         check_int(name, value)
     check_choice("dtype", dtype, ("float32", "float64"))
-    dev = _check_device(device)
+    expected = f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')"
+    if not isinstance(device, str):
+        raise TypeError(expected)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(expected) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
+    if dev.type == "cuda":
+        check_cuda_present(device, dev)
     if output:
         check_output(output)
     if samples < k * micro_batch_size:

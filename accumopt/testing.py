@@ -148,15 +148,12 @@ def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt:
     for key in sorted(set(ref_state) | set(acc_state)):
         if key not in ref_state or key not in acc_state:
             report._note(report.state, key, math.inf)
-            problem = f"optimizer state {key!r} exists in only one run"
-            if problem not in report.problems:
+            if (problem := f"optimizer state {key!r} exists in only one run") not in report.problems:
                 report.problems.append(problem)
             continue
         e, a = ref_state[key], acc_state[key]
         if isinstance(e, Tensor) and isinstance(a, Tensor):
-            if e.is_sparse or a.is_sparse:
-                e, a = e.to_dense(), a.to_dense()
-            value = relative_deviation(a, e)
+            value = relative_deviation(a.to_dense(), e.to_dense())  # to_dense: a dense tensor as it is
         else:
             value = 0.0 if a == e else math.inf
         report._note(report.state, key, value)
@@ -169,9 +166,8 @@ def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
     or eval mode without running statistics), so K micro-batches are normalised differently from one large batch.
     Pass ``model`` in the mode it trains in; names come in ``named_modules`` order (``"<root>"``: the model itself).
     """
-    norm = torch.nn.modules.batchnorm._BatchNorm
     return [name or "<root>" for name, m in model.named_modules()
-            if isinstance(m, norm) and (m.training or m.running_mean is None)]
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
 
 
 # ------------------------------------------------------------ the check
