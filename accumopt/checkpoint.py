@@ -1,9 +1,7 @@
 """State-dict helpers and checkpoint files of :class:`~accumopt.AccumulatingOptimizer` (see docs/state.md).
 
-The ``"accumulation"`` entry of ``opt.state_dict()`` (one sub-entry per component, plus a ``"signature"`` of the
-setup) is plain data that ``weights_only=True`` reads. Loading validates everything before anything changes.
-:func:`save_checkpoint` writes atomically (temp file, fsync, ``os.replace``, fsync of the folder): a crash, even
-SIGKILL, leaves the previous file intact; :func:`load_checkpoint` turns every failure to read into a ``ValueError``.
+The ``"accumulation"`` entry is plain data (``weights_only=True``), validated whole before anything changes. Files are
+written atomically (a crash, even SIGKILL, leaves the previous one intact); a failure to read one is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -33,28 +31,23 @@ STATE_VERSION = 2
 def clone_tree(x: Any, device: torch.device | None = None) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor cloned (onto ``device``); never aliases ``x``."""
     if isinstance(x, Tensor):
-        t = x.detach()
-        return t.to(device).clone() if device is not None else t.clone()
+        return (x.detach() if device is None else x.detach().to(device)).clone()
     if isinstance(x, Mapping):
         return {k: clone_tree(v, device) for k, v in x.items()}
-    if isinstance(x, list):
-        return [clone_tree(v, device) for v in x]
-    if isinstance(x, tuple):
-        return tuple(clone_tree(v, device) for v in x)
+    if isinstance(x, (list, tuple)):  # subclasses (named tuples) come back as plain lists and tuples
+        return (list if isinstance(x, list) else tuple)(clone_tree(v, device) for v in x)
     return x
 
 
 def signature(optimizer: torch.optim.Optimizer, *, mode: str, k: dict[str, Any], scaler: bool,
               scheduler: Any, lr_scaling: str | None, names: list[str] | None = None) -> dict[str, Any]:
     """What a state dict must match to be loaded (plain data); ``names``: model names in optimizer order, or None."""
-    return {
-        "names": names, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "mode": mode, "k": k, "groups": [len(g["params"]) for g in optimizer.param_groups],
-        "params": [[list(p.shape), str(p.dtype).replace("torch.", "")]
-                   for g in optimizer.param_groups for p in g["params"]],
-        "scaler": scaler, "scheduler": None if scheduler is None else type(scheduler).__name__,
-        "lr_scaling": lr_scaling,
-    }
+    groups = optimizer.param_groups
+    return {"names": names, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            "mode": mode, "k": k, "groups": [len(g["params"]) for g in groups],
+            "params": [[list(p.shape), str(p.dtype).replace("torch.", "")] for g in groups for p in g["params"]],
+            "scaler": scaler, "scheduler": None if scheduler is None else type(scheduler).__name__,
+            "lr_scaling": lr_scaling}
 
 
 def check_header(acc: Mapping[str, Any]) -> None:
@@ -131,18 +124,12 @@ def validate_state_shapes(sd: Mapping[str, Any], param_groups: list[dict[str, An
     Same shape, or one broadcasting to it (Adafactor's factors): another model's state is refused here, not at the
     first step. ``label(i, j)`` names parameter ``j`` of group ``i``. Call after :func:`validate_optimizer_state`.
     """
-    state = sd["state"]
     for gi, (theirs, ours) in enumerate(zip(sd["param_groups"], param_groups)):
         for pi, (key, p) in enumerate(zip(theirs["params"], ours["params"])):
-            for name, t in (state.get(key) or {}).items():
+            for name, t in (sd["state"].get(key) or {}).items():
                 if not isinstance(t, Tensor) or t.dim() == 0:
                     continue
-                try:
-                    fits = t.dim() == p.dim() and torch.broadcast_shapes(  # type: ignore[no-untyped-call]
-                        t.shape, p.shape) == p.shape
-                except RuntimeError:
-                    fits = False
-                if not fits:
+                if t.dim() != p.dim() or any(a not in (1, b) for a, b in zip(t.shape, p.shape)):
                     raise ValueError(f"Invalid state dict: state {name!r} of parameter {label(gi, pi)} has shape "
                                      f"{tuple(t.shape)}, which does not fit the parameter's shape {tuple(p.shape)} "
                                      "(expected the state dict of this model's optimizer)")
@@ -226,16 +213,12 @@ def _digest(obj: Any) -> int:
     def walk(x: Any) -> None:
         nonlocal crc
         if isinstance(x, Tensor):
-            t = x.detach()
+            t = x.detach().coalesce() if x.is_sparse else x.detach()
+            feed(b"P" if t.is_sparse else b"T", f"{t.dtype}{tuple(t.shape)}".encode())
             if t.is_sparse:
-                t = t.coalesce()
-                feed(b"P", f"{t.dtype}{tuple(t.shape)}".encode())
                 walk(t.indices())
                 walk(t.values())
-                return
-            feed(b"T", f"{t.dtype}{tuple(t.shape)}".encode())
-            flat = t.reshape(-1).contiguous().cpu()
-            if flat.numel():
+            elif (flat := t.reshape(-1).contiguous().cpu()).numel():
                 crc = zlib.crc32(flat.view(torch.uint8).numpy().data, crc)
         elif isinstance(x, Mapping):
             feed(b"D", str(len(x)).encode())

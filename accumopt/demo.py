@@ -30,9 +30,8 @@ def _data_and_model(cfg: dict[str, Any], dtype: torch.dtype, device: torch.devic
     """The data set (a fixed random teacher labels Gaussian inputs) and the initial MLP, the same in every run."""
     n, features, hidden, classes = cfg["samples"], cfg["features"], cfg["hidden"], cfg["classes"]
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(n, features, generator=g, dtype=torch.float64)
-    teacher = torch.randn(features, classes, generator=g, dtype=torch.float64)
-    noise = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    x, teacher, noise = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((n, features), (features, classes), (n, classes)))
     y = (torch.tanh(x @ teacher / math.sqrt(features)) * 3 + 0.5 * noise).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
@@ -140,12 +139,6 @@ def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _deviation(params: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
-    """Largest over parameters of max|p - p_ref| / max|p_ref|."""
-    return max([0.0, *((p.double() - r.double()).abs().max().item() / (r.abs().max().item() or 1.0)
-                       for p, r in zip(params, ref))])
-
-
 def check_output(path: str) -> None:
     """Refuse (ValueError, one line) an output path the plot could not be written to, before any training."""
     try:
@@ -187,11 +180,9 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    styles: dict[str, dict[str, Any]] = {
-        "large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
-        "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
-        "small batches": dict(lw=0.8, alpha=0.8, color="tab:green"),
-    }
+    styles: dict[str, dict[str, Any]] = {"large batch": dict(lw=3.0, alpha=0.45, color="tab:blue"),
+                                         "accumopt": dict(lw=1.2, ls="--", color="tab:orange"),
+                                         "small batches": dict(lw=0.8, alpha=0.8, color="tab:green")}
     for r in results:
         ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], label=r["kind"], **styles[r["kind"]])
     ax.set(xlabel="samples seen", ylabel="training loss (per update)")
@@ -203,22 +194,6 @@ def _plot(results: list[dict[str, Any]], path: str, title: str) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
-
-
-def _check_device(device: str) -> torch.device:
-    """``device`` as a torch device the demo can run on (cpu, or cuda when available), else ValueError."""
-    expected = f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')"
-    if not isinstance(device, str):
-        raise TypeError(expected)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(expected) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
-    if dev.type == "cuda":
-        check_cuda_present(device, dev)
-    return dev
 
 
 def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
@@ -233,7 +208,17 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
     for name, value in (("k", k), ("micro_batch_size", micro_batch_size), ("samples", samples), ("epochs", epochs)):
         check_int(name, value)
     check_choice("dtype", dtype, ("float32", "float64"))
-    dev = _check_device(device)
+    expected = f"Invalid device: {device!r} (expected 'cpu', 'cuda' or 'cuda:<index>')"
+    if not isinstance(device, str):
+        raise TypeError(expected)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(expected) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {device!r} (the demo runs on 'cpu' or 'cuda')")
+    if dev.type == "cuda":
+        check_cuda_present(device, dev)
     if output:
         check_output(output)
     if samples < k * micro_batch_size:
@@ -253,8 +238,9 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
         results = [_run(kind, cfg) for kind in ("large batch", "accumopt", "small batches")]
     finally:
         torch.set_num_threads(threads_before)
-    for r in results:
-        r["deviation"] = _deviation(r["params"], results[0]["params"])
+    for r in results:  # the largest over parameters of max|p - p_ref| / max|p_ref|
+        r["deviation"] = max([0.0, *((p.double() - q.double()).abs().max().item() / (q.abs().max().item() or 1.0)
+                                     for p, q in zip(r["params"], results[0]["params"]))])
     mem = "peak GPU memory" if dev.type == "cuda" else "peak RSS (+)"
     print(f"accumopt demo: {samples} samples, {epochs} epoch{'' if epochs == 1 else 's'}, {dtype} on {dev}; AdamW; "
           f"large batch {k * micro_batch_size} = K {k} x micro-batch {micro_batch_size}", file=out)
@@ -313,12 +299,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "accumopt") -> int:
     """Entry point of ``accumopt`` and ``python -m accumopt``; errors (exit status 2, or 1 on I/O) are one line."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: TextIO | None = None, line: str | None = None) -> None:
-        print(f"{prog}: warning: {message}", file=sys.stderr)
     with warnings.catch_warnings():  # restores showwarning on the way out
-        warnings.showwarning = show
+        warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
             run_demo(k=args.k, micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype,
                      output=args.output or None, samples=args.samples, epochs=args.epochs)

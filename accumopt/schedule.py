@@ -26,13 +26,6 @@ LR_SCALING_RULES = ("linear", "sqrt")
 REDUCTIONS = ("mean", "sum")
 
 
-def _as_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``check_int`` that also takes integral numbers such as ``numpy.int64``."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-        value = int(value)
-    return check_int(name, value, minimum=minimum)
-
-
 class Schedule:
     """Base class of schedule objects that decide K themselves (e.g. :class:`accumopt.AdaptiveK`).
 
@@ -78,20 +71,20 @@ class KSchedule:
             if not spec:
                 raise ValueError("Invalid accumulation_steps: {} "
                                  "(expected a non-empty mapping {start: K} containing 0)")
-            self._points = sorted((_as_int("accumulation_steps key", start, minimum=0),
-                                   _as_int(f"accumulation_steps[{start!r}]", k)) for start, k in spec.items())
+            self._points = sorted((check_int("accumulation_steps key", start, minimum=0),
+                                   check_int(f"accumulation_steps[{start!r}]", k)) for start, k in spec.items())
             if self._points[0][0] != 0:
                 raise ValueError(f"Invalid accumulation_steps: {dict(spec)!r} (a mapping must give K from 0 on)")
             self.kind, default_by = "mapping", "epoch"
         elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
             if len(spec) == 0:
                 raise ValueError("Invalid accumulation_steps: [] (expected a non-empty list of ints >= 1)")
-            self._points = [(i, _as_int(f"accumulation_steps[{i}]", k)) for i, k in enumerate(spec)]
+            self._points = [(i, check_int(f"accumulation_steps[{i}]", k)) for i, k in enumerate(spec)]
             self.kind, default_by = "list", "epoch"
         elif callable(spec) and not isinstance(spec, (numbers.Number, Tensor)):
             self.kind, default_by = "callable", "update"
         else:
-            self.spec = _as_int("accumulation_steps", spec)
+            self.spec = check_int("accumulation_steps", spec)
             self.kind, default_by = "constant", "epoch"
         self.schedule_by = check_choice("schedule_by", schedule_by or default_by, ("epoch", "update"))
         if self.kind == "object" and schedule_by is not None and schedule_by != default_by:
@@ -107,10 +100,10 @@ class KSchedule:
         if self.kind == "constant":
             return int(self.spec)
         if self.kind == "object":
-            return _as_int(f"{type(self.spec).__name__}(...) result", self.spec(epoch, updates))
+            return check_int(f"{type(self.spec).__name__}(...) result", self.spec(epoch, updates))
         position = epoch if self.schedule_by == "epoch" else updates
         if self.kind == "callable":
-            return _as_int(f"accumulation_steps({position})", self.spec(position))
+            return check_int(f"accumulation_steps({position})", self.spec(position))
         return [k for start, k in self._points if start <= position][-1]  # the points are sorted and start at 0
 
     def attach(self, estimate: NoiseSource | None) -> None:
@@ -341,7 +334,7 @@ class Window:
             self.lr_scaling.rescale(k)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _as_int("epoch", epoch, minimum=0)
+        self.epoch = check_int("epoch", epoch, minimum=0)
         if self.count == 0 and not self.open_ended:
             self._set_k(self.schedule(self.epoch, self.closed))
 
@@ -389,8 +382,7 @@ class Window:
             check_state_scalar("window['ref']", ref)
             r = host_float(ref)
             if not (math.isfinite(r) and r > 0):
-                raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference "
-                                 "weight > 0)")
+                raise ValueError(f"Invalid state dict: window['ref'] is {r!r} (expected a finite reference weight > 0)")
         self.schedule.validate_state_dict(state.get("schedule"))
         if self.lr_scaling is not None:
             if state.get("lr_scaling") is None:

@@ -148,15 +148,12 @@ def _compare(report: EquivalenceReport, ref_opt: torch.optim.Optimizer, acc_opt:
     for key in sorted(set(ref_state) | set(acc_state)):
         if key not in ref_state or key not in acc_state:
             report._note(report.state, key, math.inf)
-            problem = f"optimizer state {key!r} exists in only one run"
-            if problem not in report.problems:
+            if (problem := f"optimizer state {key!r} exists in only one run") not in report.problems:
                 report.problems.append(problem)
             continue
         e, a = ref_state[key], acc_state[key]
         if isinstance(e, Tensor) and isinstance(a, Tensor):
-            if e.is_sparse or a.is_sparse:
-                e, a = e.to_dense(), a.to_dense()
-            value = relative_deviation(a, e)
+            value = relative_deviation(a.to_dense(), e.to_dense())  # to_dense: a dense tensor as it is
         else:
             value = 0.0 if a == e else math.inf
         report._note(report.state, key, value)
@@ -169,26 +166,16 @@ def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
     or eval mode without running statistics), so K micro-batches are normalised differently from one large batch.
     Pass ``model`` in the mode it trains in; names come in ``named_modules`` order (``"<root>"``: the model itself).
     """
-    norm = torch.nn.modules.batchnorm._BatchNorm
     return [name or "<root>" for name, m in model.named_modules()
-            if isinstance(m, norm) and (m.training or m.running_mean is None)]
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
 
 
 # ------------------------------------------------------------ the check
-def check_equivalence(
-    model_fn: Callable[[], torch.nn.Module],
-    loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
-    optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer],
-    batches: Sequence[Batch],
-    micro_batches: int | Sequence[int] = 4,
-    *,
-    dtype: torch.dtype | None = torch.float64,
-    rtol: float = 1e-10,
-    mode: str = "inplace",
-    wrapper_kwargs: Mapping[str, Any] | None = None,
-    check_state: bool = True,
-    seed: int = 0,
-) -> EquivalenceReport:
+def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
+                      optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer], batches: Sequence[Batch],
+                      micro_batches: int | Sequence[int] = 4, *, dtype: torch.dtype | None = torch.float64,
+                      rtol: float = 1e-10, mode: str = "inplace", wrapper_kwargs: Mapping[str, Any] | None = None,
+                      check_state: bool = True, seed: int = 0) -> EquivalenceReport:
     """Train the large-batch reference and the accumulated run side by side and compare them.
 
     Args:
@@ -245,7 +232,8 @@ def check_equivalence(
         torch.autograd.backward(loss_fn(ref_model, batch))
         ref_opt.step()
         # accumulated: one step() per micro-batch
-        before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
         for i, micro in enumerate(split_batch(batch, sizes)):
             opt.zero_grad()
             loss = loss_fn(acc_model, micro)
@@ -257,11 +245,9 @@ def check_equivalence(
             last = i == len(sizes) - 1
             if opt.stepped != last:
                 report.problems.append(f"update {update}, micro-batch {i}: stepped={opt.stepped} (expected {last})")
-            if not last:
-                after = [p.detach() for g in opt.param_groups for p in g["params"]]
-                if any(not torch.equal(a, b) for a, b in zip(after, before)):
-                    report.problems.append(f"update {update}: parameters changed before the window closed "
-                                           f"(micro-batch {i})")
+            if not last and any(not torch.equal(p.detach(), b) for p, b in zip(params, before)):
+                report.problems.append(f"update {update}: parameters changed before the window closed "
+                                       f"(micro-batch {i})")
         report.updates += 1
         _compare(report, ref_opt, opt, names, check_state)
     if opt.num_updates != len(batches):
@@ -330,10 +316,8 @@ def optimizer_configs(names: Sequence[str] = OPTIMIZER_NAMES) -> Any:
     maximize = st.booleans()
 
     def sgd(momentum: float, nesterov: bool, dampening: float, **kw: Any) -> OptimizerConfig:
-        if nesterov and momentum == 0.0:
-            momentum = 0.9
-        return OptimizerConfig(torch.optim.SGD, dict(momentum=momentum, nesterov=nesterov,
-                                                     dampening=0.0 if nesterov else dampening, **kw))
+        return OptimizerConfig(torch.optim.SGD, dict(momentum=0.9 if nesterov and momentum == 0.0 else momentum,
+                                                     nesterov=nesterov, dampening=0.0 if nesterov else dampening, **kw))
 
     def config(cls: type[torch.optim.Optimizer], **strategies: Any) -> Any:
         return st.builds(lambda **kw: OptimizerConfig(cls, kw), **strategies)
