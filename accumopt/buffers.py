@@ -120,7 +120,8 @@ class _LandingHook:
         grad, kept = param.grad, self.tensors[self.i]
         if grad is kept or grad is None or grad.requires_grad or grad.is_sparse:
             return  # added into in place (a second backward), or a gradient with a graph / sparse: left as is
-        if kept is None or kept.shape != grad.shape or kept.dtype != grad.dtype or kept.stride() != grad.stride():
+        if kept is None or (kept.shape, kept.dtype, kept.device, kept.stride()) != (
+                grad.shape, grad.dtype, grad.device, grad.stride()):
             kept = self.tensors[self.i] = torch.empty_like(grad, memory_format=torch.preserve_format)
         kept.copy_(grad)  # while the fresh gradient is still in cache; it is freed right after
         param.grad = kept

@@ -154,6 +154,11 @@ class CapturedMicroStep:
         self._graph: Any = None
         self._replay: Callable[[], None] | None = None
         self._backend: Any = None
+        self._sig: tuple[Any, ...] | None = None
+        self._fast: tuple[Any, ...] | None = None
+        self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
+        self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
+        self._static_loss: Tensor | None = None
         self.replays = self.eager_steps = self.captures = 0
         _install_registration_hook()
         self._modules: list[torch.nn.Module] = list(model.modules())  # refreshed at each window start
@@ -176,11 +181,6 @@ class CapturedMicroStep:
         wdtype = torch.float64 if any(p.dtype == torch.float64 for p in self._opt_params()) else torch.float32
         self._w = torch.ones((), device=self._device, dtype=wdtype)
         self._w_is_one = True
-        self._sig: tuple[Any, ...] | None = None
-        self._fast: tuple[Any, ...] | None = None
-        self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
-        self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
-        self._static_loss: Tensor | None = None
 
     # ---------------------------------------------------------------- properties
     @property
