@@ -136,27 +136,19 @@ def _remove(handles: list[RemovableHandle]) -> None:
 class _Landing:
     """Tensors that receive a CPU buffered group's fresh gradients during the backward pass.
 
-    A buffered micro-step holds every fresh gradient until ``step()``; on CPU, freeing that much at once hands it
-    back to the system, and the next backward pays page faults on every gradient (devices with a caching allocator
-    do not). A post-accumulate-grad hook per parameter copies each fresh gradient into a tensor kept from the last
-    micro-step and points ``.grad`` at it, so the fresh one is freed at once, as in a plain loop. The hooks are
-    removed with the store (or a new plan) and installed again in a copy.
+    On CPU, freeing every fresh gradient at ``step()`` hands that much back to the system, and the next backward pays
+    page faults on each (a caching allocator does not): a hook per parameter copies the fresh gradient into a tensor
+    kept from the last micro-step and points ``.grad`` at it, so the fresh one is freed at once, as in a plain loop.
+    The hooks are removed with the store (or a new plan) and installed again in a copy.
     """
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
         self.tensors: list[Tensor | None] = [None] * len(params)
-        self.handles: list[RemovableHandle] = []
-        self.install()
-
-    def install(self) -> None:
-        self.handles.extend(
+        self.handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
-            for i, p in enumerate(self.params))
-        weakref.finalize(self, _remove, self.handles)
-
-    def remove(self) -> None:
-        _remove(self.handles)
+            for i, p in enumerate(params)]
+        self.remove = weakref.finalize(self, _remove, self.handles)  # also at collection: no hook outlives the store
 
     def __getstate__(self) -> dict[str, Any]:
         return {"params": self.params}  # hooks stay on the original parameters; kept tensors are not state
@@ -348,11 +340,8 @@ class GradientStore:
                 if kept[step]:
                     g.mark(idx)
             g.seen_if_kept.clear()
-            if release:
-                after = g.seen_indices()
-                gone = set(range(len(g.params)) if before is None else before)
-                gone -= set(range(len(g.params)) if after is None else after)
-                for i in gone:
+            if release and (after := g.seen_indices()) is not None:  # after is None: every one was kept
+                for i in set(range(len(g.params)) if before is None else before).difference(after):
                     g.params[i].grad = None
         self._drops.clear()
 
@@ -376,17 +365,16 @@ class GradientStore:
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if not params and not g.sparse:
                 continue  # no gradient this window: .grad stays None, as without accumulation
-            scaled: Sequence[Tensor] = []
+            scaled: Sequence[Tensor] = bufs
             if params and g.last_in_grad:
                 scaled = [p.grad for p in params if p.grad is not None]
                 if not g.stale:  # stale: the window's only micro-batch is in .grad
                     torch._foreach_add_(scaled, bufs)
                 _mul_(scaled, factor)
-            elif params and g.same_dtype:
+            elif g.same_dtype:
                 _mul_(bufs, factor)
-                scaled = bufs
-            elif params:
-                scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
+            elif params and (isinstance(factor, Tensor) or factor != 1.0):
+                scaled = torch._foreach_mul(bufs, factor)
             for p, s in zip(params, scaled):
                 p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
             for i, sp in g.sparse.items():
@@ -419,8 +407,7 @@ class GradientStore:
 
     def clear_micro_grads(self, set_to_none: bool) -> None:
         """``zero_grad`` within a pending window: clear buffered ``.grad`` and excluded parameters as torch does."""
-        params = [p for p in self._buffered_params() if p.grad is not None]
-        params += [p for p in self.excluded if p.grad is not None]
+        params = [p for p in (*self._buffered_params(), *self.excluded) if p.grad is not None]
         if set_to_none:
             for p in params:
                 p.grad = None
