@@ -32,7 +32,7 @@ class _Group:
     weight: float
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
-    _device_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _device_cache: tuple[Tensor, Tensor] | None = None  # (value, on this device): the latest one
     # Which buffers hold a gradient this window (one that got none keeps ``.grad = None``); host-side only.
     all_seen: bool = False
     seen: set[int] = field(default_factory=set)
@@ -93,10 +93,9 @@ class _Group:
         device = self.params[0].device
         if value.device == device:
             return value
-        hit = self._device_cache.get(id(value))
+        hit = self._device_cache
         if hit is None or hit[0] is not value:
-            hit = (value, value.to(device, non_blocking=True))
-            self._device_cache = {id(value): hit}  # one entry: the latest value
+            hit = self._device_cache = (value, value.to(device, non_blocking=True))
         return hit[1]
 
 
@@ -214,8 +213,7 @@ class GradientStore:
     def layout_changed(self) -> bool:
         """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``); no device access."""
         # A device move (model.to(device)) moves every parameter: the first one tells.
-        return any(g.params[0].device != g.device or any(p.dtype is not g.dtype for p in g.params)
-                   for g in self.groups)
+        return any(g.params[0].device != g.device or any(p.dtype is not g.dtype for p in g.params) for g in self.groups)
 
     def replan(self) -> None:
         """Plan the storage again for the parameters' current dtypes and devices (no window pending: sums dropped)."""
@@ -301,16 +299,13 @@ class GradientStore:
                            scale: "float | Tensor") -> tuple[list[int], list[Tensor]]:
         """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
         positions = range(len(g.params)) if idx is None else idx
-        dense_idx, dense = [], []
         buffers = cast(list[Tensor], g.buffers)  # only buffered groups hold sparse sums
         for i, t in zip(positions, grads):
-            if not t.is_sparse:
-                dense_idx.append(i)
-                dense.append(t)
-                continue
-            t = t.to(buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
-            g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
-        return dense_idx, dense
+            if t.is_sparse:
+                t = t.to(buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
+                g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
+        dense = [(i, t) for i, t in zip(positions, grads) if not t.is_sparse]
+        return [i for i, _ in dense], [t for _, t in dense]
 
     def mark_seen(self) -> None:
         """Count every buffer as holding a gradient (after a cross-rank reduction filled them all)."""
@@ -340,7 +335,7 @@ class GradientStore:
                 if kept[step]:
                     g.mark(idx)
             g.seen_if_kept.clear()
-            if release and (after := g.seen_indices()) is not None:  # after is None: every one was kept
+            if release and (after := g.seen_indices()) is not None:  # None: every one has a gradient
                 for i in set(range(len(g.params)) if before is None else before).difference(after):
                     g.params[i].grad = None
         self._drops.clear()
@@ -399,26 +394,22 @@ class GradientStore:
             if g.buffers is not None:
                 g.stale = True
                 g.clear()
-            for p in g.params:
-                p.grad = None
-        for p in self.excluded:
+        for p in (*self.params, *self.excluded):
             p.grad = None
         self._drops.clear()
 
     def clear_micro_grads(self, set_to_none: bool) -> None:
         """``zero_grad`` within a pending window: clear buffered ``.grad`` and excluded parameters as torch does."""
         params = [p for p in (*self._buffered_params(), *self.excluded) if p.grad is not None]
-        if set_to_none:
-            for p in params:
-                p.grad = None
-            return
         stale = [cast(Tensor, p.grad) for p in params]
-        for t in stale:
-            if t.grad_fn is not None:
+        for p, t in zip(params, stale):
+            if set_to_none:
+                p.grad = None
+            elif t.grad_fn is not None:
                 t.detach_()
             else:
                 t.requires_grad_(False)
-        if stale:
+        if stale and not set_to_none:
             torch._foreach_zero_(stale)
 
     def zero_grads(self, set_to_none: bool) -> None:
