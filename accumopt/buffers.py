@@ -271,8 +271,7 @@ class GradientStore:
                 g.mark(idx)
             else:
                 g.seen_if_kept.append((step, idx))
-            if closing and step is None and idx is None and g.same_dtype and (
-                    isinstance(scale, Tensor) or scale == 1.0):
+            if closing and step is None and idx is None and g.same_dtype and (isinstance(scale, Tensor) or scale == 1):
                 # The window closes now: its last gradient stays in .grad, where finalize adds the sums
                 # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
                 _mul_(grads, g.factor(scale, grads[0].dtype))

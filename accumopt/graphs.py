@@ -235,6 +235,9 @@ class CapturedMicroStep:
     def _opt_params(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _inplace_ids(self) -> set[int]:  # parameters whose window sum lives in .grad (the rest: buffers)
+        return self.optimizer._accumulated_in_grad()
+
     def _impossible(self) -> str | None:
         """Why this micro-step can never be captured (None: it can)."""
         devices = {p.device for p in self._opt_params()}
@@ -299,7 +302,7 @@ class CapturedMicroStep:
             tuple(m.training for m in self.model.modules()),
             tuple((id(p), p.data_ptr(), p.requires_grad, p.shape, p.dtype) for p in self.model.parameters()),
             tuple(id(p) for p in self._opt_params()),
-            tuple(sorted(self.optimizer._accumulated_in_grad())),
+            tuple(sorted(self._inplace_ids())),
             self._autocast_key(),
             id(scale_tensor(scaler)) if scaler is not None else None,
             self._model_version(),  # a replaced buffer or submodule
@@ -348,7 +351,7 @@ class CapturedMicroStep:
         rng = [(backend.set_rng_state, backend.get_rng_state()), (torch.set_rng_state, torch.get_rng_state())]
         rng += [(g.set_state, g.get_state()) for g in self.generators]
         cache = torch.is_autocast_cache_enabled()
-        inplace = opt._accumulated_in_grad()  # parameters whose window sum lives in .grad (the rest: buffers)
+        inplace = self._inplace_ids()
         self._w.fill_(1.0)
         self._w_is_one = True
 
