@@ -32,7 +32,7 @@ class _Group:
     weight: float
     buffers: list[Tensor] | None  # None: the sum lives in .grad
     same_dtype: bool = True  # buffer dtype == param dtype
-    _device_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _device_cache: tuple[Tensor, Tensor] | None = None  # (value, on this device): the latest one
     # Which buffers hold a gradient this window (one that got none keeps ``.grad = None``); host-side only.
     all_seen: bool = False
     seen: set[int] = field(default_factory=set)
@@ -93,10 +93,9 @@ class _Group:
         device = self.params[0].device
         if value.device == device:
             return value
-        hit = self._device_cache.get(id(value))
+        hit = self._device_cache
         if hit is None or hit[0] is not value:
-            hit = (value, value.to(device, non_blocking=True))
-            self._device_cache = {id(value): hit}  # one entry: the latest value
+            hit = self._device_cache = (value, value.to(device, non_blocking=True))
         return hit[1]
 
 
@@ -120,7 +119,8 @@ class _LandingHook:
         grad, kept = param.grad, self.tensors[self.i]
         if grad is kept or grad is None or grad.requires_grad or grad.is_sparse:
             return  # added into in place (a second backward), or a gradient with a graph / sparse: left as is
-        if kept is None or kept.shape != grad.shape or kept.dtype != grad.dtype or kept.stride() != grad.stride():
+        if kept is None or (kept.shape, kept.dtype, kept.device, kept.stride()) != (
+                grad.shape, grad.dtype, grad.device, grad.stride()):
             kept = self.tensors[self.i] = torch.empty_like(grad, memory_format=torch.preserve_format)
         kept.copy_(grad)  # while the fresh gradient is still in cache; it is freed right after
         param.grad = kept
@@ -135,27 +135,19 @@ def _remove(handles: list[RemovableHandle]) -> None:
 class _Landing:
     """Tensors that receive a CPU buffered group's fresh gradients during the backward pass.
 
-    A buffered micro-step holds every fresh gradient until ``step()``; on CPU, freeing that much at once hands it
-    back to the system, and the next backward pays page faults on every gradient (devices with a caching allocator
-    do not). A post-accumulate-grad hook per parameter copies each fresh gradient into a tensor kept from the last
-    micro-step and points ``.grad`` at it, so the fresh one is freed at once, as in a plain loop. The hooks are
-    removed with the store (or a new plan) and installed again in a copy.
+    On CPU, freeing every fresh gradient at ``step()`` hands that much back to the system, and the next backward pays
+    page faults on each (a caching allocator does not): a hook per parameter copies the fresh gradient into a tensor
+    kept from the last micro-step and points ``.grad`` at it, so the fresh one is freed at once, as in a plain loop.
+    The hooks are removed with the store (or a new plan) and installed again in a copy.
     """
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
         self.tensors: list[Tensor | None] = [None] * len(params)
-        self.handles: list[RemovableHandle] = []
-        self.install()
-
-    def install(self) -> None:
-        self.handles.extend(
+        self.handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
-            for i, p in enumerate(self.params))
-        weakref.finalize(self, _remove, self.handles)
-
-    def remove(self) -> None:
-        _remove(self.handles)
+            for i, p in enumerate(params)]
+        self.remove = weakref.finalize(self, _remove, self.handles)  # also at collection: no hook outlives the store
 
     def __getstate__(self) -> dict[str, Any]:
         return {"params": self.params}  # hooks stay on the original parameters; kept tensors are not state
@@ -221,8 +213,7 @@ class GradientStore:
     def layout_changed(self) -> bool:
         """Whether a parameter's dtype or device changed since it was planned (``model.to(...)``); no device access."""
         # A device move (model.to(device)) moves every parameter: the first one tells.
-        return any(g.params[0].device != g.device or any(p.dtype is not g.dtype for p in g.params)
-                   for g in self.groups)
+        return any(g.params[0].device != g.device or any(p.dtype is not g.dtype for p in g.params) for g in self.groups)
 
     def replan(self) -> None:
         """Plan the storage again for the parameters' current dtypes and devices (no window pending: sums dropped)."""
@@ -280,8 +271,7 @@ class GradientStore:
                 g.mark(idx)
             else:
                 g.seen_if_kept.append((step, idx))
-            if closing and step is None and idx is None and g.same_dtype and (
-                    isinstance(scale, Tensor) or scale == 1.0):
+            if closing and step is None and idx is None and g.same_dtype and (isinstance(scale, Tensor) or scale == 1):
                 # The window closes now: its last gradient stays in .grad, where finalize adds the sums
                 # (the same sum, without a buffer pass or freeing .grad just before the optimizer step).
                 _mul_(grads, g.factor(scale, grads[0].dtype))
@@ -308,16 +298,13 @@ class GradientStore:
                            scale: "float | Tensor") -> tuple[list[int], list[Tensor]]:
         """Sum the sparse gradients of ``grads`` into ``g.sparse``; return the dense rest."""
         positions = range(len(g.params)) if idx is None else idx
-        dense_idx, dense = [], []
         buffers = cast(list[Tensor], g.buffers)  # only buffered groups hold sparse sums
         for i, t in zip(positions, grads):
-            if not t.is_sparse:
-                dense_idx.append(i)
-                dense.append(t)
-                continue
-            t = t.to(buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
-            g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
-        return dense_idx, dense
+            if t.is_sparse:
+                t = t.to(buffers[i].dtype) * (g.to_device(scale) if isinstance(scale, Tensor) else scale)
+                g.sparse[i] = t if i not in g.sparse else g.sparse[i] + t
+        dense = [(i, t) for i, t in zip(positions, grads) if not t.is_sparse]
+        return [i for i, _ in dense], [t for _, t in dense]
 
     def mark_seen(self) -> None:
         """Count every buffer as holding a gradient (after a cross-rank reduction filled them all)."""
@@ -347,11 +334,8 @@ class GradientStore:
                 if kept[step]:
                     g.mark(idx)
             g.seen_if_kept.clear()
-            if release:
-                after = g.seen_indices()
-                gone = set(range(len(g.params)) if before is None else before)
-                gone -= set(range(len(g.params)) if after is None else after)
-                for i in gone:
+            if release and (after := g.seen_indices()) is not None:  # None: every one has a gradient
+                for i in set(range(len(g.params)) if before is None else before).difference(after):
                     g.params[i].grad = None
         self._drops.clear()
 
@@ -375,17 +359,16 @@ class GradientStore:
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]
             if not params and not g.sparse:
                 continue  # no gradient this window: .grad stays None, as without accumulation
-            scaled: Sequence[Tensor] = []
+            scaled: Sequence[Tensor] = bufs
             if params and g.last_in_grad:
                 scaled = [p.grad for p in params if p.grad is not None]
                 if not g.stale:  # stale: the window's only micro-batch is in .grad
                     torch._foreach_add_(scaled, bufs)
                 _mul_(scaled, factor)
-            elif params and g.same_dtype:
+            elif g.same_dtype:
                 _mul_(bufs, factor)
-                scaled = bufs
-            elif params:
-                scaled = torch._foreach_mul(bufs, factor) if isinstance(factor, Tensor) or factor != 1.0 else bufs
+            elif params and (isinstance(factor, Tensor) or factor != 1.0):
+                scaled = torch._foreach_mul(bufs, factor)
             for p, s in zip(params, scaled):
                 p.grad = s if s.dtype == p.dtype else s.to(p.dtype)
             for i, sp in g.sparse.items():
@@ -410,27 +393,22 @@ class GradientStore:
             if g.buffers is not None:
                 g.stale = True
                 g.clear()
-            for p in g.params:
-                p.grad = None
-        for p in self.excluded:
+        for p in (*self.params, *self.excluded):
             p.grad = None
         self._drops.clear()
 
     def clear_micro_grads(self, set_to_none: bool) -> None:
         """``zero_grad`` within a pending window: clear buffered ``.grad`` and excluded parameters as torch does."""
-        params = [p for p in self._buffered_params() if p.grad is not None]
-        params += [p for p in self.excluded if p.grad is not None]
-        if set_to_none:
-            for p in params:
-                p.grad = None
-            return
+        params = [p for p in (*self._buffered_params(), *self.excluded) if p.grad is not None]
         stale = [cast(Tensor, p.grad) for p in params]
-        for t in stale:
-            if t.grad_fn is not None:
+        for p, t in zip(params, stale):
+            if set_to_none:
+                p.grad = None
+            elif t.grad_fn is not None:
                 t.detach_()
             else:
                 t.requires_grad_(False)
-        if stale:
+        if stale and not set_to_none:
             torch._foreach_zero_(stale)
 
     def zero_grads(self, set_to_none: bool) -> None:

@@ -1,8 +1,7 @@
-"""Graph-captured micro-steps: a micro-batch's forward and backward replayed as one CUDA graph.
+"""Graph-captured micro-steps: a micro-batch's forward and backward replayed as one CUDA graph (docs/graphs.md).
 
-:class:`CapturedMicroStep` captures ``loss_fn``, the weight and scaler scale, and ``backward()``; everything
-:meth:`AccumulatingOptimizer.step` does stays eager, and so does the whole micro-step where no graph can be used
-(CPU, DDP/FSDP, a ragged batch, a failed capture). See docs/graphs.md.
+Only ``loss_fn``, the weight and scaler scale, and ``backward()`` are captured; ``step()`` stays eager, and so does
+the whole micro-step where no graph can be used (CPU, DDP/FSDP, a ragged batch, a failed capture).
 """
 
 from __future__ import annotations
@@ -45,13 +44,11 @@ def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
 @functools.cache  # installed once per process
 def _install_registration_hook() -> None:
     hooks = torch.nn.modules.module
-    hooks.register_module_parameter_registration_hook(_count_registration)
-    for name in ("register_module_buffer_registration_hook", "register_module_module_registration_hook"):
-        if hasattr(hooks, name):  # torch >= 2.1
-            getattr(hooks, name)(_count_registration)
+    for register in (hooks.register_module_parameter_registration_hook, hooks.register_module_buffer_registration_hook,
+                     hooks.register_module_module_registration_hook):
+        register(_count_registration)
 
 
-# ---------------------------------------------------------------------------- backends
 class _CudaGraphBackend:
     """Capture and replay with ``torch.cuda.CUDAGraph`` (the PyTorch CUDA-graph recipe)."""
 
@@ -99,7 +96,6 @@ def _make_backend(device: torch.device, capture_error_mode: str = "global") -> A
     return _CudaGraphBackend(device, capture_error_mode)
 
 
-# ---------------------------------------------------------------------------- the API
 class CapturedMicroStep:
     """One accumulation micro-step (forward, loss, backward, accumulate) captured as a CUDA graph.
 
@@ -133,10 +129,10 @@ class CapturedMicroStep:
             raise TypeError(f"Invalid loss_fn: {loss_fn!r} (expected a callable loss_fn(model, batch) -> loss)")
         if capture is not None and not isinstance(capture, bool):
             raise TypeError(f"Invalid capture: {capture!r} (expected None, True or False)")
-        check_int("warmup_steps", warmup_steps)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps)
         self.capture_error_mode = check_choice("capture_error_mode", capture_error_mode, CAPTURE_ERROR_MODES)
-        generators = tuple(generators)
-        for gen in generators:
+        self.generators = tuple(generators)
+        for gen in self.generators:
             if not isinstance(gen, torch.Generator):
                 raise TypeError(f"Invalid generators: {gen!r} (expected torch.Generator objects)")
         leaves, spec = pytree.tree_flatten(example_batch)
@@ -147,19 +143,22 @@ class CapturedMicroStep:
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.warmup_steps = warmup_steps
-        self.generators = generators
         self._spec = spec
         self._mode = capture
         self._graph: Any = None
         self._replay: Callable[[], None] | None = None
         self._backend: Any = None
+        self._sig: tuple[Any, ...] | None = None
+        self._fast: tuple[Any, ...] | None = None
+        self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
+        self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
+        self._static_loss: Tensor | None = None
         self.replays = self.eager_steps = self.captures = 0
         _install_registration_hook()
         self._modules: list[torch.nn.Module] = list(model.modules())  # refreshed at each window start
-        self._seen = _registrations  # the process-wide count when the model's stamps were last looked at
-        self._version = max((_stamps.get(m, 0) for m in self._modules), default=0)  # newest stamp on the model
-        self._checked = self._version
+        self._seen = -1  # the process-wide count when the model's stamps were last looked at
+        self._version = 0  # the newest stamp on the model
+        self._checked = self._model_version()
         self._reason: str | None = self._impossible()  # why micro-steps run eagerly (None: they may be captured)
         if self._reason is not None:
             if capture is True:
@@ -176,13 +175,7 @@ class CapturedMicroStep:
         wdtype = torch.float64 if any(p.dtype == torch.float64 for p in self._opt_params()) else torch.float32
         self._w = torch.ones((), device=self._device, dtype=wdtype)
         self._w_is_one = True
-        self._sig: tuple[Any, ...] | None = None
-        self._fast: tuple[Any, ...] | None = None
-        self._accumulating: list[tuple[Tensor, Tensor]] = []  # (param, static .grad that sums the window)
-        self._outputs: list[tuple[Tensor, Tensor]] = []  # (param, static fresh gradient for the buffers)
-        self._static_loss: Tensor | None = None
 
-    # ---------------------------------------------------------------- properties
     @property
     def captured(self) -> bool:
         """Whether a graph is captured and used for micro-batches of the example's shapes."""
@@ -193,7 +186,6 @@ class CapturedMicroStep:
         """Why micro-steps run eagerly (None while capture is possible)."""
         return self._reason
 
-    # ------------------------------------------------------------------ the call
     def __call__(self, batch: Any, weight: "float | Tensor | None" = None) -> Tensor:
         """Run one micro-batch (forward, backward, accumulate, and the update when the window is full).
 
@@ -240,7 +232,6 @@ class CapturedMicroStep:
         if self._reason is not None and self._reason.startswith("capture failed"):
             self._reason = None
 
-    # ------------------------------------------------------------------- helpers
     def _opt_params(self) -> list[Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -284,15 +275,9 @@ class CapturedMicroStep:
 
     def _matches(self, leaves: list[Any], spec: Any) -> bool:
         """Whether the batch has the example's structure and shapes (else it runs eagerly)."""
-        if spec != self._spec:
-            return False
-        for x, meta in zip(leaves, self._leaf_meta):
-            if isinstance(x, Tensor):
-                if not isinstance(meta, tuple) or x.shape != meta[0] or x.dtype != meta[1]:
-                    return False
-            elif isinstance(meta, tuple) or x != meta:
-                return False
-        return True
+        return spec == self._spec and all(
+            isinstance(meta, tuple) and (x.shape, x.dtype) == meta if isinstance(x, Tensor)
+            else not isinstance(meta, tuple) and x == meta for x, meta in zip(leaves, self._leaf_meta))
 
     def _model_version(self) -> int:
         """The newest registration stamp among the model's modules (one int compare unless one happened)."""
@@ -353,9 +338,8 @@ class CapturedMicroStep:
         for p, s in self._accumulating:
             if p.grad is s and self.optimizer.pending == 0:
                 p.grad = None
-        self._graph = self._replay = self._static_loss = None
+        self._graph = self._replay = self._static_loss = self._sig = self._fast = None
         self._accumulating, self._outputs = [], []
-        self._sig = self._fast = None
 
     def _capture(self) -> None:
         """Warm up on a side stream, then capture forward + loss + backward (at a window start)."""
@@ -380,8 +364,6 @@ class CapturedMicroStep:
         try:
             torch.clear_autocast_cache()
             torch.set_autocast_cache_enabled(False)  # cached casts would be stale in replays
-            for p in params:
-                p.grad = None
             with backend.warmup():
                 for _ in range(self.warmup_steps):
                     for p in params:

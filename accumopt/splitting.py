@@ -1,8 +1,7 @@
 """Memory-aware splitting: run a whole batch as micro-batches that fit, recovering from OOM.
 
-Owns :class:`MicroBatcher` (sample-weighted micro-batches; on OOM the failed micro-batch is dropped and redone
-at half the size), :class:`MemoryMonitor` and the batch helpers. Memory pressure only ever changes how a batch
-is split, never the value of a gradient. See docs/schedules.md.
+Owns :class:`MicroBatcher` (after an OOM the failed micro-batch is redone at half the size), :class:`MemoryMonitor`
+and the batch helpers. Memory pressure only changes how a batch is split, never a gradient (docs/schedules.md).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ def is_oom_error(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES))
 
 
-# ------------------------------------------------------------------ batches
 def _sizes(batch: Any) -> list[int]:
     if isinstance(batch, Tensor):
         return [batch.shape[0]] if batch.dim() > 0 else []
@@ -75,7 +73,6 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
-# ------------------------------------------------------------------ memory
 class MemoryMonitor:
     """Memory in use on ``device``: CUDA allocator statistics, or process RSS on CPU (host counters, no sync)."""
 
@@ -125,7 +122,6 @@ class MemoryMonitor:
         return out
 
 
-# ------------------------------------------------------------------ batcher
 @dataclass
 class _Record:
     """What the last :meth:`MicroBatcher.step` did."""
@@ -185,7 +181,6 @@ class MicroBatcher:
         self._wait: dict[int, int] = {}  # size -> successes needed before trying it again
         self._grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
 
-    # ------------------------------------------------------------ public
     def step(self, batch: Any, loss_fn: Callable[[Any], Tensor]) -> Tensor:
         """Forward, backward and accumulate all of ``batch``, then apply one real update.
 
@@ -248,7 +243,6 @@ class MicroBatcher:
         self._wait = {int(k): int(v) for k, v in state.get("wait", {}).items()}
         self.ooms = int(state.get("ooms", 0))
 
-    # ------------------------------------------------------------ internals
     def _next_size(self, remaining: int) -> int:
         """Size of the next micro-batch: the learnt size, grown after enough successes."""
         if self.micro_batch_size is None:
@@ -292,7 +286,13 @@ class MicroBatcher:
                 ) from error
             loss = None
         if loss is None:  # outside the except block: the traceback (and its activations) is gone
-            self._recover(size)
+            self.optimizer.zero_grad(set_to_none=True)  # buffered mode: the window lives in the buffers, untouched
+            self.monitor.free_cache()
+            self.ooms += 1
+            self.last.ooms += 1
+            self._wait[size] = max(self.grow_after, 2 * self._wait.get(size, self.grow_after // 2 or 1))
+            self.micro_batch_size = max(self.min_micro_batch_size, size // 2)
+            self._successes = 0
             return None
         self.optimizer.step(weight=float(size), loss=loss.detach())
         self._successes += 1
@@ -307,16 +307,6 @@ class MicroBatcher:
             self.last.over_budget += 1
             self.micro_batch_size = max(self.min_micro_batch_size, size // 2)  # this one is kept; the next are halved
             self._successes = 0
-
-    def _recover(self, size: int) -> None:
-        """After an OOM: drop the failed micro-batch's partial gradients, free memory, halve."""
-        self.optimizer.zero_grad(set_to_none=True)  # buffered mode: the window lives in the buffers, untouched
-        self.monitor.free_cache()
-        self.ooms += 1
-        self.last.ooms += 1
-        self._wait[size] = max(self.grow_after, 2 * self._wait.get(size, self.grow_after // 2 or 1))
-        self.micro_batch_size = max(self.min_micro_batch_size, size // 2)
-        self._successes = 0
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(micro_batch_size={self.micro_batch_size}, ooms={self.ooms}, "
