@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from .weights import check_micro_weight, parameter_names, resolve_weights
 
 __all__ = ["AccumulatingOptimizer"]
 
+_T = TypeVar("_T")
 _PLATEAU_NEEDS_LOSS = "ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)"
 
 
@@ -46,20 +47,19 @@ def _validate(optimizer: Any, scheduler: Any, model: Any) -> None:
                         "twice would accumulate twice)")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a torch.optim.Optimizer instance)")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not params:
-        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
     first: dict[int, int] = {}  # id(param): its group
     for gi, g in enumerate(optimizer.param_groups):
         for pi, p in enumerate(g["params"]):
             if id(p) in first:
                 raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] also appears in "
                                  f"param_groups[{first[id(p)]}] (expected each parameter in one group)")
-            first.setdefault(id(p), gi)
+            first[id(p)] = gi
             if not (p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype} "
                                  "(expected floating-point or complex parameters)")
-    if not any(p.requires_grad for p in params):
+    if not first:
+        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
+    if not any(p.requires_grad for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("Invalid optimizer: every parameter has requires_grad=False (nothing to accumulate)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
@@ -95,6 +95,19 @@ def _note(error: BaseException, text: str) -> None:
     """Add ``text`` to ``error``'s report (Python >= 3.11; a no-op before)."""
     if hasattr(error, "add_note"):
         error.add_note(text)
+
+
+class _Shared(Generic[_T]):
+    """An attribute of the wrapped optimizer of the same name, read and written through it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> _T:
+        return self if obj is None else getattr(obj.optimizer, self.name)  # type: ignore[return-value]
+
+    def __set__(self, obj: Any, value: _T) -> None:
+        setattr(obj.optimizer, self.name, value)
 
 
 class AccumulatingOptimizer(Optimizer):
@@ -190,10 +203,8 @@ class AccumulatingOptimizer(Optimizer):
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for hooks in ("state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._zero_grad_profile_name = "AccumulatingOptimizer.zero_grad"
 
         self.scheduler = scheduler
@@ -367,11 +378,19 @@ class AccumulatingOptimizer(Optimizer):
             **kwargs: passed to ``loss.backward()``.
         """
         w = check_micro_weight(weight) if weight is not None else None
-        ref = self._window.ref
-        if w is None and self._store.has_inplace() and ref is not None and not _is_one(ref):
+        inplace, ref = self._store.has_inplace(), self._window.ref
+        if w is None and inplace and ref is not None and not _is_one(ref):
             w = 1.0  # the window's sums are relative to ref: an unweighted loss counts 1 / ref of it
-        ref = None if w is None else self._backward_reference(w)
-        if self._backward_weight is not None and not self._store.has_inplace():
+        if w is None or not inplace:
+            ref = None  # the loss unweighted (every parameter buffered: step() weights in the buffer's precision)
+        elif ref is None and self._guard.scaler is not None and not self._sync.distributed:
+            # The window's first weight, so that an owned GradScaler sees numbers near 1 (not with a process group:
+            # each rank would have its own reference while the model averages the sums); a weight of 0 keeps 1, and
+            # a tensor weight is compared on its device (no sync).
+            ref = torch.where(w > 0, w, torch.ones_like(w)) if isinstance(w, Tensor) else (w if w > 0 else 1.0)
+        elif ref is None:
+            ref = 1.0
+        if self._backward_weight is not None and not inplace:
             raise ValueError(
                 "Invalid weight: a second opt.backward() in one micro-batch after a weighted one, with every "
                 "parameter in a buffer (mode='buffered', or bf16/fp16 parameters): step() applies the weight to "
@@ -382,23 +401,6 @@ class AccumulatingOptimizer(Optimizer):
             loss = loss * (w if isinstance(ref, float) and ref == 1.0 else w / ref)  # no operation for the number 1
         self._guard.scale_loss(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w, ref)
-
-    def _backward_reference(self, weight: "float | Tensor") -> "float | Tensor | None":
-        """What ``backward(weight=...)`` divides the weight by before multiplying the loss (None: it does not).
-
-        Every parameter buffered: None (``step()`` weights the gradient in the buffer's precision). Else the window's
-        first weight under an owned GradScaler, so that it sees numbers near 1 (not with a process group: each rank
-        would have its own reference while the model averages the sums), else 1.
-        """
-        if not self._store.has_inplace():
-            return None
-        if self._window.ref is not None:
-            return self._window.ref
-        if self._guard.scaler is None or self._sync.distributed:
-            return 1.0
-        if isinstance(weight, Tensor):
-            return torch.where(weight > 0, weight, torch.ones_like(weight))  # no sync; a weight of 0 keeps 1
-        return weight if weight > 0 else 1.0
 
     def _record_backward_weight(self, weight: "float | Tensor | None", ref: "float | Tensor | None" = 1.0) -> None:
         """Remember the checked ``weight`` given to backward (loss times ``weight / ref``; ref None: plain loss)."""
@@ -444,29 +446,9 @@ class AccumulatingOptimizer(Optimizer):
     # --------------------------------------------------------------- properties
     # ``param_groups``, ``state`` and ``defaults`` ARE the wrapped optimizer's, read through on every
     # access: torch's ``Optimizer.load_state_dict`` replaces its lists, and a bound copy would go stale.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+    param_groups: _Shared[list[dict[str, Any]]] = _Shared()
+    state: _Shared[Any] = _Shared()
+    defaults: _Shared[dict[str, Any]] = _Shared()
 
     @property
     def accumulation_steps(self) -> int:
@@ -605,8 +587,7 @@ class AccumulatingOptimizer(Optimizer):
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
-            if result is not None:
-                sd = result
+            sd = sd if result is None else result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -614,8 +595,7 @@ class AccumulatingOptimizer(Optimizer):
         sd: Any = state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, sd)
-            if result is not None:
-                sd = result
+            sd = sd if result is None else result
         if not isinstance(sd, Mapping):
             raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
         sd = dict(sd)
@@ -652,7 +632,8 @@ class AccumulatingOptimizer(Optimizer):
                 raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} "
                                  "(expected a dict)")
             checkpoint.check_header(acc)  # legacy or unsigned entries cannot be checked: refused
-            for key in ("window", "sums", "stats"):
+            acc_required = ("window", "sums", "stats")
+            for key in acc_required:
                 if key not in acc:
                     raise ValueError(f"Invalid state dict: accumulation entry lacks {key!r}")
             checkpoint.compare_signatures(acc.get("signature"), self._signature())
@@ -662,15 +643,14 @@ class AccumulatingOptimizer(Optimizer):
                     owned, lost = ("GradScaler", "scale") if key == "scaler" else (type(component).__name__, "state")
                     raise ValueError(f"Invalid state dict: the {key} entry is None (this optimizer owns a {owned}: "
                                      f"its {lost} would not be restored)")
-                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
+                elif key == "scheduler" and state is not None and not isinstance(state, Mapping):
                     raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
                                      "(expected a dict)")
-                if key == "scaler" and state is not None:
+                elif key == "scaler" and state is not None:
                     LossScaler.validate_state_dict(state)  # also without an owned scaler
                 elif key == "noise" and component is not None and state is not None:
                     component.validate_state_dict(state, closed=acc["window"]["closed"])  # after the window's
-                elif key not in ("scheduler", "scaler") and component is not None and (
-                        state is not None or key in ("window", "sums", "stats")):
+                elif key != "scheduler" and component is not None and (state is not None or key in acc_required):
                     component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
             stepped = acc.get("stepped", False)
             if not isinstance(stepped, bool):
@@ -717,12 +697,9 @@ class AccumulatingOptimizer(Optimizer):
     def _labels(self, *, quote: bool = False) -> dict[int, str]:
         """``{id(param): its model name (quoted: repr), else "param_groups[i]['params'][j]"}``."""
         names: Mapping[int, str] = self._names or {}
-        out: dict[int, str] = {}
-        for i, g in enumerate(self.param_groups):
-            for j, p in enumerate(g["params"]):
-                name = names.get(id(p))
-                out[id(p)] = (repr(name) if quote else name) if name else f"param_groups[{i}]['params'][{j}]"
-        return out
+        show = repr if quote else str
+        return {id(p): show(names[id(p)]) if names.get(id(p)) else f"param_groups[{i}]['params'][{j}]"
+                for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
 
     def _accumulated_in_grad(self) -> set[int]:
         """Ids of the parameters whose window sum lives in their own ``.grad`` (for graph capture)."""
@@ -776,13 +753,11 @@ class AccumulatingOptimizer(Optimizer):
         """Step the scheduler after an applied update; ``metric``: the window's mean loss, read with the update."""
         if self.scheduler is None:
             return
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and metric is None:
+            raise ValueError(_PLATEAU_NEEDS_LOSS)
         with self._window.scheduler_lr():  # lr_scaling: the scheduler sees and sets unscaled LRs
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if metric is None:
-                    raise ValueError(_PLATEAU_NEEDS_LOSS)
-                self.scheduler.step(metric)
-            else:
-                self.scheduler.step()
+            self.scheduler.step(*([metric] if plateau else []))
 
     def _describe_nonfinite(self) -> str:
         for p, label in zip((p for g in self.param_groups for p in g["params"]), self._labels(quote=True).values()):
