@@ -1,8 +1,8 @@
 """``AccumulatingOptimizer``: gradient accumulation around any ``torch.optim.Optimizer`` (see docs/core.md).
 
-An orchestrator: each ``step()`` runs the short sequence of :meth:`AccumulatingOptimizer.step`. Storage
-(``buffers``), loss scale and non-finite policy (``precision``, ``amp``), clipping, weights, the K schedule, DDP/FSDP
-sync, statistics, the update's one host read (``hostread``) and files (``checkpoint``) each live in their own module.
+An orchestrator: storage (``buffers``), loss scale and non-finite policy (``precision``, ``amp``), clipping, weights,
+the K schedule, DDP/FSDP sync, statistics, the update's one host read (``hostread``) and files (``checkpoint``) each
+live in their own module; :meth:`AccumulatingOptimizer.step` runs them in a short sequence.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from .weights import check_micro_weight, parameter_names, resolve_weights
 
 __all__ = ["AccumulatingOptimizer"]
 
+_T = TypeVar("_T")
 _PLATEAU_NEEDS_LOSS = "ReduceLROnPlateau needs the loss: pass it as opt.step(loss=loss)"
 
 
@@ -46,42 +47,39 @@ def _validate(optimizer: Any, scheduler: Any, model: Any) -> None:
                         "twice would accumulate twice)")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a torch.optim.Optimizer instance)")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not params:
-        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
     first: dict[int, int] = {}  # id(param): its group
     for gi, g in enumerate(optimizer.param_groups):
         for pi, p in enumerate(g["params"]):
             if id(p) in first:
                 raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] also appears in "
                                  f"param_groups[{first[id(p)]}] (expected each parameter in one group)")
-            first.setdefault(id(p), gi)
+            first[id(p)] = gi
             if not (p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"Invalid optimizer: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype} "
                                  "(expected floating-point or complex parameters)")
-    if not any(p.requires_grad for p in params):
+    if not first:
+        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no parameters (expected at least one)")
+    if not any(p.requires_grad for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("Invalid optimizer: every parameter has requires_grad=False (nothing to accumulate)")
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}.step requires a closure, i.e. it re-evaluates "
                          "the loss several times per step (as LBFGS does); an accumulated gradient cannot serve those "
                          "re-evaluations. Use the large batch directly with such optimizers.")
-    if scheduler is not None:
-        if not hasattr(scheduler, "step") or not hasattr(scheduler, "optimizer"):
-            raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler "
-                            "scheduler)")
-        if scheduler.optimizer is not optimizer:
-            raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
-                             "(expected one built on the optimizer being wrapped)")
+    if scheduler is not None and not (hasattr(scheduler, "step") and hasattr(scheduler, "optimizer")):
+        raise TypeError(f"Invalid scheduler: {type(scheduler).__name__} (expected a torch.optim.lr_scheduler "
+                        "scheduler)")
+    if scheduler is not None and scheduler.optimizer is not optimizer:
+        raise ValueError(f"Invalid scheduler: {type(scheduler).__name__} was built on another optimizer "
+                         "(expected one built on the optimizer being wrapped)")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
 
 
 # Optimizers whose update does not scale with the gradient (it is divided by a running
 # estimate of the gradient's own magnitude, or only its sign is used).
-_SCALE_INVARIANT = tuple(getattr(torch.optim, n) for n in (
-    "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta", "Rprop", "SparseAdam", "Adafactor",
-) if hasattr(torch.optim, n))
+_SCALE_INVARIANT = tuple(getattr(torch.optim, n) for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad",
+                         "RMSprop", "Adadelta", "Rprop", "SparseAdam", "Adafactor") if hasattr(torch.optim, n))
 
 
 def _is_one(w: "float | Tensor") -> bool:
@@ -95,6 +93,19 @@ def _note(error: BaseException, text: str) -> None:
     """Add ``text`` to ``error``'s report (Python >= 3.11; a no-op before)."""
     if hasattr(error, "add_note"):
         error.add_note(text)
+
+
+class _Shared(Generic[_T]):
+    """An attribute of the wrapped optimizer of the same name, read and written through it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> _T:
+        return self if obj is None else getattr(obj.optimizer, self.name)  # type: ignore[return-value]
+
+    def __set__(self, obj: Any, value: _T) -> None:
+        setattr(obj.optimizer, self.name, value)
 
 
 class AccumulatingOptimizer(Optimizer):
@@ -131,31 +142,16 @@ class AccumulatingOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf: no sync per micro-step
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        accumulation_steps: int | list[int] | Mapping[int, int] | Callable[[int], int] = 1,
-        *,
-        mode: str = "inplace",
-        accumulate_dtype: torch.dtype = torch.float32,
-        scheduler: Any = None,
-        scaler: "torch.amp.GradScaler | None" = None,
-        max_grad_norm: float | None = None,
-        norm_type: float = 2.0,
-        clip_value: float | None = None,
-        agc_clip_factor: float | None = None,
-        nonfinite: str = "ignore",
-        model: torch.nn.Module | None = None,
-        layer_weights: Mapping[str, float] | None = None,
-        group_weights: Any = None,
-        exclude: Iterable[str] | None = None,
-        schedule_by: str | None = None,
-        lr_scaling: str | None = None,
-        track_grad_norm: bool = False,
-        noise_scale: "bool | float | NoiseScaleEstimator" = False,
-        log_every: int | None = None,
-        reduction: str = "mean",
-    ) -> None:
+    def __init__(self, optimizer: Optimizer,
+                 accumulation_steps: int | list[int] | Mapping[int, int] | Callable[[int], int] = 1, *,
+                 mode: str = "inplace", accumulate_dtype: torch.dtype = torch.float32, scheduler: Any = None,
+                 scaler: "torch.amp.GradScaler | None" = None, max_grad_norm: float | None = None,
+                 norm_type: float = 2.0, clip_value: float | None = None, agc_clip_factor: float | None = None,
+                 nonfinite: str = "ignore", model: torch.nn.Module | None = None,
+                 layer_weights: Mapping[str, float] | None = None, group_weights: Any = None,
+                 exclude: Iterable[str] | None = None, schedule_by: str | None = None, lr_scaling: str | None = None,
+                 track_grad_norm: bool = False, noise_scale: "bool | float | NoiseScaleEstimator" = False,
+                 log_every: int | None = None, reduction: str = "mean") -> None:
         # Each component validates its own arguments; all are built before the wrapped optimizer is touched.
         _validate(optimizer, scheduler, model)
         self._clipper = Clipper(max_norm=max_grad_norm, norm_type=norm_type, max_value=clip_value,
@@ -180,20 +176,17 @@ class AccumulatingOptimizer(Optimizer):
         odd = sorted(w for w in {g.weight for g in self._store.groups} if w != 1.0)
         if odd and isinstance(optimizer, _SCALE_INVARIANT):
             warnings.warn(
-                f"accumulation weights {odd} with {type(optimizer).__name__}: it divides each update by the "
-                "gradient's own running scale, so a constant per-parameter weight barely changes the update "
-                "(weight 0 and exclude still freeze). To scale a layer's step, give it a param group with its "
-                "own lr.", UserWarning, stacklevel=2)
+                f"accumulation weights {odd} with {type(optimizer).__name__}: it divides each update by the gradient's "
+                "own running scale, so a constant per-parameter weight barely changes the update (weight 0 and "
+                "exclude still freeze). To scale a layer's step, give it a param group with its own lr.",
+                UserWarning, stacklevel=2)
 
-        # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them);
-        # ``param_groups``, ``state`` and ``defaults`` are properties reading through to it.
+        # Share the wrapped optimizer's containers (no Optimizer.__init__: it would copy them; see ``param_groups``).
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for hooks in ("state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._zero_grad_profile_name = "AccumulatingOptimizer.zero_grad"
 
         self.scheduler = scheduler
@@ -207,16 +200,14 @@ class AccumulatingOptimizer(Optimizer):
         self.register_load_state_dict_post_hook(self._misuse.on_load)  # .grad set by our own load is the window's
         self.register_state_dict_post_hook(self._misuse.on_save)  # a saved window is not lost at exit
 
-    # ------------------------------------------------------------------ the loop
     def step(self, closure: Callable[[], Any] | None = None, *, weight: "float | Tensor | None" = None,
              loss: "Tensor | float | None" = None) -> Any:
         """End one micro-batch; apply the accumulated update when the window is complete.
 
         Args:
             closure: optional; called once (with grad enabled) for this micro-batch's loss and gradient.
-            weight: how much this micro-batch counts (e.g. its sample count; a number or a 0-dim device tensor;
-                default 1): the update is ``sum(w_i g_i) / sum(w_i)``. With ``mode="inplace"`` give it to
-                :meth:`backward` instead.
+            weight: how much this micro-batch counts (its sample count, say; a number or 0-dim device tensor;
+                default 1): the update is ``sum(w_i g_i) / sum(w_i)``. ``mode="inplace"``: give it to :meth:`backward`.
             loss: this micro-batch's loss, for statistics and ``ReduceLROnPlateau`` (kept on the device).
 
         Returns:
@@ -243,8 +234,8 @@ class AccumulatingOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)  # set by an external ``scaler.step(opt)``
         factor, found = self._guard.micro_factor(found_inf, getattr(self, "grad_scale", None), self._store.micro_grads)
         if self._noise is not None and self._grads_are_this_micro_batch():
-            self._noise.on_micro_step(self._store, weight, _times(factor, self._window.unit()) if weight_in_grad
-                                      else factor, found, weight_in_grad=weight_in_grad,
+            grad_factor = _times(factor, self._window.unit()) if weight_in_grad else factor
+            self._noise.on_micro_step(self._store, weight, grad_factor, found, weight_in_grad=weight_in_grad,
                                       loss_scale=self._guard.loss_scale())
         if found_inf is not None and self._store.has_inplace():
             raise RuntimeError("scaler.step(opt) on every micro-batch with mode='inplace': the scale may change "
@@ -291,8 +282,7 @@ class AccumulatingOptimizer(Optimizer):
             raise
         if applied:
             self._step_scheduler(read.scalar("plateau_metric"))
-        self._stats.on_update(applied, norm, found, self._window.total, read, local_total=local_total,
-                              world_size=world)
+        self._stats.on_update(applied, norm, found, self._window.total, read, local_total=local_total, world_size=world)
         self._store.reset()
         self._stepped = applied
         try:
@@ -367,38 +357,27 @@ class AccumulatingOptimizer(Optimizer):
             **kwargs: passed to ``loss.backward()``.
         """
         w = check_micro_weight(weight) if weight is not None else None
-        ref = self._window.ref
-        if w is None and self._store.has_inplace() and ref is not None and not _is_one(ref):
+        inplace, ref = self._store.has_inplace(), self._window.ref
+        if w is None and inplace and ref is not None and not _is_one(ref):
             w = 1.0  # the window's sums are relative to ref: an unweighted loss counts 1 / ref of it
-        ref = None if w is None else self._backward_reference(w)
-        if self._backward_weight is not None and not self._store.has_inplace():
+        if w is None or not inplace:
+            ref = None  # the loss unweighted (every parameter buffered: step() weights in the buffer's precision)
+        elif ref is None and self._guard.scaler is not None and not self._sync.distributed:
+            # the window's first weight, so that an owned GradScaler sees numbers near 1 (not with a process group:
+            # each rank would have its own while the model averages the sums); 0 keeps 1, compared without a sync
+            ref = torch.where(w > 0, w, torch.ones_like(w)) if isinstance(w, Tensor) else (w if w > 0 else 1.0)
+        elif ref is None:
+            ref = 1.0
+        if self._backward_weight is not None and not inplace:
             raise ValueError(
-                "Invalid weight: a second opt.backward() in one micro-batch after a weighted one, with every "
-                "parameter in a buffer (mode='buffered', or bf16/fp16 parameters): step() applies the weight to "
-                "the micro-batch's whole gradient. Combine the losses into one backward, e.g. "
-                "opt.backward((w_a * loss_a + w_b * loss_b) / (w_a + w_b), weight=w_a + w_b), or call opt.step() "
-                "between them")
+                "Invalid weight: a second opt.backward() in one micro-batch after a weighted one, with every parameter "
+                "in a buffer (mode='buffered', or bf16/fp16 parameters): step() applies the weight to the "
+                "micro-batch's whole gradient. Combine the losses into one backward, e.g. opt.backward((w_a * loss_a "
+                "+ w_b * loss_b) / (w_a + w_b), weight=w_a + w_b), or call opt.step() between them")
         if w is not None and ref is not None:
             loss = loss * (w if isinstance(ref, float) and ref == 1.0 else w / ref)  # no operation for the number 1
         self._guard.scale_loss(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._record_backward_weight(w, ref)
-
-    def _backward_reference(self, weight: "float | Tensor") -> "float | Tensor | None":
-        """What ``backward(weight=...)`` divides the weight by before multiplying the loss (None: it does not).
-
-        Every parameter buffered: None (``step()`` weights the gradient in the buffer's precision). Else the window's
-        first weight under an owned GradScaler, so that it sees numbers near 1 (not with a process group: each rank
-        would have its own reference while the model averages the sums), else 1.
-        """
-        if not self._store.has_inplace():
-            return None
-        if self._window.ref is not None:
-            return self._window.ref
-        if self._guard.scaler is None or self._sync.distributed:
-            return 1.0
-        if isinstance(weight, Tensor):
-            return torch.where(weight > 0, weight, torch.ones_like(weight))  # no sync; a weight of 0 keeps 1
-        return weight if weight > 0 else 1.0
 
     def _record_backward_weight(self, weight: "float | Tensor | None", ref: "float | Tensor | None" = 1.0) -> None:
         """Remember the checked ``weight`` given to backward (loss times ``weight / ref``; ref None: plain loss)."""
@@ -441,32 +420,11 @@ class AccumulatingOptimizer(Optimizer):
         self._window.set_epoch(epoch)
         self._sync.set(self._window.next_is_last)  # K may have changed for the next window
 
-    # --------------------------------------------------------------- properties
     # ``param_groups``, ``state`` and ``defaults`` ARE the wrapped optimizer's, read through on every
     # access: torch's ``Optimizer.load_state_dict`` replaces its lists, and a bound copy would go stale.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+    param_groups: _Shared[list[dict[str, Any]]] = _Shared()
+    state: _Shared[Any] = _Shared()
+    defaults: _Shared[dict[str, Any]] = _Shared()
 
     @property
     def accumulation_steps(self) -> int:
@@ -516,12 +474,11 @@ class AccumulatingOptimizer(Optimizer):
     def stats(self) -> dict[str, Any]:
         """Statistics as Python numbers (keys: docs/state.md); the only call that reads device values."""
         out = self._stats.snapshot({} if self._noise is None else self._noise.values(), self._device())
-        if self._noise is not None:
-            value = out.get("noise_scale")
-            if value is not None and not (value > 0 and value != float("inf")):
-                out["noise_scale"] = None  # no usable window yet, or |G|^2 estimated <= 0
-            if out.get("noise_windows") is not None:
-                out["noise_windows"] = int(out["noise_windows"])
+        value = out.get("noise_scale")  # the noise keys are there only with an estimator
+        if value is not None and not 0 < value < float("inf"):
+            out["noise_scale"] = None  # no usable window yet, or |G|^2 estimated <= 0
+        if out.get("noise_windows") is not None:
+            out["noise_windows"] = int(out["noise_windows"])
         out.update(accumulation_steps=self._window.k, pending=self._window.count,
                    buffer_bytes=self._store.buffer_bytes())
         return out
@@ -557,7 +514,6 @@ class AccumulatingOptimizer(Optimizer):
     save_accumulation_state = save
     load_accumulation_state = load
 
-    # -------------------------------------------------------- optimizer plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and give its parameters buffers."""
         self._store.check_new_group(param_group, self.optimizer.param_groups)  # bad accumulation_weight: nothing added
@@ -601,12 +557,10 @@ class AccumulatingOptimizer(Optimizer):
         sd["accumulation"] = {
             "format": checkpoint.STATE_FORMAT, "version": checkpoint.STATE_VERSION, "signature": self._signature(),
             **{key: None if c is None else c.state_dict() for key, c in self._components().items()},
-            "stepped": bool(self._stepped), "pre_weight": pre.detach().clone() if isinstance(pre, Tensor) else pre,
-        }
+            "stepped": bool(self._stepped), "pre_weight": pre.detach().clone() if isinstance(pre, Tensor) else pre}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
-            if result is not None:
-                sd = result
+            sd = sd if result is None else result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -614,8 +568,7 @@ class AccumulatingOptimizer(Optimizer):
         sd: Any = state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, sd)
-            if result is not None:
-                sd = result
+            sd = sd if result is None else result
         if not isinstance(sd, Mapping):
             raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
         sd = dict(sd)
@@ -652,7 +605,8 @@ class AccumulatingOptimizer(Optimizer):
                 raise ValueError(f"Invalid state dict: the accumulation entry is a {type(acc).__name__} "
                                  "(expected a dict)")
             checkpoint.check_header(acc)  # legacy or unsigned entries cannot be checked: refused
-            for key in ("window", "sums", "stats"):
+            acc_required = ("window", "sums", "stats")
+            for key in acc_required:
                 if key not in acc:
                     raise ValueError(f"Invalid state dict: accumulation entry lacks {key!r}")
             checkpoint.compare_signatures(acc.get("signature"), self._signature())
@@ -662,15 +616,14 @@ class AccumulatingOptimizer(Optimizer):
                     owned, lost = ("GradScaler", "scale") if key == "scaler" else (type(component).__name__, "state")
                     raise ValueError(f"Invalid state dict: the {key} entry is None (this optimizer owns a {owned}: "
                                      f"its {lost} would not be restored)")
-                if key == "scheduler" and state is not None and not isinstance(state, Mapping):
+                elif key == "scheduler" and state is not None and not isinstance(state, Mapping):
                     raise ValueError(f"Invalid state dict: the scheduler entry is a {type(state).__name__} "
                                      "(expected a dict)")
-                if key == "scaler" and state is not None:
+                elif key == "scaler" and state is not None:
                     LossScaler.validate_state_dict(state)  # also without an owned scaler
                 elif key == "noise" and component is not None and state is not None:
                     component.validate_state_dict(state, closed=acc["window"]["closed"])  # after the window's
-                elif key not in ("scheduler", "scaler") and component is not None and (
-                        state is not None or key in ("window", "sums", "stats")):
+                elif key != "scheduler" and component is not None and (state is not None or key in acc_required):
                     component.validate_state_dict(state)  # an entry absent when saved (noise): not resumed
             stepped = acc.get("stepped", False)
             if not isinstance(stepped, bool):
@@ -682,18 +635,15 @@ class AccumulatingOptimizer(Optimizer):
                 if not (math.isfinite(value) and value >= 0):
                     raise ValueError(f"Invalid state dict: 'pre_weight' is {value!r} (expected a finite weight >= 0)")
                 if not self._store.has_inplace():
-                    raise ValueError("Invalid state dict: 'pre_weight' (a weight given to backward() before the "
-                                     "state was taken) with every parameter buffered (its gradient is not in "
-                                     "the state)")
+                    raise ValueError("Invalid state dict: 'pre_weight' (a weight given to backward() before the state "
+                                     "was taken) with every parameter buffered (its gradient is not in the state)")
         labels, groups = self._labels(quote=True), self.param_groups
         checkpoint.validate_state_shapes(sd, groups, lambda i, j: labels[id(groups[i]["params"][j])])
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
         # An LRScheduler built on the wrapper patches ``self.step`` (an instance attribute bound to
         # *this* object): a copy must not call back into the original. torch drops it the same way.
-        state.pop("step", None)
-        state.pop("_opt_called", None)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
         # Mid-window in-place sums live in the parameters' .grad, which copies of parameters leave behind.
         state["_carried_grads"] = self._misuse.carry()
         return state
@@ -708,7 +658,6 @@ class AccumulatingOptimizer(Optimizer):
         return (f"AccumulatingOptimizer(accumulation_steps={self._window.k}, mode={self._store.mode!r}, "
                 f"optimizer={self.optimizer!r})")
 
-    # ------------------------------------------------------------------ helpers
     def _device(self) -> torch.device:
         """The parameters' device (CPU when they are on several)."""
         devices = {p.device for g in self.param_groups for p in g["params"]}
@@ -717,12 +666,9 @@ class AccumulatingOptimizer(Optimizer):
     def _labels(self, *, quote: bool = False) -> dict[int, str]:
         """``{id(param): its model name (quoted: repr), else "param_groups[i]['params'][j]"}``."""
         names: Mapping[int, str] = self._names or {}
-        out: dict[int, str] = {}
-        for i, g in enumerate(self.param_groups):
-            for j, p in enumerate(g["params"]):
-                name = names.get(id(p))
-                out[id(p)] = (repr(name) if quote else name) if name else f"param_groups[{i}]['params'][{j}]"
-        return out
+        show = repr if quote else str
+        return {id(p): show(names[id(p)]) if names.get(id(p)) else f"param_groups[{i}]['params'][{j}]"
+                for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
 
     def _accumulated_in_grad(self) -> set[int]:
         """Ids of the parameters whose window sum lives in their own ``.grad`` (for graph capture)."""
@@ -776,13 +722,11 @@ class AccumulatingOptimizer(Optimizer):
         """Step the scheduler after an applied update; ``metric``: the window's mean loss, read with the update."""
         if self.scheduler is None:
             return
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and metric is None:
+            raise ValueError(_PLATEAU_NEEDS_LOSS)
         with self._window.scheduler_lr():  # lr_scaling: the scheduler sees and sets unscaled LRs
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if metric is None:
-                    raise ValueError(_PLATEAU_NEEDS_LOSS)
-                self.scheduler.step(metric)
-            else:
-                self.scheduler.step()
+            self.scheduler.step(*([metric] if plateau else []))
 
     def _describe_nonfinite(self) -> str:
         for p, label in zip((p for g in self.param_groups for p in g["params"]), self._labels(quote=True).values()):
