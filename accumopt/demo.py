@@ -20,6 +20,7 @@ from typing import Any, Sequence, TextIO
 import torch
 from torch import Tensor, nn
 
+from . import __version__
 from ._checks import check_choice, check_cuda_present, check_int
 from .optimizer import AccumulatingOptimizer
 
@@ -275,7 +276,6 @@ def run_demo(*, k: int = 8, micro_batch_size: int = 32, device: str = "cpu", dty
 
 def build_parser(prog: str = "accumopt") -> argparse.ArgumentParser:
     """The command line, named ``prog`` (``accumopt`` or ``python -m accumopt``); every option has a help text."""
-    from . import __version__
     parser = argparse.ArgumentParser(prog=prog, description="accumopt: gradient accumulation for any torch optimizer.")
     parser.add_argument("--version", action="version", version=f"accumopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
