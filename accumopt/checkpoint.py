@@ -161,7 +161,6 @@ def load_inner_keeping_identity(inner: torch.optim.Optimizer, sd: dict[str, Any]
         inner.state = state
 
 
-# --------------------------------------------------------------------- files
 def _open_temp(folder: str, name: str) -> tuple[IO[bytes], str]:
     """A new temporary file next to the destination (a seam for the crash tests)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".accumopt-tmp", dir=folder)

@@ -122,7 +122,7 @@ class AccumulatingOptimizer(Optimizer):
             per parameter; needed to drop or weight a micro-batch after backward, and for out-of-memory recovery).
         accumulate_dtype: dtype of the sum for fp16/bf16 parameters (fp32).
         scheduler: an LR scheduler stepped after each applied update (``ReduceLROnPlateau``: the window's mean loss).
-        scaler: a ``torch.amp.GradScaler`` the wrapper owns: scale constant within a window (disabled: as None).
+        scaler: a ``torch.amp.GradScaler`` the wrapper owns: scale constant within a window (disabled: no scaling).
         max_grad_norm: clip the accumulated gradient to this global norm.
         norm_type: norm for ``max_grad_norm``.
         clip_value: clip the accumulated gradient elementwise to ``[-v, v]``.
@@ -334,7 +334,11 @@ class AccumulatingOptimizer(Optimizer):
         return self._stepped
 
     def discard(self) -> None:
-        """Forget the pending window unapplied (parameters, state and K untouched); data-parallel: on every rank."""
+        """Forget the pending window unapplied (after an unrecoverable error mid-window).
+
+        Parameters and optimizer state are untouched; the next ``step()`` starts a window of the same K.
+        Data-parallel: discard on every rank.
+        """
         self._abandon_window(closed=False)
 
     def _abandon_window(self, *, closed: bool) -> None:
@@ -345,7 +349,10 @@ class AccumulatingOptimizer(Optimizer):
         self._guard.discard_window()
         if self._noise is not None:
             self._noise.discard_window()
-        (self._window.close if closed else self._window.discard)()
+        if closed:
+            self._window.close()
+        else:
+            self._window.discard()
         self._sync.set(self._window.next_is_last)
 
     def backward(self, loss: Tensor, *, weight: "float | Tensor | None" = None, **kwargs: Any) -> None:
@@ -468,7 +475,10 @@ class AccumulatingOptimizer(Optimizer):
 
     @property
     def last_grad_norm(self) -> Tensor | float | None:
-        """The last window's pre-clip gradient norm as held (read-only; a device tensor: no sync); None: none yet."""
+        """The last window's pre-clip gradient norm as held (read-only; a device tensor: no sync).
+
+        None before the first window closes, and always without clipping or ``track_grad_norm``.
+        """
         return self._stats.last_norm
 
     def stats(self) -> dict[str, Any]:
@@ -486,15 +496,17 @@ class AccumulatingOptimizer(Optimizer):
     get_accumulation_stats = stats
 
     def noise_scale(self) -> Tensor | None:
-        """The smoothed noise scale ``tr(Sigma) / |G|^2`` as a device tensor (no sync); None: off, NaN: no estimate."""
+        """The smoothed noise scale ``tr(Sigma) / |G|^2`` as a 0-dim device tensor (no sync), in the unit of the
+        micro-batch weights (samples with ``weight=n``, else micro-batches); None: off; NaN: no usable window yet."""
         return None if self._noise is None else self._noise.value()
 
     def accumulated_gradients(self) -> dict[str, Tensor]:
         """The pending window's gradient sums by parameter name (empty when no window is pending).
 
-        Each is the undivided ``sum(w_i g_i)`` so far in its accumulation dtype, times the owned scaler's scale
-        (divided by the window's first weight where :meth:`backward`'s weights are scale-free). Read-only views
-        of the live sums, valid until the window changes; no host synchronisation.
+        Keys are the model's names (``model=``), else ``"param_groups[i]['params'][j]"``. Each is the undivided
+        ``sum(w_i g_i)`` so far in its accumulation dtype (fp32 for bf16/fp16 parameters), times the owned scaler's
+        scale (divided by the window's first weight where :meth:`backward`'s weights are scale-free). Read-only
+        views of the live sums, valid until the window changes; no host synchronisation.
         """
         if self._window.count == 0:
             return {}
@@ -502,7 +514,11 @@ class AccumulatingOptimizer(Optimizer):
         return {labels[id(p)]: t for p, t in self._store.pending_sums()}
 
     def save(self, path: "str | os.PathLike[str]", extra: Any = None) -> None:
-        """Write :meth:`state_dict` (and optional plain ``extra`` data) to ``path`` atomically (DDP: on every rank)."""
+        """Write :meth:`state_dict` (and optional plain ``extra`` data) to ``path`` atomically.
+
+        A crash during the save leaves the previous file intact. With DDP and a window pending, call it on every
+        rank (see :meth:`state_dict`); write from one rank.
+        """
         checkpoint.save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: "str | os.PathLike[str]") -> Any:

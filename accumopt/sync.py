@@ -73,7 +73,6 @@ class GradSync:
             return "fsdp"
         return "none"
 
-    # ------------------------------------------------------------ properties
     @property
     def active(self) -> bool:
         """Whether a data-parallel model is attached."""
@@ -94,7 +93,6 @@ class GradSync:
             self._native_key = (n, self.store is None or all(g.buffers is None for g in self.store.groups))
         return self._native_key[1]
 
-    # ------------------------------------------------------------ micro-step
     def set(self, sync: bool) -> None:
         """Whether the next backward pass closes the window (and so reduces gradients natively)."""
         if self.kind == "none":
@@ -121,7 +119,6 @@ class GradSync:
         """The window is about to close without a synchronising backward (``flush()``)."""
         self._armed = False
 
-    # -------------------------------------------------------------- boundary
     def reduce(self, store: GradientStore, window: Window) -> None:
         """Make the window's sums and weight total the mean over ranks, once per window (before anything reads them).
 
@@ -158,7 +155,6 @@ class GradSync:
         self._reduce_sums(store)
         window.total = all_reduce_mean_scalar(window.total, store.device, self.group, self.world_size)
 
-    # ---------------------------------------------------------------- helpers
     def _reduce_sums(self, store: GradientStore) -> None:
         tensors: list[Tensor] = []
         for g in store.groups:

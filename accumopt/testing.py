@@ -23,7 +23,6 @@ __all__ = ["EquivalenceReport", "OptimizerConfig", "batch_dependent_layers", "ch
 Batch = Any  # a tensor, or a tuple/list/dict of tensors sharing their first dimension
 
 
-# ---------------------------------------------------------------- batches
 def _map_tensors(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
     if isinstance(batch, Tensor):
         return fn(batch)
@@ -71,7 +70,6 @@ def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
     return list(micro_batches)
 
 
-# ------------------------------------------------------------- comparison
 def relative_deviation(actual: Tensor, expected: Tensor) -> float:
     """``max|actual - expected| / max|expected|`` (the absolute deviation where ``expected`` is all zero)."""
     if actual.shape != expected.shape:
@@ -170,7 +168,6 @@ def batch_dependent_layers(model: torch.nn.Module) -> list[str]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
 
 
-# ------------------------------------------------------------ the check
 def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable[[torch.nn.Module, Batch], Tensor],
                       optimizer_fn: Callable[[torch.nn.Module], torch.optim.Optimizer], batches: Sequence[Batch],
                       micro_batches: int | Sequence[int] = 4, *, dtype: torch.dtype | None = torch.float64,
@@ -257,7 +254,6 @@ def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable
     return report
 
 
-# ------------------------------------------------------ hypothesis strategies
 @dataclass(frozen=True)
 class OptimizerConfig:
     """A torch optimizer class and its keyword arguments; ``build(params)`` makes one."""

@@ -38,6 +38,9 @@ class _PerUpdateScheduler:
         if self._accumulating.stepped:
             self.scheduler.step(*args, **kwargs)
 
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.scheduler.state_dict())  # a copy: the caller may change it
+
     def __getattr__(self, name: str) -> Any:
         if name == "scheduler":  # not set yet (unpickling): do not recurse
             raise AttributeError(name)
