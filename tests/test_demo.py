@@ -173,7 +173,7 @@ def test_no_warning_when_the_samples_fill_a_batch(capsys):
     assert code == 0 and err == ""
 
 
-# ------------------------------------------------------------------ review fixes (regressions)
+# ----------------------------------------------------------------------------------- regressions
 def test_k1_prints_no_rounding_note():
     out = io.StringIO()
     res = run_demo(dtype="float32", output=None, stream=out, fork=False, **dict(SMALL, k=1, micro_batch_size=16))

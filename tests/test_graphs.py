@@ -596,3 +596,26 @@ def test_bad_loss_result_changes_nothing():
 def test_exported():
     assert accumopt.CapturedMicroStep is CapturedMicroStep
     assert accumopt.capture_micro_step is capture_micro_step
+
+
+def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def test_recapture_of_an_eager_only_step_is_a_no_op() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(4)]
+    for capture in (None, False):
+        model = nn.Linear(6, 3)
+        opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+        step = CapturedMicroStep(opt, model, _mse, data[0], capture=capture)
+        reason = step.fallback_reason
+        assert reason is not None and not step.captured
+        step.recapture()
+        assert step.fallback_reason == reason
+        for b in data:
+            step(b)
+            step.recapture()
+        assert step.eager_steps == 4 and opt.num_updates == 2

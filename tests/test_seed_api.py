@@ -825,7 +825,7 @@ def test_config_round_trips_as_plain_data():
     assert math.isclose(GradientAccumulationConfig(memory_monitoring=True).memory_threshold, 0.9)
 
 
-# ------------------------------------------------------------------ review fixes (regressions)
+# ----------------------------------------------------------------------------------- regressions
 def _sgd_step_reference(model, batches, lr=0.1):
     """Parameters after one plain SGD step on the concatenated batches, computed on a copy from fresh gradients."""
     import copy
@@ -952,7 +952,7 @@ def test_adaptive_target_batch_size_is_the_largest_batch_per_update():
      r"min_accumulation_steps: 8 > max_accumulation_steps=4"),
     (dict(device="tpu"), r"Invalid device: 'tpu' \(expected a torch device string"),
 ])
-def test_review_contradictions_raise_naming_the_value(kwargs, match):
+def test_contradictions_raise_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientAccumulationConfig(**kwargs)
 

@@ -275,7 +275,7 @@ def test_bad_arguments():
             t.setup_training(m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
 
 
-# ------------------------------------------------------------------ review fixes (regressions)
+# ----------------------------------------------------------------------------------- regressions
 def _sgd_trained(config, *, stale: str | None, loader, epochs=1, lr=0.5):
     """Train a fresh model; ``stale``: leave a full-batch .grad before setup_training or between it and train."""
     m = model()
