@@ -262,6 +262,7 @@ class GradientStore:
                 continue
             params, grads, idx = _present(g.params)
             if not grads:
+                g.zero_buffers()  # a cross-rank reduction reads every buffer: stale ones must hold zeros
                 continue
             if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True); leaves idx a list
                 idx, grads = self._accumulate_sparse(g, idx, grads, scale)

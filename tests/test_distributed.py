@@ -400,6 +400,61 @@ def test_bucketed_all_reduce_averages_every_tensor(ddp_results):
     assert len(_buckets([torch.zeros(64, dtype=torch.float64)] * 3, 64 * 8 + 1)) == 3
 
 
+# ------------------------------------------------- a head unused on one rank
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(5, 7)
+        self.a = torch.nn.Linear(7, 3)
+        self.b = torch.nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor, heads: str) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return sum(getattr(self, name)(h) for name in heads)
+
+
+def _heads(rank: int, i: int) -> str:
+    return "a" if rank == 1 and i >= 2 else "ab"  # rank 1 leaves head "b" without gradient in the second window
+
+
+def _unused_head_worker(rank: int, out: Path) -> dict:
+    """Buffered, K=2, two windows: in the second, head "b" gets gradients on rank 0 only. Its own layer weight makes
+    it a storage group of its own, whose buffers on rank 1 still hold the first window's sums: they must take part
+    in the reduction as zeros."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_TwoHeads().double(), find_unused_parameters=True)
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 2,
+                                         mode="buffered", model=model, layer_weights={"b.*": 0.5})
+    for i in range(4):
+        x, y = _data(rank, i, 4)
+        _per_sample(model(x, _heads(rank, i)), y).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": _params(model), "updates": opt.num_updates}
+
+
+def test_buffered_sums_of_a_head_unused_on_one_rank_are_reduced_as_zeros(tmp_path):
+    results = _spawn(_unused_head_worker, tmp_path, "unused")
+    model = _TwoHeads().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for window in ([0, 1], [2, 3]):  # one step per window on every rank's samples, concatenated
+        losses = [_per_sample(model(x, _heads(r, i)), y) for r in range(WORLD) for i in window
+                  for x, y in [_data(r, i, 4)]]
+        torch.cat(losses).mean().backward()
+        for p in model.b.parameters():
+            p.grad.mul_(0.5)  # the layer weight
+        opt.step()
+        opt.zero_grad()
+    want = [p.detach().clone() for p in model.parameters()]
+    for res in results:
+        assert res["updates"] == 2
+        _assert_close(res["params"], want)
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------ FSDP2
 def _fsdp_available() -> str | None:
     try:
