@@ -146,7 +146,7 @@ class _Landing:
         self.tensors: list[Tensor | None] = [None] * len(params)
         self.handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(_LandingHook(self.tensors, i))  # type: ignore[no-untyped-call]
-            for i, p in enumerate(params)]
+            for i, p in enumerate(params) if p.requires_grad]  # torch refuses hooks on frozen parameters
         self.remove = weakref.finalize(self, _remove, self.handles)  # also at collection: no hook outlives the store
 
     def __getstate__(self) -> dict[str, Any]:
@@ -247,6 +247,7 @@ class GradientStore:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
+    @torch.no_grad()  # a gradient with a graph (create_graph=True) must not chain the sums across windows
     def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None, *, closing: bool = False) -> None:
         """Add this micro-batch (times ``scale``: 1 for in-place groups) into the window, out of ``.grad``.
 

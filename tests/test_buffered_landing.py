@@ -251,3 +251,67 @@ def test_kept_tensor_on_another_device_is_not_reused() -> None:
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def _frozen_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(DT)
+    model[0].weight.requires_grad_(False)  # fine-tuning: a frozen tensor still given to the optimizer
+    return model
+
+
+def _fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list, per_step: bool) -> None:
+    for x, y in data:
+        F.mse_loss(model(x), y).backward()
+        if per_step:
+            opt.step()
+            opt.zero_grad()
+    if not per_step:
+        opt.step()
+        opt.zero_grad()
+
+
+def test_frozen_parameters_are_accepted_wherever_the_storage_is_planned() -> None:
+    data = _data(4, seed=9)
+    ref = _frozen_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for w in (0, 2):
+        ref_opt.zero_grad()
+        sum(F.mse_loss(ref(x), y) for x, y in data[w:w + 2]).div(2).backward()
+        ref_opt.step()
+    model = _frozen_model()
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 2, mode="buffered")
+    _fit(model, opt, data, per_step=True)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    # bf16 parameters get fp32 buffers in the default mode; a frozen one among them
+    half = _frozen_model().to(torch.bfloat16)
+    AccumulatingOptimizer(torch.optim.SGD(half.parameters(), lr=0.1), 2)
+    # a frozen parameter in a group added later, a copy, and a new plan after a dtype change
+    extra = torch.nn.Linear(2, 2).to(DT).requires_grad_(False)
+    opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == 2
+    both = copy.deepcopy({"model": model, "opt": opt})
+    model.to(torch.float32)
+    _fit(model, opt, [(x.float(), y.float()) for x, y in data[:2]], per_step=True)
+    assert opt.num_updates == 3
+    _fit(both["model"], both["opt"], data[:2], per_step=True)
+    assert both["opt"].num_updates == 3
+
+
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True:UserWarning")  # torch's own advice
+def test_create_graph_gradients_do_not_chain_the_sums_across_windows() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().to(DT)
+    windows = _windows([2, 2], _data(4, seed=11))
+    ref = _reference(model, windows)
+    opt = AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 2, mode="buffered")
+    for window in windows:
+        for head, x, y in window:
+            F.mse_loss(model(x, head), y).backward(create_graph=True)  # e.g. a gradient penalty's pattern
+            opt.step()
+            for g in opt._store.groups:  # no autograd history kept from micro-step to micro-step
+                assert not any(b.requires_grad for b in g.buffers)
+            opt.zero_grad()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
