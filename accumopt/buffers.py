@@ -247,7 +247,6 @@ class GradientStore:
         """Fresh gradients of this micro-batch that will move into buffers."""
         return [_present(g.params)[1] for g in self.groups if g.buffers is not None]
 
-    @torch.no_grad()  # a gradient with a graph (create_graph=True) must not chain the sums across windows
     def accumulate(self, scale: "float | Tensor", dropped: Tensor | None = None, *, closing: bool = False) -> None:
         """Add this micro-batch (times ``scale``: 1 for in-place groups) into the window, out of ``.grad``.
 
@@ -262,13 +261,14 @@ class GradientStore:
             if g.buffers is None:
                 continue
             params, grads, idx = _present(g.params)
-            if not grads:
-                g.zero_buffers()  # a cross-rank reduction reads every buffer: stale ones must hold zeros
-                continue
             if any(t.is_sparse for t in grads):  # rare: nn.Embedding(sparse=True); leaves idx a list
                 idx, grads = self._accumulate_sparse(g, idx, grads, scale)
-            if idx is not None or step is not None:  # not a plain micro-step with every gradient: add into zeros
+            if idx is not None or step is not None:  # idx == []: no gradient at all
+                # Only a micro-step giving every parameter a dense, surely kept gradient writes stale buffers
+                # whole (start); otherwise they become the zeros they stand for (a cross-rank reduction reads all).
                 g.zero_buffers()
+            if not params:
+                continue
             if step is None:
                 g.mark(idx)
             else:
@@ -288,7 +288,7 @@ class GradientStore:
                 torch._foreach_mul_(grads, g.factor(scale, grads[0].dtype))
                 torch._foreach_add_(bufs, grads)
             elif isinstance(scale, Tensor):  # bf16/fp16 grads: multiply in the buffer's precision, not in theirs
-                s = g.to_device(scale).to(bufs[0].dtype)
+                s = cast(Tensor, g.factor(scale, bufs[0].dtype))
                 torch._foreach_addcmul_(bufs, grads, [s.expand_as(x) for x in grads])
             else:
                 torch._foreach_add_(bufs, grads, alpha=float(scale))
@@ -354,8 +354,6 @@ class GradientStore:
             if g.buffers is None:
                 _mul_(_present(g.params)[1], factor)
                 continue
-            if not g.last_in_grad:
-                g.zero_buffers()  # (never stale here: a micro-step wrote them)
             idx = g.seen_indices()
             params = g.params if idx is None else [g.params[i] for i in idx]
             bufs = g.buffers if idx is None else [g.buffers[i] for i in idx]

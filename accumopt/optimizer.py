@@ -222,6 +222,7 @@ class AccumulatingOptimizer(Optimizer):
                 self.__dict__.pop(attr, None)
             raise
 
+    @torch.no_grad()  # as torch's optimizers step: no gradient with a graph (create_graph) chains the sums
     def _micro_step(self, closure: Callable[[], Any] | None, weight: Any, loss: Any) -> Any:
         """The micro-step sequence (see :meth:`step`)."""
         if weight is not None:
@@ -254,6 +255,7 @@ class AccumulatingOptimizer(Optimizer):
         self._misuse.after_micro_step()
         return result
 
+    @torch.no_grad()  # flush() calls it directly
     def _update(self) -> None:
         """The real update: mean, unscale, check, clip, one host read, step, scheduler, reset."""
         local_total = self._window.total  # this rank's own (the reduction replaces it)
