@@ -54,7 +54,6 @@ class GradSync:
         # DDP decides when a *forward* runs whether its backward reduces: with forwards run ahead of their backwards
         # the closing one may not, and that window is then reduced explicitly (harmless if DDP reduced it too).
         self._hook = model.register_forward_pre_hook(self._on_forward) if self.kind == "ddp" else None
-        self._native_key: tuple[int, bool] | None = None
         self._reduced_window = -1  # index of the window already reduced
         self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
 
@@ -88,10 +87,8 @@ class GradSync:
         """Whether the model's own synchronising backward reduces the window (else: explicit reduction)."""
         if self.kind != "ddp":
             return self.kind == "fsdp"
-        n = len(self.store.groups) if self.store is not None else 0
-        if self._native_key is None or self._native_key[0] != n:  # groups change only on add_param_group
-            self._native_key = (n, self.store is None or all(g.buffers is None for g in self.store.groups))
-        return self._native_key[1]
+        # Read when a window is armed or reduced, not per micro-step; derived, so a re-plan (model.to) counts.
+        return self.store is None or all(g.buffers is None for g in self.store.groups)
 
     def set(self, sync: bool) -> None:
         """Whether the next backward pass closes the window (and so reduces gradients natively)."""

@@ -455,6 +455,32 @@ def test_buffered_sums_of_a_head_unused_on_one_rank_are_reduced_as_zeros(tmp_pat
         assert torch.equal(a, b)
 
 
+def _bf16_after_wrapping_worker(rank: int, out: Path) -> dict:
+    """DDP, in-place fp32 sums in .grad (DDP reduces the closing backward); after one window the model becomes
+    bf16, so the storage is re-planned with fp32 buffers, which DDP's own reduction never sees."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(4, 2))
+    opt = accumopt.AccumulatingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    g = torch.Generator().manual_seed(rank + 10)
+    for i in range(6):
+        if i == 2:
+            model.to(torch.bfloat16)
+        x = torch.randn(3, 4, generator=g).to(next(model.parameters()).dtype)
+        model(x).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": _params(model), "updates": opt.num_updates}
+
+
+def test_a_storage_re_planned_with_buffers_is_reduced_explicitly(tmp_path):
+    results = _spawn(_bf16_after_wrapping_worker, tmp_path, "replan")
+    assert all(res["updates"] == 3 for res in results)
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)  # every rank applied the same (global) update
+
+
 # ------------------------------------------------------------------------ FSDP2
 def _fsdp_available() -> str | None:
     try:
