@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from .adaptive import AdaptiveK
 from .checkpoint import load_checkpoint
 from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
-from .splitting import MemoryMonitor, MicroBatcher, batch_size_of
+from .splitting import MemoryMonitor, MicroBatcher, batch_size_of, zip_batch
 
 __all__ = ["AccumulationState", "GradientAccumulator"]
 
@@ -32,20 +32,12 @@ _NORM_HISTORY = 1000  # update norms kept for AccumulationState.gradient_norms (
 Batch = Any  # a loader batch: a tensor, or a tuple/list/dict of tensors sharing the leading dimension
 
 
-def _cat(batches: list[Batch]) -> Batch:
-    """Concatenate loader batches along the batch dimension (tensors, nested tuples/lists/dicts)."""
-    first = batches[0]
-    if len(batches) == 1:
-        return first
+def _cat_leaves(leaves: list[Any]) -> Any:
+    """One per-sample leaf of loader batches concatenated along the batch dimension (tensors, lists of strings)."""
+    first = leaves[0]
     if isinstance(first, Tensor):
-        return torch.cat(batches) if first.dim() > 0 else first
-    if isinstance(first, Mapping):
-        out = {k: _cat([b[k] for b in batches]) for k in first}
-        return out if type(first) is dict else cast(Any, type(first))(out)
-    if isinstance(first, (list, tuple)):
-        items = [_cat([b[i] for b in batches]) for i in range(len(first))]
-        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
-    return first  # a leaf shared by every batch (a number, None)
+        return torch.cat(leaves) if first.dim() > 0 else first
+    return type(first)(s for leaf in leaves for s in leaf)
 
 
 @dataclass(frozen=True)
@@ -269,7 +261,7 @@ class GradientAccumulator:
             if self._batcher_state is not None:
                 self.batcher.load_state_dict(self._batcher_state)
         self._set_noise_unit(first)  # the MicroBatcher weights micro-batches by sample count
-        batch = _cat(batches)
+        batch = batches[0] if len(batches) == 1 else zip_batch(_cat_leaves, batches)
         loss = self.batcher.step(batch, loss_fn)  # raises after discarding the window if even 1 sample fails
         samples = batch_size_of(batch)
         self.last_window_loss = (loss, samples)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ._checks import check_int, check_real
 from .optimizer import AccumulatingOptimizer
 
-__all__ = ["MemoryMonitor", "MicroBatcher", "is_oom_error", "batch_size_of", "slice_batch"]
+__all__ = ["MemoryMonitor", "MicroBatcher", "is_oom_error", "batch_size_of", "slice_batch", "zip_batch"]
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
                  "CUBLAS_STATUS_ALLOC_FAILED")
@@ -31,14 +31,36 @@ def is_oom_error(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES))
 
 
+def _is_text(x: Any) -> bool:
+    """A list of strings: per-sample data, like a tensor's rows."""
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(v, str) for v in x)
+
+
+def zip_batch(fn: Callable[[list[Any]], Any], batches: list[Any]) -> Any:
+    """``fn`` applied to the matching per-sample leaves (tensors, lists of strings) of same-shaped batches.
+
+    Batches are (nested) tuples, lists, namedtuples and mappings; any other leaf is taken from the first batch.
+    """
+    first = batches[0]
+    if isinstance(first, Tensor) or _is_text(first):
+        return fn(batches)
+    if isinstance(first, Mapping):
+        out = {k: zip_batch(fn, [b[k] for b in batches]) for k in first}
+        return out if type(first) is dict else type(first)(out)  # type: ignore[call-arg]
+    if isinstance(first, (list, tuple)):
+        items = [zip_batch(fn, [b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    return first
+
+
 def _sizes(batch: Any) -> list[int]:
     if isinstance(batch, Tensor):
         return [batch.shape[0]] if batch.dim() > 0 else []
+    if _is_text(batch):
+        return [len(batch)]
     if isinstance(batch, Mapping):
         return [n for v in batch.values() for n in _sizes(v)]
     if isinstance(batch, (list, tuple)):
-        if batch and all(isinstance(v, str) for v in batch):
-            return [len(batch)]
         return [n for v in batch for n in _sizes(v)]
     return []
 
@@ -60,17 +82,8 @@ def batch_size_of(batch: Any) -> int:
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of ``batch`` (views of its tensors, no copy)."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        out = {k: slice_batch(v, start, stop) for k, v in batch.items()}
-        return out if type(batch) is dict else type(batch)(out)  # type: ignore[call-arg]
-    if isinstance(batch, (list, tuple)):
-        if batch and all(isinstance(v, str) for v in batch):
-            return batch[start:stop]
-        items = [slice_batch(v, start, stop) for v in batch]
-        return type(batch)(*items) if isinstance(batch, tuple) and hasattr(batch, "_fields") else type(batch)(items)
-    return batch
+    return zip_batch(lambda leaf: leaf[0] if isinstance(leaf[0], Tensor) and leaf[0].dim() == 0
+                     else leaf[0][start:stop], [batch])
 
 
 class MemoryMonitor:

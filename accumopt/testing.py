@@ -16,32 +16,12 @@ from torch import Tensor
 
 from ._checks import check_int
 from .optimizer import AccumulatingOptimizer
+from .splitting import batch_size_of, slice_batch, zip_batch
 
 __all__ = ["EquivalenceReport", "OptimizerConfig", "batch_dependent_layers", "check_equivalence", "micro_batch_splits",
            "optimizer_configs", "relative_deviation", "split_batch"]
 
 Batch = Any  # a tensor, or a tuple/list/dict of tensors sharing their first dimension
-
-
-def _map_tensors(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_tensors(v, fn) for v in batch)
-    return batch
-
-
-def _batch_size(batch: Batch) -> int:
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for v in values:
-        if isinstance(v, (Tensor, tuple, list, Mapping)):
-            return _batch_size(v)
-    raise TypeError(f"Invalid batch: {type(batch).__name__} holds no tensor "
-                    "(expected a tensor or a tuple/dict of tensors)")
 
 
 def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
@@ -50,13 +30,12 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     Raises:
         ValueError: if a size is < 1 or the sizes do not add up to the batch size.
     """
-    n = _batch_size(batch)
+    n = batch_size_of(batch)
     sizes = [int(s) for s in sizes]
     if any(s < 1 for s in sizes) or sum(sizes) != n:
         raise ValueError(f"Invalid micro_batches: {sizes} (expected sizes >= 1 adding up to the batch size {n})")
     ends = list(itertools.accumulate(sizes))
-    # _map_tensors applies the lambda at once, so each one slices with its own bounds
-    return [_map_tensors(batch, lambda t: t[a:b]) for a, b in zip([0, *ends], ends)]
+    return [slice_batch(batch, a, b) for a, b in zip([0, *ends], ends)]
 
 
 def _sizes(micro_batches: int | Sequence[int], n: int) -> list[int]:
@@ -207,9 +186,13 @@ def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable
     by_id = {id(p): n for n, p in ref_model.named_parameters()}
     names = [by_id.get(id(p), f"param_groups[{gi}][{pi}]")
              for gi, g in enumerate(ref_opt.param_groups) for pi, p in enumerate(g["params"])]
-    sizes0 = _sizes(micro_batches, _batch_size(batches[0]))
+    sizes0 = _sizes(micro_batches, batch_size_of(batches[0]))
     opt = AccumulatingOptimizer(optimizer_fn(acc_model), len(sizes0), mode=mode, **(wrapper_kwargs or {}))
-    cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
+
+    def cast(leaf: list[Any]) -> Any:
+        t = leaf[0]
+        return t.to(dtype) if dtype is not None and isinstance(t, Tensor) and t.is_floating_point() else t
+
     report = EquivalenceReport(rtol=rtol)
     layers = batch_dependent_layers(acc_model) if len(sizes0) > 1 else []
     if layers:
@@ -219,8 +202,8 @@ def check_equivalence(model_fn: Callable[[], torch.nn.Module], loss_fn: Callable
             "so no accumulation can equal the large batch. Use GroupNorm or LayerNorm, or BatchNorm in eval mode "
             "with running statistics (e.g. from a pre-trained model)")
     for update, batch in enumerate(batches):
-        batch = _map_tensors(batch, cast)
-        sizes = _sizes(micro_batches, _batch_size(batch))
+        batch = zip_batch(cast, [batch])
+        sizes = _sizes(micro_batches, batch_size_of(batch))
         if len(sizes) != len(sizes0):
             raise ValueError(f"Invalid micro_batches: batch {update} splits into {len(sizes)} micro-batches, "
                              f"the first into {len(sizes0)} (expected the same K for every batch)")

@@ -18,7 +18,7 @@ from ._checks import check_cuda_present, check_int
 from .accumulator import Batch, GradientAccumulator, read_accumulation_file
 from .config import AccumulationStrategy, GradientAccumulationConfig
 from .optimizer import AccumulatingOptimizer
-from .splitting import batch_size_of
+from .splitting import batch_size_of, zip_batch
 
 __all__ = ["GradientAccumulationTrainer"]
 
@@ -43,13 +43,8 @@ def _set_rng(state: dict[str, Any]) -> None:
 
 
 def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
+    return zip_batch(lambda leaf: leaf[0].to(device, non_blocking=True) if isinstance(leaf[0], Tensor) else leaf[0],
+                     [x])
 
 
 class GradientAccumulationTrainer:

@@ -123,6 +123,25 @@ def test_split_batch_uneven_and_checks():
         split_batch((x, y), [2, 2])
 
 
+def test_namedtuple_and_text_batches_split_and_check():
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", "x y tags")
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g), [f"s{i}" for i in range(6)])
+    parts = split_batch(batch, [2, 4])
+    assert [type(p) for p in parts] == [Batch, Batch] and [p.tags for p in parts] == [batch.tags[:2], batch.tags[2:]]
+    assert torch.equal(parts[1].x, batch.x[2:])
+
+    def loss_fn(model, b):
+        assert len(b.tags) == len(b.x)  # the per-sample strings travel with their rows
+        return torch.nn.functional.mse_loss(model(b.x), b.y)
+
+    report = check_equivalence(lambda: torch.nn.Linear(3, 1), loss_fn,
+                               lambda m: torch.optim.SGD(m.parameters(), lr=0.1), [batch], micro_batches=[2, 4])
+    assert report.passed, report
+
+
 @settings(max_examples=30)
 @given(sizes=micro_batch_splits(max_parts=5, max_size=3, equal=False))
 def test_uneven_strategy_draws_uneven(sizes):

@@ -531,6 +531,24 @@ def test_memory_aware_accumulator_batches_recover_from_oom_exactly():
                             optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.1)).accumulate_batch(batches[0], fn)
 
 
+def test_memory_aware_window_concatenates_per_sample_strings():
+    model, batches = _mlp(), _batches(k=2, n=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = _large_grad(model, batches)
+    cfg = GradientAccumulationConfig(strategy=AccumulationStrategy.MEMORY_AWARE, accumulation_steps=2)
+    acc = GradientAccumulator(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def fn(b):
+        assert len(b["text"]) == len(b["x"])  # the strings travel with their rows
+        return nn.functional.cross_entropy(model(b["x"]), b["y"])
+
+    for i, (x, y) in enumerate(batches):
+        acc.accumulate_batch({"x": x, "y": y, "text": [f"b{i}s{j}" for j in range(len(x))]}, fn)
+    assert acc.state.total_optimizer_steps == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g[n], rtol=1e-12, atol=1e-14)
+
+
 def test_progressive_k_by_epoch_and_lr_rule():
     model, batches = _mlp(), _batches(k=8)
     cfg = GradientAccumulationConfig(mode=AccumulationMode.PROGRESSIVE, accumulation_schedule=[2, 4],

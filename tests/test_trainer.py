@@ -393,3 +393,16 @@ def test_micro_steps_that_do_not_update_read_no_device_value(monkeypatch):
     assert t.accumulator.state.accumulation_step == 3  # the snapshot reads the statistics: one host read
     r = t.train_step(x[30:], y[30:])
     assert r["should_optimize"] and r["effective_batch_size"] == 40
+
+
+def test_batches_move_to_the_device_keeping_their_structure():
+    from collections import UserDict, namedtuple
+
+    from accumopt.trainer import _to
+
+    Pair = namedtuple("Pair", "x y")
+    enc = UserDict({"input_ids": torch.ones(2, 3), "mask": torch.zeros(2, 3)})  # like HF's BatchEncoding
+    moved = _to([Pair(torch.ones(2), 5), enc, {"t": torch.ones(1)}, ["a", "b"]], torch.device("meta"))
+    assert type(moved[0]) is Pair and moved[0].x.device.type == "meta" and moved[0].y == 5
+    assert type(moved[1]) is UserDict and all(v.device.type == "meta" for v in moved[1].values())
+    assert moved[2]["t"].device.type == "meta" and moved[3] == ["a", "b"]
