@@ -492,7 +492,7 @@ class GradientStore:
         for g in self.groups:
             if g.buffers is None:
                 for p, e in zip(g.params, it):
-                    p.grad = None if e is None else e.detach().to(p.device, p.dtype).clone()
+                    p.grad = None if e is None else e.detach().to(p.device, p.dtype, copy=True)
             else:
                 g.clear()
                 g.stale = False

@@ -600,8 +600,8 @@ class AccumulatingOptimizer(Optimizer):
             self.discard()
             return
         device = self._device()
-        acc = {k: checkpoint.clone_tree(v, None if k in ("sums", "scheduler", "scaler") else device)
-               for k, v in acc.items()}
+        acc = {k: v if k == "sums" else checkpoint.clone_tree(v, None if k in ("scheduler", "scaler") else device)
+               for k, v in acc.items()}  # the store copies the sums itself: one copy of them, not two
         for key, component in self._components().items():
             if component is not None and acc.get(key) is not None:
                 component.load_state_dict(acc[key])
