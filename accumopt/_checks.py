@@ -82,6 +82,11 @@ def check_state_number(where: str, value: Any, *, integer: bool = False, minimum
         raise ValueError(f"Invalid state dict: {where} is {value!r} (expected {kind}{bound})")
 
 
+def host_float(x: "torch.Tensor | float") -> float:
+    """A saved scalar as a Python float (a tensor is read on the host: loading only)."""
+    return float(x.detach().double().cpu().reshape(())) if isinstance(x, torch.Tensor) else float(x)
+
+
 def check_state_scalar(where: str, value: Any) -> None:
     """Raise ``ValueError`` unless a state-dict entry is a one-element tensor or a finite number."""
     if not isinstance(value, torch.Tensor):

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_real, check_state_number, scalar_tensor
+from ._checks import check_real, check_state_number, host_float, scalar_tensor
 from .checkpoint import clone_tree
 from .buffers import GradientStore
-from .schedule import host_float
 from .sync import GradSync
 
 __all__ = ["NoiseScaleEstimator", "simple_noise_scale_terms"]

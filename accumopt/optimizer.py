@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
-from ._checks import check_state_scalar, weight_dtype
+from ._checks import check_state_scalar, host_float, weight_dtype
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
@@ -649,7 +649,7 @@ class AccumulatingOptimizer(Optimizer):
             pre = acc.get("pre_weight")
             if pre is not None:
                 check_state_scalar("pre_weight", pre)
-                value = float(pre.detach().double().cpu().reshape(())) if isinstance(pre, Tensor) else float(pre)
+                value = host_float(pre)
                 if not (math.isfinite(value) and value >= 0):
                     raise ValueError(f"Invalid state dict: 'pre_weight' is {value!r} (expected a finite weight >= 0)")
                 if not self._store.has_inplace():

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, weight_dtype
+from ._checks import check_choice, host_float, weight_dtype
 from .amp import LossScaler
 from .hostread import HostRead
 
@@ -209,7 +209,7 @@ class NonFiniteGuard:
             if dropped.numel() != 1 or not dropped.is_floating_point():
                 raise ValueError(f"Invalid state dict: precision['dropped'] is a tensor of shape "
                                  f"{tuple(dropped.shape)} and dtype {dropped.dtype} (expected a float scalar)")
-            value = float(dropped.detach().double().cpu().reshape(()))  # load time: a read is fine
+            value = host_float(dropped)  # load time: a read is fine
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"Invalid state dict: precision['dropped'] is {value!r} (expected a flag in [0, 1])")
 

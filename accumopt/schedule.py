@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from torch import Tensor
 
-from ._checks import check_choice, check_int, check_state_number, check_state_scalar
+from ._checks import check_choice, check_int, check_state_number, check_state_scalar, host_float
 from .hostread import HostRead
 
 __all__ = ["KSchedule", "LRScaling", "LR_SCALING_RULES", "NoiseSource", "REDUCTIONS", "Schedule", "Window"]
@@ -252,11 +252,6 @@ class LRScaling:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.k_ref, self.factor = int(state["k_ref"]), float(state["factor"])
         self.base, self.applied = ([float(x) for x in state[key]] for key in ("base", "applied"))
-
-
-def host_float(x: "Tensor | float") -> float:
-    """A saved scalar as a Python float (a tensor is read on the host: loading only)."""
-    return float(x.detach().double().cpu().reshape(())) if isinstance(x, Tensor) else float(x)
 
 
 class Window:
