@@ -95,10 +95,8 @@ def compare_signatures(saved: Any, ours: dict[str, Any]) -> None:
                              f"{ours[key]!r})")
 
 
-def validate_optimizer_state(sd: Any, param_groups: list[dict[str, Any]]) -> None:
-    """Raise ``ValueError`` unless ``sd`` is an optimizer state dict with the layout of ``param_groups``."""
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"Invalid state dict: a {type(sd).__name__} (expected a dict)")
+def validate_optimizer_state(sd: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` unless the mapping ``sd`` is an optimizer state dict with the layout of ``param_groups``."""
     groups, state = sd.get("param_groups"), sd.get("state")
     if not isinstance(groups, list) or not isinstance(state, Mapping) or \
             not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):

@@ -55,7 +55,6 @@ class GradSync:
         # the closing one may not, and that window is then reduced explicitly (harmless if DDP reduced it too).
         self._hook = model.register_forward_pre_hook(self._on_forward) if self.kind == "ddp" else None
         self._reduced_window = -1  # index of the window already reduced
-        self.explicit_reductions = 0  # bucketed all_reduce calls made by the explicit path
 
     def close(self) -> None:
         """Remove the DDP forward pre-hook (when the wrapper goes: the model must not keep this object alive)."""
@@ -162,5 +161,5 @@ class GradSync:
                 if p.grad is None:  # unused on this rank: it still takes part, with zeros
                     p.grad = torch.zeros_like(p)
                 tensors.append(p.grad)
-        self.explicit_reductions += all_reduce_mean_(tensors, self.group, self.world_size)
+        all_reduce_mean_(tensors, self.group, self.world_size)
         store.mark_seen()  # a parameter used on another rank has a reduced gradient here too
