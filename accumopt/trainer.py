@@ -173,8 +173,8 @@ class GradientAccumulationTrainer:
             sps = t_samples / max(time.perf_counter() - t0, 1e-9)
             self._on_update(bar, applied, acc.effective_batch_size, sps, force=True)
         elapsed = time.perf_counter() - t0
-        count = ep["loss_count"]  # a device value once a loss was added: the epoch's one sync
-        epoch_loss = float(ep["loss_sum"] / count) if isinstance(count, Tensor) else float("nan")
+        total = ep["loss_sum"]  # a device value once a loss was added: the epoch's one sync
+        epoch_loss = float(total / ep["loss_count"]) if isinstance(total, Tensor) else float("nan")
         record = {"epoch": self.current_epoch, "epoch_loss": epoch_loss, "num_batches": self._pos,
                   "num_samples": ep["samples"], "optimization_steps": ep["updates"],
                   "accumulation_steps": opt.accumulation_steps, "effective_batch_size": ep["batch"],
@@ -188,10 +188,13 @@ class GradientAccumulationTrainer:
 
     def _add_loss(self, ep: dict[str, Any], loss: Tensor, samples: int) -> None:
         """Add a mean loss over ``samples`` samples to the epoch's sums on the device (``nan_handling``: if finite)."""
-        value = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
-        keep = torch.isfinite(value) if self.config.nan_handling else torch.ones_like(value, dtype=torch.bool)
-        ep["loss_sum"] = ep["loss_sum"] + torch.where(keep, value * samples, torch.zeros_like(value))
-        ep["loss_count"] = ep["loss_count"] + keep.to(value.dtype) * samples
+        value: Tensor = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))  # fp16/bf16 sums in fp32
+        count: Tensor | int = samples
+        if self.config.nan_handling:  # a non-finite loss counts for nothing (on the device: no sync)
+            keep = torch.isfinite(value)
+            value, count = torch.where(keep, value, torch.zeros_like(value)), keep.to(value.dtype) * samples
+        ep["loss_sum"] = ep["loss_sum"] + value * samples
+        ep["loss_count"] = ep["loss_count"] + count
 
     def _postfix(self, loss: float | None, sps: float) -> str:
         _, opt, _ = self._parts()
