@@ -83,8 +83,8 @@ class LossScaler:
         """``scaler.unscale_(inner)``, fp16 gradients allowed; returns the found-inf flag per device."""
         self.check_settings()  # factors changed through torch's setters since the last update
         scaler = self.scaler
-        params = [p for g in inner.param_groups for p in g["params"]]
         if scaler._scale is None:  # e.g. loaded from a state dict: GradScaler creates it lazily, in scale()
+            params = [p for g in inner.param_groups for p in g["params"]]
             device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
             scaler._lazy_init_scale_growth_tracker(device)
         scaler._check_scale_growth_tracker("unscale_")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ._checks import weight_dtype
+from ._checks import scalar_tensor, weight_dtype
 
 __all__ = ["BUCKET_BYTES", "all_reduce_mean_", "all_reduce_mean_scalar", "is_distributed"]
 
@@ -78,8 +78,7 @@ def all_reduce_mean_scalar(value: "float | Tensor", device: torch.device, group:
                            world_size: int | None = None) -> Tensor:
     """The mean of a number over the ranks of ``group``: a 0-dim tensor on ``device``."""
     world_size = world_size or dist.get_world_size(group)
-    dtype = weight_dtype(device)  # float64 where the device supports it: weight totals stay exact
-    t = (value.detach().to(device=device, dtype=dtype).reshape(1).clone() if isinstance(value, Tensor)
-         else torch.full((1,), float(value), dtype=dtype, device=device))
+    # float64 where the device supports it: weight totals stay exact; a copy: the caller keeps ``value``
+    t = scalar_tensor(value, device, weight_dtype(device)).reshape(1).clone()
     dist.all_reduce(t, group=group)
     return (t / world_size).reshape(())

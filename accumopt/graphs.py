@@ -299,7 +299,7 @@ class CapturedMicroStep:
         """Checked at each window start: everything the captured graph depends on."""
         scaler = self.optimizer.scaler
         return (
-            tuple(m.training for m in self.model.modules()),
+            tuple(m.training for m in self._modules),  # refreshed by _window_start, which calls this
             tuple((id(p), p.data_ptr(), p.requires_grad, p.shape, p.dtype) for p in self.model.parameters()),
             tuple(id(p) for p in self._opt_params()),
             tuple(sorted(self._inplace_ids())),

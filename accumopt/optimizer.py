@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
-from ._checks import check_state_scalar, host_float, weight_dtype
+from ._checks import check_state_scalar, host_float
 from .amp import LossScaler
 from .buffers import GradientStore
 from .clipping import Clipper
@@ -245,7 +245,7 @@ class AccumulatingOptimizer(Optimizer):
         self._sync.end_micro_batch()  # DDP: did this micro-batch's forward run with synchronisation on?
         self._store.accumulate(factor if weight_in_grad else _times(factor, weight), dropped=found,
                                closing=self._window.next_is_last and not self._sync.distributed)
-        counted = weight if found is None else weight * (1.0 - found.to(weight_dtype(found.device)))  # dropped: 0
+        counted = weight if found is None else weight * (1.0 - found)  # dropped: 0 (found is in weight_dtype)
         self._window.add(counted)
         self._stats.on_micro_step(counted, result if loss is None else loss, found)
         self._stepped = False

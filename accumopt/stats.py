@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_int, scalar_tensor, weight_dtype
+from ._checks import check_int, check_state_number, scalar_tensor, weight_dtype
 from .checkpoint import clone_tree
 from .hostread import HostRead
 
@@ -240,8 +240,8 @@ class Statistics:
         if not isinstance(state, dict):
             raise ValueError(f"Invalid state dict: the 'stats' entry is a {type(state).__name__} (expected a dict)")
         for k in _HOST_FIELDS:
-            if k in state and (isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0):
-                raise ValueError(f"Invalid state dict: stats entry {k!r} is {state[k]!r} (expected an int >= 0)")
+            if k in state:
+                check_state_number(f"stats entry {k!r}", state[k], integer=True, minimum=0)
         for k in _DEVICE_FIELDS:
             v = state.get(k)
             if v is not None and not isinstance(v, (Tensor, float, int)):
