@@ -191,7 +191,7 @@ class AccumulatingOptimizer(Optimizer):
 
         self.scheduler = scheduler
         self._backward_weight: float | Tensor | None = None  # summed weights given to backward() this micro-batch
-        self._backward_ref: float | Tensor | None = None  # .grad holds weight / ref times the gradient (None: 1x)
+        self._weight_in_grad = False  # the weight given to backward() multiplies .grad (relative to the window's ref)
         self._stepped = False
         self._sync.set(self._window.next_is_last)
         self._misuse = MisuseDetector(optimizer, self._store, self._window, self._sync, self._stats, scheduler)
@@ -400,7 +400,7 @@ class AccumulatingOptimizer(Optimizer):
                                  "than the window's first micro-batch (opt.backward and a captured step mixed in one "
                                  "window); weight the micro-batches of a window the same way")
         self._backward_weight = weight if self._backward_weight is None else self._backward_weight + weight
-        self._backward_ref = ref
+        self._weight_in_grad = ref is not None
 
     @contextlib.contextmanager
     def _open_ended_window(self) -> Iterator[None]:
@@ -565,7 +565,7 @@ class AccumulatingOptimizer(Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        if self._store.has_fresh_grads() or (self._backward_weight is not None and self._backward_ref is None):
+        if self._store.has_fresh_grads() or (self._backward_weight is not None and not self._weight_in_grad):
             raise RuntimeError("state_dict() between backward() and step(): this micro-batch's gradient is in .grad, "
                                "outside the accumulation buffers, and a checkpoint cannot resume it. Call "
                                "state_dict() (or save()) after opt.step().")
@@ -610,7 +610,7 @@ class AccumulatingOptimizer(Optimizer):
         self._stepped = bool(acc.get("stepped", False))
         pre = acc.get("pre_weight")
         self._backward_weight = pre if isinstance(pre, Tensor) else (None if pre is None else float(pre))
-        self._backward_ref = None if pre is None else self._window.unit()  # in .grad (in-place sums only)
+        self._weight_in_grad = pre is not None  # in .grad (in-place sums only)
         self._sync.set(self._window.next_is_last)
         for load_post_hook in self._optimizer_load_state_dict_post_hooks.values():
             load_post_hook(self)
@@ -720,10 +720,10 @@ class AccumulatingOptimizer(Optimizer):
     def _take_weight(self, weight: "float | Tensor | None") -> "tuple[float | Tensor, bool]":
         """This micro-batch's weight, and whether it is already in ``.grad`` (given to ``backward()``)."""
         given, self._backward_weight = self._backward_weight, None
-        ref, self._backward_ref = self._backward_ref, None
+        in_grad, self._weight_in_grad = self._weight_in_grad, False
         if weight is not None or given is not None:
             self._window.weighted = True  # totals may now differ across ranks (see sync.reduce)
-        if given is not None and ref is not None:
+        if given is not None and in_grad:
             return given, True
         window_ref = self._window.ref
         if window_ref is not None and not _is_one(window_ref) and self._store.has_inplace():
