@@ -56,12 +56,6 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
     return functools.reduce(lambda total, f: torch.maximum(total, f.to(total.device)), flags.values())
 
 
-# Why a window is not applied (bits of the flag read at the boundary).
-_EMPTY_WINDOW = 1  # every micro-batch was dropped
-_NONFINITE = 2  # the accumulated gradient holds NaN/inf
-_READ_KEY = "nonfinite"  # the flags' key in the update's HostRead
-
-
 class NonFiniteGuard:
     """Loss scale (owned ``GradScaler``; a disabled one means none) and non-finite policy of one wrapper."""
 
@@ -148,35 +142,27 @@ class NonFiniteGuard:
                 drops: "tuple[Tensor, Callable[[list[bool]], None]] | None" = None) -> None:
         """Ask ``read`` for what the host needs to decide this update (nothing when it needs nothing); no sync.
 
-        One small vector: the reasons code, then the flags of ``drops`` (their host values go to its callback).
+        The found-inf flag, the every-micro-batch-dropped flag, and the flags of ``drops`` (their host values go
+        to its callback).
         """
         self._drops = drops
-        code = None if found is None else (found > 0).float() * float(_NONFINITE)
-        if self._empty is not None:
-            empty = self._empty if code is None else self._empty.to(code.device)
-            code = empty * float(_EMPTY_WINDOW) if code is None else code + empty * float(_EMPTY_WINDOW)
-        if code is None and drops is not None:
-            code = torch.zeros((), device=drops[0].device)
-        if code is not None:
-            flags = code.reshape(1).float()
-            if drops is not None:
-                flags = torch.cat([flags, drops[0].to(flags.device, torch.float32)])
-            read.add(_READ_KEY, flags)
+        for key, value in (("nonfinite", found), ("empty_window", self._empty),
+                           ("drops", None if drops is None else drops[0])):
+            if value is not None:
+                read.add(key, value)
 
     def apply(self, inner: torch.optim.Optimizer, read: HostRead, describe_bad: Callable[[], str]) -> bool:
         """Step ``inner`` unless :meth:`request`'s host values skip the window; return whether it stepped."""
         drops, self._drops = self._drops, None
         try:
-            if _READ_KEY in read:
-                host = read.get(_READ_KEY)
-                reasons = int(host[0])
-                if drops is not None:
-                    drops[1]([d == 0 for d in host[1:]])
-                if reasons & _NONFINITE and self.policy == "raise":
-                    raise NonFiniteGradientError(f"Non-finite accumulated gradient in {describe_bad()}; the window was "
-                                                 "discarded and the parameters were not updated (nonfinite='raise').")
-                if reasons:
-                    return False
+            if drops is not None:
+                drops[1]([d == 0 for d in read.get("drops")])
+            nonfinite = (read.scalar("nonfinite") or 0.0) > 0  # GradScaler sums found-inf over devices
+            if nonfinite and self.policy == "raise":
+                raise NonFiniteGradientError(f"Non-finite accumulated gradient in {describe_bad()}; the window was "
+                                             "discarded and the parameters were not updated (nonfinite='raise').")
+            if nonfinite or (read.scalar("empty_window") or 0.0) > 0:
+                return False
             inner.step()
             return True
         finally:  # an owned scaler updates exactly once, whether the window is applied, skipped or raises
