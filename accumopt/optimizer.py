@@ -31,7 +31,7 @@ from .misuse import MisuseDetector
 from .noise import NoiseScaleEstimator, as_estimator
 from .precision import NonFiniteGuard
 from .schedule import KSchedule, Window
-from .stats import Statistics
+from .stats import Statistics, usable_noise_scale
 from .sync import GradSync
 from .weights import check_micro_weight, parameter_names, resolve_weights
 
@@ -486,9 +486,8 @@ class AccumulatingOptimizer(Optimizer):
     def stats(self) -> dict[str, Any]:
         """Statistics as Python numbers (keys: docs/state.md); the only call that reads device values."""
         out = self._stats.snapshot({} if self._noise is None else self._noise.values(), self._device())
-        value = out.get("noise_scale")  # the noise keys are there only with an estimator
-        if value is not None and not 0 < value < float("inf"):
-            out["noise_scale"] = None  # no usable window yet, or |G|^2 estimated <= 0
+        if "noise_scale" in out:  # the noise keys are there only with an estimator
+            out["noise_scale"] = usable_noise_scale(out["noise_scale"])
         if out.get("noise_windows") is not None:
             out["noise_windows"] = int(out["noise_windows"])
         out.update(accumulation_steps=self._window.k, pending=self._window.count,

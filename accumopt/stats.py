@@ -197,12 +197,12 @@ class Statistics:
         if batch is not None and record["world_size"] > 1:  # global, as on_update makes it
             batch *= record["world_size"]
             rate += batch - (v.get("local_total") or 0.0)
-        noise = v.get("noise_scale")
+        noise = usable_noise_scale(v.get("noise_scale"))
         logger.info("accumopt: update %d (%d micro-steps, %d skipped): loss %s, grad norm %s, K %s, "
                     "effective batch %s, %.1f samples/s%s", self.updates, self.micro_steps, self.skipped,
                     _fmt(v.get("last_loss")), _fmt(v.get("last_grad_norm")), record["k"], _fmt(batch),
                     rate / elapsed if elapsed > 0 else 0.0,
-                    "" if noise is None or not 0 < noise < float("inf") else f", noise scale {noise:.4g}")
+                    "" if noise is None else f", noise scale {noise:.4g}")
 
     def discard_window(self) -> None:
         """Forget the pending window's losses (the window was discarded)."""
@@ -255,6 +255,11 @@ class Statistics:
             setattr(self, k, int(state[k]) if k in _HOST_FIELDS else clone_tree(state[k]))
         self._t0 = None
         self._rate_samples = 0.0
+
+
+def usable_noise_scale(value: float | None) -> float | None:
+    """The noise scale as reported: None before a usable window, or where ``|G|^2`` was estimated <= 0."""
+    return value if value is not None and 0 < value < float("inf") else None
 
 
 def _fmt(x: Any) -> str:
